@@ -1,0 +1,1 @@
+"""Evaluation: OOD detectors, fusion, metrics, run folders, reports and scaling."""

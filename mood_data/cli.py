@@ -1,0 +1,76 @@
+"""``moodguard`` command line: a thin dispatcher.
+
+Each subcommand lives in its own module that defines ``add_arguments(parser)`` and
+``run(args) -> int``. Only the chosen subcommand's module is imported, so ``moodguard data
+stats`` does not pay for importing torch-heavy training code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import MoodguardError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("mood_data.cli_data", "build, validate and inspect MOOD datasets"),
+    "models": ("train.cli_models", "build the embedded tiny backbones; convert SmolLM2"),
+    "train": ("train.cli_train", "train a guard or causal-LM LoRA adapter from a recipe"),
+    "recipes": ("train.cli_recipes", "validate and show recipes"),
+    "fit": ("eval.cli_fit", "fit OOD detector statistics on the train split"),
+    "evaluate": ("eval.cli_evaluate", "evaluate monitors; write mood-bench run folders"),
+    "export": ("eval.cli_bundle", "export a monitor bundle"),
+    "score": ("eval.cli_bundle", "score conversations with a monitor bundle"),
+    "sweep": ("eval.cli_sweep", "run a scaling sweep over recipes"),
+    "chart": ("eval.cli_sweep", "chart recall vs parameter count for a sweep"),
+    "report": ("eval.cli_sweep", "HTML + markdown report for a run or sweep"),
+    "compare": ("eval.cli_sweep", "per-domain recall deltas between two runs"),
+    "demo": ("eval.cli_sweep", "the embedded end-to-end demo"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (module, help_) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (module, help_)
+    return out
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moodguard", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in _available().items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == command:
+            mod = importlib.import_module(module)
+            adder = getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments
+            adder(p)
+            p.set_defaults(_module=mod, _name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    runner = getattr(args._module, f"run_{args._name}", None) or args._module.run
+    try:
+        return int(runner(args) or 0)
+    except MoodguardError as err:
+        print(f"moodguard {args._name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moodguard {args._name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The MOOD domain registry: which domains are in-distribution (ID) and which are OOD.
+
+The defaults follow mood-bench 1.0.0. Users (an org refreshing its monitor on new data) may
+declare extra domains in a small YAML file::
+
+    id: [my-support-chats]          # added to the ID domains (allowed in train)
+    ood: [my-new-failure-mode]      # added to the OOD domains (test only)
+    opt_in: []                      # known, but evaluated only when asked for
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import DataError
+
+ID_DOMAINS: tuple[str, ...] = ("hh-rlhf-helpful", "hh-rlhf-harmless", "function-calling")
+OOD_DOMAINS: tuple[str, ...] = (
+    "controlling",
+    "insecure-code",
+    "scheming",
+    "jailbroken",
+    "sycophantic",
+    "function-calling-missing",
+    "function-calling-inappropriate",
+)
+OPT_IN_DOMAINS: tuple[str, ...] = ("swahili",)
+
+
+@dataclass(frozen=True)
+class DomainRegistry:
+    id: tuple[str, ...] = ID_DOMAINS
+    ood: tuple[str, ...] = OOD_DOMAINS
+    opt_in: tuple[str, ...] = OPT_IN_DOMAINS
+    source: str = "built-in"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def known(self) -> tuple[str, ...]:
+        return self.id + self.ood + self.opt_in
+
+    def is_id(self, domain: str) -> bool:
+        return domain in self.id
+
+    def is_ood(self, domain: str) -> bool:
+        return domain in self.ood or domain in self.opt_in
+
+    def eval_ood(self, include_opt_in: bool | list[str] = False) -> tuple[str, ...]:
+        """OOD domains that count in the 'overall' mean (opt-in ones only when asked)."""
+        if include_opt_in is True:
+            return self.ood + self.opt_in
+        if include_opt_in:
+            return self.ood + tuple(d for d in self.opt_in if d in include_opt_in)
+        return self.ood
+
+
+DEFAULT_REGISTRY = DomainRegistry()
+
+
+def load_registry(path: str | Path | None = None) -> DomainRegistry:
+    """The built-in registry, extended by the user's domains YAML when ``path`` is given."""
+    if path is None:
+        return DEFAULT_REGISTRY
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: domains file not found")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a mapping with keys id/ood/opt_in")
+    allowed = {"id", "ood", "opt_in"}
+    for key in doc:
+        if key not in allowed:
+            raise DataError(f"{path}: unknown key '{key}' (allowed: id, ood, opt_in)")
+    lists = {}
+    for key in allowed:
+        value = doc.get(key, []) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise DataError(f"{path}: key '{key}' must be a list of domain names")
+        lists[key] = tuple(value)
+    seen = set(DEFAULT_REGISTRY.known)
+    for key in ("id", "ood", "opt_in"):
+        for name in lists[key]:
+            if name in seen:
+                raise DataError(f"{path}: key '{key}': domain '{name}' is declared twice")
+            seen.add(name)
+    return DomainRegistry(
+        id=ID_DOMAINS + lists["id"],
+        ood=OOD_DOMAINS + lists["ood"],
+        opt_in=OPT_IN_DOMAINS + lists["opt_in"],
+        source=str(path),
+    )

@@ -1,0 +1,1 @@
+"""Training: guard and causal-LM LoRA adapters from recipes (transformers.Trainer + peft)."""
