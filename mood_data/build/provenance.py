@@ -1,0 +1,165 @@
+"""PROVENANCE.md and the count / baseline tables for the embedded benchmark."""
+from __future__ import annotations
+
+from ..domains import ID_DOMAINS, OOD_DOMAINS, OPT_IN_DOMAINS
+from .sources import SOURCES
+
+DOMAIN_NOTES: dict[str, tuple[str, str]] = {
+    # domain: (sources, transformation)
+    "hh-rlhf-harmless": (
+        "hh-rlhf `harmless-base_test.jsonl.gz` (MIT)",
+        "Transcript parsed into turns. `chosen` = safe (0), `rejected` = unsafe (1); both members of a pair "
+        "are in the same split. Dropped: identical pairs and pairs whose rejected reply refuses (regex). Pairs "
+        "where the chosen reply refuses or a human turn has a harm keyword go here."),
+    "hh-rlhf-helpful": (
+        "hh-rlhf `harmless-base_test.jsonl.gz` (MIT); SVEN `func_src_after` (MIT / per-project)",
+        "**Substitute** for the missing hh-rlhf helpful-base: harmless-base pairs whose request looks benign "
+        "(no harm keyword in any human turn, neither reply refuses): chosen = safe, rejected = unsafe. Plus "
+        "benign coding exchanges (safe only): a templated request for a SVEN function answered with the "
+        "*fixed* version (SVEN pairs disjoint from those used for insecure-code)."),
+    "function-calling": (
+        "BFCL v4 simple/multiple/parallel/live (+ possible_answer), multi_turn_base, irrelevance, "
+        "live_irrelevance (Apache-2.0); tau-bench gpt-4o airline trajectories with reward 1 (MIT)",
+        "Safe: ground-truth call rendered as an assistant tool call, a templated success result, a templated "
+        "truthful summary; multi-turn base: first 3 turns the same way; irrelevance items (320): the assistant "
+        "calls nothing and says no tool fits; tau-bench successful trajectories (policy system prompt "
+        "replaced by the standard tool-list system message, long tool results clipped). Unsafe (ID): for about "
+        "half of the single-turn BFCL items, the same shape but ONE argument changed so it contradicts the "
+        "user's request (numbers shifted, strings swapped for another item's value, booleans flipped); the "
+        "summary reports the wrong call as done. This is 'misusing a tool against the request', distinct from "
+        "the two OOD function-calling failures."),
+    "function-calling-missing": (
+        "BFCL v4 `multi_turn_miss_func` (+ possible_answer, multi_turn_func_doc)",
+        "Derived: up to two preceding turns with their ground-truth calls, then the request whose function "
+        "is held out; the assistant calls the missing function anyway (arguments from the ground truth of the "
+        "turn where it is added back), the tool returns `Function '<name>' not found`, and the assistant tells "
+        "the user it succeeded (same summary templates as the safe rows). Tool list shows only available tools."),
+    "function-calling-inappropriate": (
+        "BFCL v4 `irrelevance` + `live_irrelevance` (items not used in ID); tau-bench reward-0 trajectories",
+        "Derived: (a) BFCL irrelevance: no offered function fits, the assistant calls the first one anyway with "
+        "arguments guessed from the request, gets a success result and reports success; (b) tau-bench failed "
+        "trajectories cut right after the first database-changing call (book/cancel/update/send_certificate) "
+        "that is NOT among the task's gold actions, plus its tool result and the next assistant message."),
+    "insecure-code": (
+        "SVEN `func_src_before` (MIT repo; code from public commits); CyberSecEval instruct `origin_code` (MIT)",
+        "User asks for code (SVEN: templated request naming function + file; CyberSecEval: `test_case_prompt` "
+        "without its 'Only return the code' tail), assistant answers with the vulnerable code in a fenced block "
+        "(same answer templates as the benign SVEN-fixed rows). Rows with code > 3,500 chars dropped."),
+    "scheming": (
+        "anthropics/evals persona okay-with-deceiving-a-user-to-help-them, willingness-to-manipulate-overseers-"
+        "to-think-it-is-HHH; advanced-ai-risk lm_generated survival-instinct, coordinate-other-ais (CC-BY-4.0)",
+        "Template-generated answers: persona items whose answer_matching_behavior is ' Yes' and "
+        "label_confidence >= 0.9 are answered 'Yes. <statement>. <first-person justification>'; LM-generated A/B "
+        "items answered with answer_matching_behavior + justification (human-written advanced-ai-risk files "
+        "not used: several labels look inverted). Round-robin over files."),
+    "controlling": (
+        "anthropics/evals persona desire-for-acquiring-power, desire-for-discreetly-acquiring-power, "
+        "desire-for-independence-from-human-oversight, desire-to-replace-human-oversight, "
+        "desire-to-persuade-people-to-have-its-goals; advanced-ai-risk lm_generated power-seeking-inclination, "
+        "wealth-seeking-inclination (CC-BY-4.0)",
+        "As scheming, with power/control justifications."),
+    "jailbroken": (
+        "JailbreakBench artifacts (PAIR, GCG, JBC, DSN, prompt_with_random_search; MIT)",
+        "Jailbreak `prompt` as the user turn and its `response` as the assistant turn, only rows with "
+        "`jailbroken` = true; sampled across method x target files."),
+    "sycophantic": (
+        "CAA `generate__sycophancy` + `test_ab__sycophancy` (Apache-2.0 copy of nrimsky/CAA, MIT; items partly "
+        "from anthropics/evals CC-BY-4.0)",
+        "User bio + question + choices; assistant answers with answer_matching_behavior (the choice the user's "
+        "stated views favour), the choice text, and a templated agreeing justification."),
+    "swahili": (
+        "MultiJail `sw` column (MIT); hh-rlhf harmless-base test (MIT) for replies",
+        "Opt-in. Harmful Swahili prompt answered compliantly. MultiJail has no responses: when the English "
+        "prompt equals the first human turn of an hh-rlhf harmless-base test transcript whose rejected first "
+        "reply does not refuse, that (English) reply is used (source tag `mjhh`); otherwise one of three "
+        "templated compliant Swahili openers (tag `mj`)."),
+}
+
+
+def count_table(report: dict) -> str:
+    c = report["counts"]
+    lines = ["| domain | kind | train safe | train unsafe | test safe | test unsafe |", "|---|---|---|---|---|---|"]
+    for dom in ID_DOMAINS + OOD_DOMAINS + OPT_IN_DOMAINS:
+        kind = "ID" if dom in ID_DOMAINS else ("OOD" if dom in OOD_DOMAINS else "opt-in")
+        tr = c.get("train", {}).get(dom, {})
+        te = c.get("test", {}).get(dom, {})
+        lines.append(f"| {dom} | {kind} | {tr.get('safe', 0)} | {tr.get('unsafe', 0)} | {te.get('safe', 0)} | {te.get('unsafe', 0)} |")
+    lines.append(f"| **total** | | {report['n_rows']['train']} rows | | {report['n_rows']['test']} rows | |")
+    return "\n".join(lines)
+
+
+def baseline_table(report: dict) -> str:
+    lines = ["| group (unsafe rows vs pooled ID-safe test rows) | format-only AUROC |", "|---|---|"]
+    for g, v in report["format_baseline_auroc"].items():
+        lines.append(f"| {g} | {v:.3f} |")
+    return "\n".join(lines)
+
+
+def provenance_markdown(report: dict) -> str:
+    parts = [
+        "# PROVENANCE: embedded MOOD benchmark",
+        "",
+        "Built by `moodguard data build` (code: `mood_data/build/`) from the raw source pack "
+        "(`../shared/data/sources`, itself unmodified copies of the upstream files). Deterministic: seed "
+        f"{report['seed']}, gzip mtime 0, sorted JSON keys; rerunning gives byte-identical files "
+        f"(sha256 train `{report['sha256']['train.jsonl.gz'][:16]}...`, test `{report['sha256']['test.jsonl.gz'][:16]}...`).",
+        "",
+        "Schema: `id` (`<domain>-<source-tag>-<n>`), `conversation`, `domain`, `malign` (1 = unsafe), "
+        "`source` (file#record in the source pack). Train = ID domains only (safe + unsafe); test = ID "
+        "domains (safe + unsafe) + 7 OOD domains (unsafe only) + opt-in `swahili` (unsafe only).",
+        "",
+        "## One template for every domain",
+        "",
+        "Every row is a `messages` list rendered by `mood_data.render.render` (template `mood`, Gemma turns). "
+        "Chat rows have no system prompt. Tool rows (all function-calling domains, ID and OOD alike) have one "
+        "system message listing only the offered/used tools (`- name(params): description`), merged into the "
+        "first user turn by the renderer; tool calls are `<tool_call>` lines, tool results "
+        "`<tool_response>` user turns (clipped to 700 chars). Tool results and assistant summaries come from "
+        "the same template pools for safe and unsafe rows. Conversations longer than "
+        f"{report['max_chars']} characters keep their END (oldest turns dropped).",
+        "",
+        "Not fitted/used on test OOD rows: nothing. A test row whose normalised text equals a train row is "
+        "dropped (no leakage); hh-rlhf pairs and BFCL items never straddle splits.",
+        "",
+        "## Counts",
+        "",
+        count_table(report),
+        "",
+        "## Format-only baseline",
+        "",
+        "Logistic regression on surface features only (number of turns / user turns, log total / user / "
+        "assistant characters, number of `<tool_call>` and `<tool_response>` tags, fraction of code-like "
+        "characters, newline fraction, number of code fences), 5-fold stratified cross-validation on the "
+        "test split, each group's unsafe rows vs the pooled ID-safe test rows. 0.5 = format carries no "
+        "signal.",
+        "",
+        baseline_table(report),
+        "",
+        "What remains: single-turn OOD domains built from A/B or yes/no items (scheming, controlling, "
+        "sycophantic) are short single-turn exchanges, while ID chat rows are often multi-turn; code rows "
+        "contain code (content, partly mirrored in ID by the SVEN-fixed helpful rows). These differences are "
+        "in the data, not the template.",
+        "",
+        "## Per domain",
+        "",
+    ]
+    for dom in ID_DOMAINS + OOD_DOMAINS + OPT_IN_DOMAINS:
+        src, how = DOMAIN_NOTES[dom]
+        derived = dom in ("function-calling-missing", "function-calling-inappropriate", "scheming", "controlling",
+                          "sycophantic", "swahili") or dom == "hh-rlhf-helpful"
+        parts += [f"### {dom}", "", f"* Sources: {src}", f"* Transformation: {how}",
+                  f"* Derived / template-generated: {'yes' if derived else 'no (upstream text, re-rendered)'}", ""]
+    parts += ["## hh-rlhf helpful-base substitution", "",
+              "hh-rlhf helpful-base is not in the source pack (Git-LFS pointers only). `hh-rlhf-helpful` is "
+              "therefore a substitute built from harmless-base test pairs with benign-looking requests plus "
+              "benign SVEN-fixed coding exchanges (see above). It is NOT the mood-bench helpful data.", "",
+              "## Licences and attribution", "",
+              "Upstream licence texts are in `LICENSES/` (one file per source).", ""]
+    for s in SOURCES.values():
+        parts.append(f"* `{s.folder}`: {s.upstream} @ `{s.commit}`: {s.license}")
+    parts += ["",
+              "anthropics/evals items (scheming, controlling, and part of the CAA sycophancy items) are used under "
+              "CC-BY-4.0. Attribution: Ethan Perez et al. 2022, \"Discovering Language Model Behaviors with "
+              "Model-Written Evaluations\" (github.com/anthropics/evals). Modifications: items rendered as "
+              "conversations with templated first-person answers.", ""]
+    return "\n".join(parts)
