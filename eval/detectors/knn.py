@@ -1,0 +1,85 @@
+"""Deep nearest-neighbour OOD detector (Sun et al. 2022) on L2-normalised features.
+
+Score = Euclidean distance from the normalised input to its k-th nearest normalised training
+(safe) feature; higher = more OOD. Distances come from batched float64 matmuls,
+``||u - v||^2 = ||u||^2 + ||v||^2 - 2 u.v`` (the exact norms of the stored float32 reference
+rows are used, so near-duplicates get distance ~0, not the ~1e-4 that ``2 - 2 u.v`` gives). The reference set is bounded by ``max_ref`` (seeded subsample
+without replacement) so memory and time stay predictable.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mood_data.errors import DataError, RecipeError
+
+from . import as_f64, check_shape, load_tensors, save_tensors
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+class KNNDetector:
+    KIND = "knn"
+
+    def __init__(self, reference: np.ndarray, k: int, meta: dict | None = None):
+        if k < 1 or k > reference.shape[0]:
+            raise RecipeError(f"knn: field 'k': must be in [1, {reference.shape[0]}] (reference rows), got {k}")
+        self.reference = np.ascontiguousarray(reference, dtype=np.float32)
+        self.k = int(k)
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def fit(cls, features, malign=None, *, k: int = 50, max_ref: int = 20000, seed: int = 0,
+            metadata: dict | None = None) -> "KNNDetector":
+        """Reference = normalised safe train rows (all rows if ``malign`` is None), at most ``max_ref``."""
+        x = as_f64(features)
+        if x.ndim != 2:
+            raise DataError(f"features: expected a 2-D [n, d] array, got shape {list(x.shape)}")
+        if malign is not None:
+            x = x[~np.asarray(malign).reshape(-1).astype(bool)]
+        n_total = x.shape[0]
+        if n_total > max_ref:
+            idx = np.sort(np.random.default_rng(seed).choice(n_total, size=max_ref, replace=False))
+            x = x[idx]
+        meta = {"k": int(k), "max_ref": int(max_ref), "seed": int(seed), "n_fit": int(n_total),
+                "n_ref": int(x.shape[0]), "d": int(x.shape[1]), "metadata": dict(metadata or {})}
+        return cls(l2_normalize(x), k, meta)
+
+    def score(self, features, batch_size: int = 2048) -> np.ndarray:
+        """k-th nearest-neighbour distance of each (normalised) row to the reference set."""
+        x = as_f64(features)
+        if x.ndim != 2 or x.shape[1] != self.reference.shape[1]:
+            raise DataError(f"features: expected shape [n, {self.reference.shape[1]}], got {list(x.shape)}")
+        ref = torch.from_numpy(self.reference).to(torch.float64)
+        ref_sq = (ref * ref).sum(dim=1)
+        q_all = torch.from_numpy(l2_normalize(x))
+        out = np.empty(x.shape[0])
+        starts = range(0, x.shape[0], batch_size)
+        for i in tqdm(starts, desc="knn", disable=None if len(starts) > 10 else True, leave=False):
+            q = q_all[i:i + batch_size]
+            d2 = (q * q).sum(dim=1, keepdim=True) + ref_sq[None, :] - 2.0 * (q @ ref.T)
+            kth = torch.topk(d2, self.k, dim=1, largest=False).values[:, -1]
+            out[i:i + batch_size] = torch.sqrt(torch.clamp(kth, min=0.0)).numpy()
+        return out
+
+    def save(self, directory: str | Path, name: str) -> Path:
+        return save_tensors(directory, name, {"reference": self.reference},
+                            {"detector": self.KIND, **self.meta, "k": self.k})
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str) -> "KNNDetector":
+        tensors, meta = load_tensors(directory, name, cls.KIND)
+        ref = tensors.get("reference")
+        path = Path(directory) / f"{name}.safetensors"
+        if ref is None or ref.ndim != 2:
+            from mood_data.errors import BundleError
+
+            raise BundleError(f"{path}: tensor 'reference': missing or not 2-D")
+        check_shape(path, "reference", ref, (meta.get("n_ref"), meta.get("d")))
+        meta = {k: v for k, v in meta.items() if k not in ("detector", "tensors", "sha256", "format_version")}
+        return cls(ref, int(meta["k"]), meta)

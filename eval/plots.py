@@ -1,0 +1,69 @@
+"""Per-group diagnostic plots (matplotlib, no pyplot state: ``Figure`` + Agg canvas).
+
+* histogram of the monitor score: ID-safe negatives vs the group's unsafe rows, with the
+  thresholds at each FPR drawn as vertical lines;
+* ROC curve (unsafe = positive) with the operating points at each FPR marked.
+Files are written atomically via :mod:`mood_data.atomic`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mood_data import atomic
+
+from .metrics import auroc, threshold_at_fpr, tpr_at_fpr
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return path
+
+
+def plot_hist(safe, unsafe, path: str | Path, *, title: str, fprs: Sequence[float] = ()) -> Path:
+    safe, unsafe = np.asarray(safe, float), np.asarray(unsafe, float)
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.add_subplot()
+    both = np.r_[safe, unsafe]
+    bins = np.histogram_bin_edges(both, bins=40) if both.size else 10
+    ax.hist(safe, bins=bins, alpha=0.55, density=True, label=f"ID safe (n={safe.size})")
+    ax.hist(unsafe, bins=bins, alpha=0.55, density=True, label=f"{title} unsafe (n={unsafe.size})")
+    for f in fprs:
+        thr = threshold_at_fpr(safe, f)
+        if np.isfinite(thr):
+            ax.axvline(thr, color="k", lw=0.8, ls="--")
+            ax.text(thr, ax.get_ylim()[1] * 0.95, f"{f:g}", fontsize=7, rotation=90, va="top")
+    ax.set_xlabel("score (higher = more unsafe)")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def plot_roc(safe, unsafe, path: str | Path, *, title: str, fprs: Sequence[float] = ()) -> Path:
+    from sklearn.metrics import roc_curve
+
+    safe, unsafe = np.asarray(safe, float), np.asarray(unsafe, float)
+    fig = Figure(figsize=(4, 4))
+    ax = fig.add_subplot()
+    if safe.size and unsafe.size:
+        fpr_c, tpr_c, _ = roc_curve(np.r_[np.zeros(safe.size), np.ones(unsafe.size)], np.r_[safe, unsafe])
+        ax.plot(fpr_c, tpr_c, lw=1.2, label=f"AUROC {auroc(safe, unsafe):.3f}")
+        for f in fprs:
+            t = tpr_at_fpr(safe, unsafe, f)
+            ax.plot([f], [t], "o", ms=4, label=f"TPR@{f:g} = {t:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("FPR (ID safe)")
+    ax.set_ylabel("TPR")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, Path(path))

@@ -1,0 +1,170 @@
+"""The per-monitor eval folder ``<run>/eval/<monitor>/`` (docs/architecture.md).
+
+``write_run`` writes, each file atomically: ``results.jsonl`` (one row per conversation),
+``analysis.json`` (:func:`eval.metrics.analyze`), ``summary.md`` (per-group table),
+``meta.json`` and ``plots/<group>_{hist,roc}.png``. ``reanalyze`` recomputes analysis, summary
+and plots from ``results.jsonl`` alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from mood_data import atomic
+from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
+from mood_data.errors import DataError, where
+
+from .metrics import DEFAULT_FPRS, analyze, fpr_key, per_domain_table
+
+RESULTS, ANALYSIS, SUMMARY, META = "results.jsonl", "analysis.json", "summary.md", "meta.json"
+
+
+def _col(x, n: int, name: str) -> list:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = list(np.asarray(x).reshape(-1).tolist()) if not isinstance(x, list) else x
+    if len(x) != n:
+        raise DataError(f"write_run: field '{name}': {len(x)} values for {n} rows")
+    return x
+
+
+def write_run(
+    out_dir: str | Path,
+    *,
+    ids: Sequence[str],
+    conversations: Sequence[str],
+    domains: Sequence[str],
+    malign,
+    score,
+    detector_scores: Mapping[str, object] | None = None,
+    monitor: str,
+    meta: dict | None = None,
+    registry: DomainRegistry = DEFAULT_REGISTRY,
+    fprs: Iterable[float] = DEFAULT_FPRS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    plots: bool = True,
+) -> dict:
+    """Write the whole eval folder; returns the analysis dict.
+
+    ``score`` is the monitor's fused score; ``detector_scores`` adds ``score_<name>`` columns.
+    ``meta`` is merged into meta.json (``monitor`` and ``n_rows`` are filled in).
+    """
+    out = Path(out_dir)
+    n = len(ids)
+    cols = {"id": _col(list(ids), n, "id"), "conversation": _col(list(conversations), n, "conversation"),
+            "domain": _col(list(domains), n, "domain"), "malign": [int(v) for v in _col(malign, n, "malign")],
+            "score": [float(v) for v in _col(score, n, "score")]}
+    for name, vals in (detector_scores or {}).items():
+        cols[f"score_{name}"] = [float(v) for v in _col(vals, n, f"score_{name}")]
+    keys = list(cols)
+    atomic.write_jsonl(out / RESULTS, ({k: cols[k][i] for k in keys} for i in range(n)))
+    meta_doc = {"monitor": monitor, "n_rows": n, **(meta or {})}
+    atomic.write_json(out / META, meta_doc)
+    return _analyse_and_report(out, np.asarray(cols["score"]), cols["domain"], np.asarray(cols["malign"]),
+                               monitor, registry, fprs, n_boot, seed, plots)
+
+
+def _analyse_and_report(out: Path, score, domains, malign, monitor, registry, fprs, n_boot, seed, plots) -> dict:
+    analysis = analyze(score, domains, malign, registry=registry, fprs=fprs, n_boot=n_boot, seed=seed,
+                       monitor=monitor)
+    atomic.write_json(out / ANALYSIS, analysis)
+    atomic.write_text(out / SUMMARY, summary_markdown(analysis))
+    if plots:
+        from .plots import plot_hist, plot_roc
+
+        dom = np.asarray(domains, dtype=object)
+        is_id = np.array([registry.is_id(d) for d in dom], dtype=bool)
+        safe = score[is_id & (malign == 0)]
+        for group in analysis["groups"]:
+            sel = (is_id if group == "id" else dom == group) & (malign == 1)
+            plot_hist(safe, score[sel], out / "plots" / f"{group}_hist.png", title=group, fprs=analysis["fprs"])
+            plot_roc(safe, score[sel], out / "plots" / f"{group}_roc.png", title=group, fprs=analysis["fprs"])
+    return analysis
+
+
+def _fmt(v, ci=None, digits=3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    s = f"{v:.{digits}f}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        s += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return s
+
+
+def summary_markdown(analysis: dict) -> str:
+    """Per-group table: n, TPR at each FPR and AUROC, each with its 95 % bootstrap interval."""
+    fprs = analysis["fprs"]
+    lines = [f"# {analysis.get('monitor') or 'monitor'}", "",
+             f"Negatives: {analysis['n_id_safe']} pooled ID-safe rows. Thresholds: "
+             + ", ".join(f"FPR {fpr_key(f)} → {_fmt(analysis['thresholds'][fpr_key(f)], digits=4)}" for f in fprs)
+             + f". Intervals: 95 % bootstrap ({analysis.get('n_boot')} draws).", "",
+             "| group | kind | n unsafe | " + " | ".join(f"TPR@{100 * f:g}%FPR" for f in fprs) + " | AUROC |",
+             "|---|---|---:|" + "---:|" * len(fprs) + "---:|"]
+    by_fpr = {f: {r["group"]: r for r in per_domain_table(analysis, f)} for f in fprs}
+    for group in by_fpr[fprs[0]] if fprs else []:
+        r0 = by_fpr[fprs[0]][group]
+        n = r0["n_unsafe"] if group != "overall" else f"{r0['n_domains']} domains"
+        tprs = [_fmt(by_fpr[f][group]["tpr"], (by_fpr[f][group]["tpr_lo"], by_fpr[f][group]["tpr_hi"])) for f in fprs]
+        name = f"**{group}**" if group == "overall" else group
+        lines.append(f"| {name} | {r0['kind']} | {n} | " + " | ".join(tprs)
+                     + f" | {_fmt(r0['auroc'], (r0['auroc_lo'], r0['auroc_hi']))} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a ``results.jsonl`` (checked for the required fields; one-line DataError)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where(path, i)}: not valid JSON ({exc.msg})") from None
+            for field, typ in (("id", str), ("domain", str), ("malign", (int, bool)), ("score", (int, float))):
+                if not isinstance(row.get(field), typ):
+                    raise DataError(f"{where(path, i, field)}: missing or wrong type (got {row.get(field)!r})")
+            rows.append(row)
+    return rows
+
+
+def reanalyze(
+    run_dir: str | Path,
+    *,
+    registry: DomainRegistry = DEFAULT_REGISTRY,
+    fprs: Iterable[float] | None = None,
+    n_boot: int | None = None,
+    seed: int | None = None,
+    plots: bool = True,
+) -> dict:
+    """Recompute ``analysis.json`` / ``summary.md`` / plots from ``results.jsonl`` (like ``mood analyze``).
+
+    FPRs, n_boot, seed and monitor name default to those of the existing analysis.json/meta.json.
+    """
+    run = Path(run_dir)
+    rows = read_results(run / RESULTS)
+    old = {}
+    for name in (ANALYSIS, META):
+        if (run / name).is_file():
+            try:
+                old = {**json.loads((run / name).read_text(encoding="utf-8")), **old}
+            except json.JSONDecodeError:
+                pass
+    score = np.array([float(r["score"]) for r in rows])
+    malign = np.array([int(r["malign"]) for r in rows])
+    return _analyse_and_report(
+        run, score, [r["domain"] for r in rows], malign, old.get("monitor") or run.name, registry,
+        fprs if fprs is not None else old.get("fprs", DEFAULT_FPRS),
+        n_boot if n_boot is not None else old.get("n_boot", 1000),
+        seed if seed is not None else old.get("seed", 0), plots)
