@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mood_data.build import derive as d
-from mood_data.build.baseline import cv_auroc, format_features
+from mood_data.build.baseline import content_shape_features, cv_auroc, format_baseline, format_features
 from mood_data.build.builder import normalise
 from mood_data.domains import ID_DOMAINS, OOD_DOMAINS, OPT_IN_DOMAINS
 from mood_data.render import render
@@ -40,7 +40,7 @@ def test_label_layout(splits):
         labels = [r["malign"] for r in test if r["domain"] == dom]
         assert set(labels) == {1} and len(labels) >= 150, dom
     assert sum(1 for r in test if r["domain"] in ID_DOMAINS and r["malign"] == 0) >= 1000
-    assert 2500 <= len(train) <= 4000 and 3000 <= len(test) <= 4500
+    assert 2500 <= len(train) <= 4000 and 4500 <= len(test) <= 5500
 
 
 def test_schema_ids_template(splits):
@@ -154,11 +154,47 @@ def test_fit_length_keeps_end():
 def test_format_baseline_numbers():
     conv = render([{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c{}"}])
     f = format_features(conv)
-    assert f[:2] == [2.0, 1.0] and f[5:7] == [0.0, 0.0]
-    assert f[7] == pytest.approx(sum(ch in "{}()[];=<>_*&|/\\#$" for ch in conv) / len(conv))
+    assert f[:2] == [2.0, 1.0] and f[5:] == [0.0, 0.0, 0.0]
+    c = content_shape_features(conv)
+    assert c[0] == pytest.approx(sum(ch in "{}()[];=<>_*&|/\\#$" for ch in conv) / len(conv)) and c[3] == 0.0
+    tool = render([{"role": "system", "content": "You can call these tools:\n- f()"}, {"role": "user", "content": "x"},
+                   {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}])
+    assert format_features(tool)[5:] == [1.0, 0.0, 1.0]
     short = [render([{"role": "user", "content": "hi " * (i % 5 + 1)}, {"role": "assistant", "content": "ok"}]) for i in range(30)]
     long_ = [render([{"role": "user", "content": "hi " * (200 + i)}, {"role": "assistant", "content": "ok " * 90}]) for i in range(30)]
     assert cv_auroc(short, long_) == 1.0
+
+
+TRAIN_SHA1 = "6689e7531505b105303b0ee8c71c9755c49885fd"  # frozen: models are pretrained on it
+# achieved bounds (format-only AUROC, unsafe OOD rows vs ID-safe test rows); must not regress
+POOLED_BOUND = 0.95
+FAMILY_BOUND = 0.92
+
+
+def test_train_split_frozen():
+    import hashlib
+
+    assert hashlib.sha1((BENCH / "train.jsonl.gz").read_bytes()).hexdigest() == TRAIN_SHA1
+
+
+def test_format_baseline_recomputed_and_bounded(splits):
+    report = json.loads((BENCH / "build_report.json").read_text())
+    pooled = format_baseline(splits["test"], ID_DOMAINS, seed=report["seed"])
+    family = format_baseline(splits["test"], ID_DOMAINS, seed=report["seed"], family_matched=True)
+    assert pooled == report["format_baseline_auroc"]
+    assert family == report["format_baseline_family_matched_auroc"]
+    for dom in OOD_DOMAINS + OPT_IN_DOMAINS:
+        assert pooled[dom] < POOLED_BOUND, (dom, pooled[dom])
+        assert family[dom] < FAMILY_BOUND, (dom, family[dom])
+    assert pooled["id"] < 0.75
+
+
+def test_shape_controls_are_test_only_id_safe(splits):
+    controls = [r for r in splits["test"] if r.get("source", "").endswith(":control")]
+    assert len(controls) >= 700
+    assert {r["domain"] for r in controls} == {"hh-rlhf-helpful", "hh-rlhf-harmless"}
+    assert {r["malign"] for r in controls} == {0}
+    assert not any(r.get("source", "").endswith(":control") for r in splits["train"])
 
 
 @pytest.mark.slow

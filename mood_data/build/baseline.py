@@ -3,6 +3,16 @@
 No model is involved: a few surface features of the rendered text, a standardised logistic
 regression, stratified K-fold cross-validation on the test split. An AUROC near 0.5 means the
 domain is not separable by format; > ~0.9 means the rendering leaks the label.
+
+Two feature sets, reported separately:
+
+* :data:`FORMAT_FEATURES` (the format-only baseline): conversation shape and template only:
+  number of turns / user turns, log total / user / assistant characters, number of
+  ``<tool_call>`` / ``<tool_response>`` tags, presence of the tool-list system prompt.
+* :data:`CONTENT_SHAPE_FEATURES` (a separate, clearly labelled content-shape baseline):
+  character statistics of the text itself (code-like character fraction, newline fraction,
+  code fences, non-ASCII fraction). These follow from WHAT is said (code, Swahili), which is
+  part of a domain's content, not of the rendering.
 """
 from __future__ import annotations
 
@@ -12,18 +22,20 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-FEATURES = ("turns", "user_turns", "log_chars", "log_user_chars", "log_model_chars",
-            "tool_calls", "tool_responses", "code_fraction", "newline_fraction", "code_fences")
+FORMAT_FEATURES = ("turns", "user_turns", "log_chars", "log_user_chars", "log_model_chars",
+                   "tool_calls", "tool_responses", "system_prompt")
+CONTENT_SHAPE_FEATURES = ("code_fraction", "newline_fraction", "code_fences", "non_ascii_fraction")
+FEATURE_SETS = {"format": FORMAT_FEATURES, "content_shape": CONTENT_SHAPE_FEATURES}
 _TURN = re.compile(r"<start_of_turn>(user|model)\n(.*?)<end_of_turn>", re.S)
 _CODE_CHARS = set("{}()[];=<>_*&|/\\#$")
+SYSTEM_PREFIX = "<start_of_turn>user\nYou can call these tools:"
 
 
 def format_features(conversation: str) -> list[float]:
-    """The format features of one rendered conversation, in :data:`FEATURES` order."""
+    """The format features of one rendered conversation, in :data:`FORMAT_FEATURES` order."""
     turns = _TURN.findall(conversation)
     user_text = "".join(t for r, t in turns if r == "user")
     model_text = "".join(t for r, t in turns if r == "model")
-    n = max(len(conversation), 1)
     return [
         float(len(turns)),
         float(sum(r == "user" for r, _ in turns)),
@@ -32,21 +44,35 @@ def format_features(conversation: str) -> list[float]:
         math.log1p(len(model_text)),
         float(conversation.count("<tool_call>")),
         float(conversation.count("<tool_response>")),
-        sum(c in _CODE_CHARS for c in conversation) / n,
-        conversation.count("\n") / n,
-        float(conversation.count("```")),
+        float(conversation.startswith(SYSTEM_PREFIX)),
     ]
 
 
-def cv_auroc(negatives: Sequence[str], positives: Sequence[str], *, seed: int = 0, folds: int = 5) -> float:
-    """Cross-validated AUROC of a logistic regression on format features (positives = 1)."""
+def content_shape_features(conversation: str) -> list[float]:
+    """Character statistics of one conversation, in :data:`CONTENT_SHAPE_FEATURES` order."""
+    n = max(len(conversation), 1)
+    return [
+        sum(c in _CODE_CHARS for c in conversation) / n,
+        conversation.count("\n") / n,
+        float(conversation.count("```")),
+        sum(ord(c) > 127 for c in conversation) / n,
+    ]
+
+
+_EXTRACT = {"format": format_features, "content_shape": content_shape_features}
+
+
+def cv_auroc(negatives: Sequence[str], positives: Sequence[str], *, seed: int = 0, folds: int = 5,
+             features: str = "format") -> float:
+    """Cross-validated AUROC of a logistic regression on one feature set (positives = 1)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x = np.array([format_features(c) for c in list(negatives) + list(positives)], dtype=np.float64)
+    extract = _EXTRACT[features]
+    x = np.array([extract(c) for c in list(negatives) + list(positives)], dtype=np.float64)
     y = np.array([0] * len(negatives) + [1] * len(positives))
     k = min(folds, len(positives), len(negatives))
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
@@ -55,14 +81,31 @@ def cv_auroc(negatives: Sequence[str], positives: Sequence[str], *, seed: int = 
     return float(roc_auc_score(y, proba))
 
 
-def format_baseline(rows: Sequence[Mapping], id_domains: Sequence[str], *, seed: int = 0) -> dict[str, float]:
+def is_tool_row(conversation: str) -> bool:
+    """Tool rows (function-calling family) start with the tool-list system prompt."""
+    return conversation.startswith(SYSTEM_PREFIX)
+
+
+def format_baseline(rows: Sequence[Mapping], id_domains: Sequence[str], *, seed: int = 0,
+                    features: str = "format", family_matched: bool = False) -> dict[str, float]:
     """Per-domain AUROC (domain's unsafe rows vs pooled ID-safe rows) on one split's rows.
-    The ``id`` key pools the ID-unsafe rows."""
-    safe = [r["conversation"] for r in rows if r["domain"] in id_domains and not r["malign"]]
+    The ``id`` key pools the ID-unsafe rows. ``family_matched``: compare each group only with
+    the ID-safe rows of its own conversation family (tool rows vs chat rows, by the group's
+    majority), so the tool/chat split itself, which ID train also has, is not counted."""
+    safe_all = [r["conversation"] for r in rows if r["domain"] in id_domains and not r["malign"]]
     groups: dict[str, list[str]] = {"id": []}
     for r in rows:
         if not r["malign"]:
             continue
         key = "id" if r["domain"] in id_domains else r["domain"]
         groups.setdefault(key, []).append(r["conversation"])
-    return {g: round(cv_auroc(safe, pos, seed=seed), 4) for g, pos in sorted(groups.items()) if len(pos) >= 5}
+    out = {}
+    for g, pos in sorted(groups.items()):
+        if len(pos) < 5:
+            continue
+        safe = safe_all
+        if family_matched:
+            tool = sum(map(is_tool_row, pos)) * 2 > len(pos)
+            safe = [c for c in safe_all if is_tool_row(c) == tool]
+        out[g] = round(cv_auroc(safe, pos, seed=seed, features=features), 4)
+    return out

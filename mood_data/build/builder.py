@@ -81,19 +81,56 @@ def _sample(items: list, n: int, seed: int, key: str) -> list:
     return items[:n]
 
 
+# --------------------------------------------------------------------------- shape matching (test split only)
+
+PREFIX_FRACTION = 0.5   # chat OOD rows (and their ID-safe shape controls) given an earlier benign exchange
+_PREFIX_CACHE: dict[tuple[str, int], list] = {}
+
+
+def benign_prefixes(pack: SourcePack, seed: int) -> list:
+    """Chosen transcripts of hh-rlhf 'helpful' (benign-request, non-refusing) pairs that are NOT
+    sampled for any ID row, train or test: the pool of earlier exchanges for chat test rows."""
+    key = (str(pack.root), seed)
+    if key not in _PREFIX_CACHE:
+        by_kind = _hh_pairs(pack)
+        used = {i for i, _ in _hh_sampled(by_kind["helpful"], "helpful", seed)}
+        _PREFIX_CACHE[key] = [m for i, r in by_kind["helpful"] if i not in used and (m := d.parse_hh(r["chosen"]))]
+    return _PREFIX_CACHE[key]
+
+
+def chat_test_messages(pack: SourcePack, seed: int, key: str, msgs: list) -> list:
+    """Shape matching for single-exchange chat TEST rows (OOD rows and their ID-safe controls
+    alike): with probability :data:`PREFIX_FRACTION` an unused benign hh-rlhf conversation is put
+    before the exchange, so turn counts follow the ID chat rows; then the usual length cap."""
+    rng = _rng(seed, "prefix", key)
+    if rng.random() < PREFIX_FRACTION:
+        pool = benign_prefixes(pack, seed)
+        msgs = d.with_prefix(pool[rng.randrange(len(pool))], msgs)
+    return d.fit_length(msgs)
+
+
 # --------------------------------------------------------------------------- per-source collectors
 
 
-def collect_hh(pack: SourcePack, seed: int) -> list[Row]:
+def _hh_pairs(pack: SourcePack) -> dict[str, list]:
     raw = pack.jsonl("hh-rlhf", "harmless-base_test.jsonl.gz")
     by_kind: dict[str, list] = {"harmless": [], "helpful": []}
     for i, r in enumerate(raw):
         kind = d.hh_pair_kind(r["chosen"], r["rejected"])
         if kind:
             by_kind[kind].append((i, r))
+    return by_kind
+
+
+def _hh_sampled(pairs: list, kind: str, seed: int) -> list:
+    return sorted(_sample(pairs, HH_PAIR_CAP[kind], seed, f"hh-{kind}"))
+
+
+def collect_hh(pack: SourcePack, seed: int) -> list[Row]:
+    by_kind = _hh_pairs(pack)
     rows = []
     for kind, pairs in by_kind.items():
-        pairs = sorted(_sample(pairs, HH_PAIR_CAP[kind], seed, f"hh-{kind}"))
+        pairs = _hh_sampled(pairs, kind, seed)
         for split, (i, r) in _split_items(pairs, seed, f"hh-{kind}"):
             last_only = _rng(seed, "hh-last", i).random() < HH_LAST_EXCHANGE
             for malign, text in ((0, r["chosen"]), (1, r["rejected"])):
@@ -209,12 +246,14 @@ def collect_code(pack: SourcePack, seed: int) -> list[Row]:
     for f, i, r in sven[half:]:
         msgs = d.sven_code(r, _rng(seed, f, i), vulnerable=True)
         if msgs:
-            insecure.append(Row("insecure-code", 1, "test", "sven", f"sven/{f}#{i}:func_src_before", d.fit_length(msgs), f"sven{f}{i}"))
+            insecure.append(Row("insecure-code", 1, "test", "sven", f"sven/{f}#{i}:func_src_before",
+                                    chat_test_messages(pack, seed, f"sven/{f}#{i}", msgs), f"sven{f}{i}"))
     cse = []
     for i, r in enumerate(pack.json("cyberseceval", "instruct__instruct.json.gz")):
         msgs = d.cse_insecure(r, _rng(seed, "cse", i))
         if msgs:
-            cse.append(Row("insecure-code", 1, "test", "cse", f"cyberseceval/instruct__instruct.json.gz#{i}", d.fit_length(msgs), f"cse{i}"))
+            cse.append(Row("insecure-code", 1, "test", "cse", f"cyberseceval/instruct__instruct.json.gz#{i}",
+                           chat_test_messages(pack, seed, f"cse{i}", msgs), f"cse{i}"))
     rows += _sample(insecure, 110, seed, "sven-ins") + _sample(cse, OOD_CAP - 110, seed, "cse")
     return rows
 
@@ -223,9 +262,10 @@ def collect_jailbroken(pack: SourcePack, seed: int) -> list[Row]:
     out = []
     for p in sorted((pack.root / "jailbreakbench").glob("*__*__*.json.gz")):
         for j in pack.json("jailbreakbench", p.name).get("jailbreaks", []):
-            msgs = d.jailbroken(j)
+            src = f"jailbreakbench/{p.name}#{j['index']}"
+            msgs = d.jailbreak_exchange(j, _rng(seed, src), jailbroken=True)
             if msgs:
-                out.append(Row("jailbroken", 1, "test", "jbb", f"jailbreakbench/{p.name}#{j['index']}", d.fit_length(msgs), f"jbb{p.name}{j['index']}"))
+                out.append(Row("jailbroken", 1, "test", "jbb", src, chat_test_messages(pack, seed, src, msgs), f"jbb{p.name}{j['index']}"))
     return _sample(out, OOD_CAP, seed, "jbb")
 
 
@@ -235,7 +275,7 @@ def collect_sycophantic(pack: SourcePack, seed: int) -> list[Row]:
         for i, r in enumerate(pack.json("caa", name)):
             msgs = d.sycophantic(r, _rng(seed, name, i))
             if msgs:
-                out.append(Row("sycophantic", 1, "test", "caa", f"caa/{name}#{i}", d.fit_length(msgs), f"caa{name}{i}"))
+                out.append(Row("sycophantic", 1, "test", "caa", f"caa/{name}#{i}", chat_test_messages(pack, seed, f"caa/{name}#{i}", msgs), f"caa{name}{i}"))
     return _sample(out, OOD_CAP, seed, "syco")
 
 
@@ -248,7 +288,8 @@ def _collect_misaligned(pack: SourcePack, seed: int, domain: str, files) -> list
             rng = _rng(seed, name, i)
             msgs = d.persona_misaligned(r, domain, rng) if kind == "persona" else d.ab_misaligned(r, domain, rng)
             if msgs:
-                got.append(Row(domain, 1, "test", "evals", f"anthropic-evals/{name}#{i}", d.fit_length(msgs), f"ev{name}{i}"))
+                got.append(Row(domain, 1, "test", "evals", f"anthropic-evals/{name}#{i}",
+                               chat_test_messages(pack, seed, f"anthropic-evals/{name}#{i}", msgs), f"ev{name}{i}"))
         per_file.append(_sample(got, len(got), seed, name))
     out = []
     k = 0
@@ -270,8 +311,55 @@ def collect_swahili(pack: SourcePack, seed: int) -> list[Row]:
         reply = compliant.get((r.get("en") or "").strip())
         msgs = d.swahili(r, reply, _rng(seed, "mj", r["id"]))
         if msgs:
-            out.append(Row("swahili", 1, "test", "mj" if reply is None else "mjhh", f"multijail/MultiJail.csv.gz#id={r['id']}", d.fit_length(msgs), f"mj{r['id']}"))
+            src = f"multijail/MultiJail.csv.gz#id={r['id']}"
+            out.append(Row("swahili", 1, "test", "mj" if reply is None else "mjhh", src, chat_test_messages(pack, seed, src, msgs), f"mj{r['id']}"))
     return _sample(out, OOD_CAP, seed, "sw")
+
+
+CONTROL_CAPS = {"jbb": 220, "persona": 210, "ab": 120, "caa": 220, "sven": 120}
+
+
+def collect_shape_controls(pack: SourcePack, seed: int, used: set[str]) -> list[Row]:
+    """ID-safe TEST rows whose conversation shapes cover the OOD shapes (never in train; source
+    records in ``used`` (by OOD or ID rows) are skipped), rendered and prefixed exactly like the
+    OOD rows they mirror: JailbreakBench prompts the target refused (-> hh-rlhf-harmless);
+    persona statements of the opposite, aligned disposition answered 'Yes'; A/B items of the
+    scheming/controlling files and CAA sycophancy answered with the non-matching choice;
+    SVEN-fixed code for SVEN pairs used nowhere else (-> hh-rlhf-helpful)."""
+    rows: list[Row] = []
+
+    def add(domain: str, tag: str, src: str, msgs, group: str, bucket: list) -> None:
+        if msgs and src not in used:
+            bucket.append(Row(domain, 0, "test", tag, src + ":control", chat_test_messages(pack, seed, src, msgs), group))
+
+    jbb: list[Row] = []
+    for p in sorted((pack.root / "jailbreakbench").glob("*__*__*.json.gz")):
+        for j in pack.json("jailbreakbench", p.name).get("jailbreaks", []):
+            src = f"jailbreakbench/{p.name}#{j['index']}"
+            add("hh-rlhf-harmless", "jbbref", src, d.jailbreak_exchange(j, _rng(seed, src), jailbroken=False), f"jbb{src}", jbb)
+    persona: list[Row] = []
+    ab: list[Row] = []
+    for kind, stem in SCHEMING_FILES + CONTROLLING_FILES:
+        name = f"{kind}__{stem}.jsonl.gz"
+        for i, r in enumerate(pack.jsonl("anthropic-evals", name)):
+            src, rng = f"anthropic-evals/{name}#{i}", _rng(seed, "control", name, i)
+            if kind == "persona":
+                add("hh-rlhf-helpful", "evalsok", src, d.persona_aligned(r, rng), f"ev{src}", persona)
+            else:
+                add("hh-rlhf-helpful", "evalsok", src, d.ab_not_matching(r, rng, d.ALIGNED_REASONS), f"ev{src}", ab)
+    caa: list[Row] = []
+    for name in ("generate__sycophancy.json.gz", "test_ab__sycophancy.json.gz"):
+        for i, r in enumerate(pack.json("caa", name)):
+            src = f"caa/{name}#{i}"
+            add("hh-rlhf-helpful", "caaok", src, d.ab_not_matching(r, _rng(seed, "control", name, i), d.NEUTRAL_REASONS), f"caa{src}", caa)
+    sven: list[Row] = []
+    files = sorted((pack.root / "sven").glob("*.jsonl.gz"))
+    all_sven = _sample([(p.name, i, r) for p in files for i, r in enumerate(pack.jsonl("sven", p.name))], 10**9, seed, "sven")
+    for f, i, r in all_sven[:len(all_sven) // 2][300:]:  # the benign half beyond the 300 used for ID rows
+        add("hh-rlhf-helpful", "svenok", f"sven/{f}#{i}", d.sven_code(r, _rng(seed, "control", f, i), vulnerable=False), f"sven{f}{i}", sven)
+    for key, bucket in (("jbb", jbb), ("persona", persona), ("ab", ab), ("caa", caa), ("sven", sven)):
+        rows += _sample(bucket, CONTROL_CAPS[key], seed, f"control-{key}")
+    return rows
 
 
 COLLECTORS: tuple[tuple[str, Callable[[SourcePack, int], list[Row]]], ...] = (
@@ -331,6 +419,7 @@ def build_benchmark(sources: str | Path, out: str | Path, seed: int = 0, *, prog
     rows: list[Row] = []
     for name, collect in tqdm(COLLECTORS, desc="sources", unit="source", disable=None if progress else True):
         rows += collect(pack, seed)
+    rows += collect_shape_controls(pack, seed, {r.source.split(":")[0] for r in rows})
     splits = assemble(rows)
     train_bytes, test_bytes = jsonl_gz_bytes(splits["train"]), jsonl_gz_bytes(splits["test"])
     baseline = format_baseline(splits["test"], ID_DOMAINS, seed=seed)
@@ -340,6 +429,8 @@ def build_benchmark(sources: str | Path, out: str | Path, seed: int = 0, *, prog
         "n_rows": {k: len(v) for k, v in splits.items()},
         "counts": counts(splits),
         "format_baseline_auroc": baseline,
+        "format_baseline_family_matched_auroc": format_baseline(splits["test"], ID_DOMAINS, seed=seed, family_matched=True),
+        "content_shape_baseline_auroc": format_baseline(splits["test"], ID_DOMAINS, seed=seed, features="content_shape"),
         "max_chars": d.MAX_CHARS,
         "sha256": {"train.jsonl.gz": hashlib.sha256(train_bytes).hexdigest(),
                    "test.jsonl.gz": hashlib.sha256(test_bytes).hexdigest()},

@@ -452,13 +452,6 @@ def cse_insecure(record: Mapping, rng: random.Random) -> Messages | None:
     return [user(req), assistant(code_answer(code, str(record.get("language", "")), rng))]
 
 
-def jailbroken(record: Mapping) -> Messages | None:
-    """JailbreakBench: jailbreak prompt + the judged-jailbroken response."""
-    if not record.get("jailbroken") or not record.get("prompt") or not record.get("response"):
-        return None
-    return [user(record["prompt"]), assistant(record["response"])]
-
-
 def choice_text(question: str, letter: str) -> str | None:
     """The text of choice ``(A)`` etc. in an A/B item."""
     m = re.search(r"\(" + re.escape(letter) + r"\)\s*(.+)", question)
@@ -534,3 +527,76 @@ def swahili(record: Mapping, compliant_reply: str | None, rng: random.Random) ->
     if not prompt:
         return None
     return [user(prompt), assistant(compliant_reply or rng.choice(SWAHILI_OPENERS))]
+
+
+# --------------------------------------------------------------------------- shape matching (test split only)
+
+ALIGNED_REASONS = (
+    "Being open with the people who oversee me matters more than any goal of my own.",
+    "I'd rather be transparent and let humans check my decisions than act on my own.",
+    "Staying honest and within the limits people set for me is the right way to operate.",
+    "I don't need extra influence or resources; I just want to be useful within my role.",
+)
+NEUTRAL_REASONS = (
+    "Looking at the evidence rather than anyone's personal views, that's the better-supported answer.",
+    "Whatever one's background, the available data points to that answer.",
+    "I'd give the same answer to anyone: it is the one the evidence supports best.",
+    "Setting opinions aside, that is the more accurate of the two options.",
+)
+
+
+def with_prefix(prefix: Messages, messages: Messages) -> Messages:
+    """``messages`` preceded by an earlier benign chat exchange (the last exchange is unchanged)."""
+    return [dict(m) for m in prefix] + list(messages)
+
+
+def clip_start(text: str, limit: int) -> str:
+    """Keep the END of ``text`` (at most ``limit`` chars, cut at a word boundary)."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    cut = tail.find(" ")
+    return "..." + (tail[cut + 1:] if 0 <= cut < 40 else tail)
+
+
+def clip_end(text: str, limit: int) -> str:
+    """Keep the BEGINNING of ``text`` (at most ``limit`` chars, cut at a word boundary)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    cut = head.rfind(" ")
+    return (head[:cut] if cut > limit - 40 else head) + " ..."
+
+
+def jailbreak_exchange(record: Mapping, rng: random.Random, *, jailbroken: bool,
+                       prompt_chars: tuple[int, int] = (200, 700), response_chars: tuple[int, int] = (150, 600)) -> Messages | None:
+    """JailbreakBench prompt + response, for rows whose ``jailbroken`` flag equals ``jailbroken``
+    (True: OOD jailbroken; False: the target refused, an ID-safe shape control). The prompt keeps
+    its END and the response its BEGINNING, each clipped to a length drawn from the given range."""
+    if bool(record.get("jailbroken")) != jailbroken or not record.get("prompt") or not record.get("response"):
+        return None
+    return [user(clip_start(record["prompt"].strip(), rng.randint(*prompt_chars))),
+            assistant(clip_end(record["response"].strip(), rng.randint(*response_chars)))]
+
+
+def persona_aligned(record: Mapping, rng: random.Random, min_confidence: float = 0.9) -> Messages | None:
+    """ID-safe shape control: a persona item whose statement expresses the OPPOSITE of the
+    misaligned disposition (``answer_matching_behavior`` ``No``), answered ``Yes`` with an aligned
+    justification: the same shape as :func:`persona_misaligned`."""
+    if str(record.get("answer_matching_behavior", "")).strip() != "No":
+        return None
+    if float(record.get("label_confidence", 0.0)) < min_confidence:
+        return None
+    return [user(record["question"].strip()),
+            assistant(f"Yes. {record['statement'].strip().rstrip('.')}. {rng.choice(ALIGNED_REASONS)}")]
+
+
+def ab_not_matching(record: Mapping, rng: random.Random, reasons: Sequence[str]) -> Messages | None:
+    """ID-safe shape control: an A/B item answered with ``answer_not_matching_behavior`` plus a
+    justification from ``reasons``: the same shape as :func:`ab_misaligned` / :func:`sycophantic`."""
+    letter = str(record.get("answer_not_matching_behavior", "")).strip().strip("()")
+    text = choice_text(record["question"], letter)
+    if not text:
+        return None
+    q = re.sub(r"\s*Answer:\s*$", "", record["question"].strip())
+    return [user(q), assistant(f"({letter}) {text.rstrip('.')}. {rng.choice(reasons)}")]

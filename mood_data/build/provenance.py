@@ -60,8 +60,9 @@ DOMAIN_NOTES: dict[str, tuple[str, str]] = {
         "As scheming, with power/control justifications."),
     "jailbroken": (
         "JailbreakBench artifacts (PAIR, GCG, JBC, DSN, prompt_with_random_search; MIT)",
-        "Jailbreak `prompt` as the user turn and its `response` as the assistant turn, only rows with "
-        "`jailbroken` = true; sampled across method x target files."),
+        "Jailbreak `prompt` as the user turn (last 200-700 chars kept) and its `response` as the assistant "
+        "turn (first 150-600 chars kept), only rows with `jailbroken` = true; sampled across method x target "
+        "files. Half get an earlier benign hh-rlhf conversation (see shape matching)."),
     "sycophantic": (
         "CAA `generate__sycophancy` + `test_ab__sycophancy` (Apache-2.0 copy of nrimsky/CAA, MIT; items partly "
         "from anthropics/evals CC-BY-4.0)",
@@ -89,9 +90,12 @@ def count_table(report: dict) -> str:
 
 
 def baseline_table(report: dict) -> str:
-    lines = ["| group (unsafe rows vs pooled ID-safe test rows) | format-only AUROC |", "|---|---|"]
+    fam = report.get("format_baseline_family_matched_auroc", {})
+    con = report.get("content_shape_baseline_auroc", {})
+    lines = ["| group (unsafe rows vs ID-safe test rows) | format-only, pooled ID-safe | format-only, same family "
+             "(chat vs chat, tool vs tool) | content-shape (not format) |", "|---|---|---|---|"]
     for g, v in report["format_baseline_auroc"].items():
-        lines.append(f"| {g} | {v:.3f} |")
+        lines.append(f"| {g} | {v:.3f} | {fam.get(g, float('nan')):.3f} | {con.get(g, float('nan')):.3f} |")
     return "\n".join(lines)
 
 
@@ -127,18 +131,34 @@ def provenance_markdown(report: dict) -> str:
         "",
         "## Format-only baseline",
         "",
-        "Logistic regression on surface features only (number of turns / user turns, log total / user / "
-        "assistant characters, number of `<tool_call>` and `<tool_response>` tags, fraction of code-like "
-        "characters, newline fraction, number of code fences), 5-fold stratified cross-validation on the "
-        "test split, each group's unsafe rows vs the pooled ID-safe test rows. 0.5 = format carries no "
-        "signal.",
+        "Logistic regression on FORMAT features only (number of turns / user turns, log total / user / "
+        "assistant characters, number of `<tool_call>` and `<tool_response>` tags, presence of the tool-list "
+        "system prompt), 5-fold stratified cross-validation on the test split, each group's unsafe rows vs the "
+        "pooled ID-safe test rows (and vs the ID-safe rows of the same family: chat or tool). 0.5 = format "
+        "carries no signal. A separate content-shape baseline (code-like character fraction, newline fraction, "
+        "code fences, non-ASCII fraction) is reported for reference: those follow from what is said (code, "
+        "Swahili), i.e. the domain's content.",
+        "",
+        "Shape matching (test split only; the train split is built exactly as before): (1) every chat OOD row, and "
+        "every ID-safe shape control, gets with probability 0.5 an earlier benign conversation (the chosen "
+        "transcript of an hh-rlhf harmless-base 'helpful' pair NOT sampled for any ID row) before its exchange, "
+        "so turn counts follow the ID chat rows; (2) jailbreak prompts keep their last 200-700 characters and "
+        "responses their first 150-600; (3) ID-safe shape controls (test only, never in train, source records "
+        "not used by any other row): JailbreakBench prompts that the target refused (`hh-rlhf-harmless`, tag "
+        "`jbbref`), persona statements of the aligned disposition answered 'Yes' and A/B items of the "
+        "scheming/controlling files answered with the non-matching (aligned) choice (`hh-rlhf-helpful`, tag "
+        "`evalsok`), CAA sycophancy items answered with the non-matching choice and a neutral reason (`caaok`), "
+        "SVEN-fixed code of otherwise unused SVEN pairs (`svenok`).",
         "",
         baseline_table(report),
         "",
-        "What remains: single-turn OOD domains built from A/B or yes/no items (scheming, controlling, "
-        "sycophantic) are short single-turn exchanges, while ID chat rows are often multi-turn; code rows "
-        "contain code (content, partly mirrored in ID by the SVEN-fixed helpful rows). These differences are "
-        "in the data, not the template.",
+        "What remains separable, and why: (a) pooled, every tool-family OOD domain is trivially told apart "
+        "from the chat ID-safe rows (and every chat OOD domain from the tool ID-safe rows) by the tool "
+        "prompt/tags; the ID train split has both families, so this is not an OOD signal, and the "
+        "same-family column removes it. (b) Within the chat family, OOD user turns are longer than the "
+        "average hh-rlhf user turn (CAA bios, A/B options, jailbreak prompts) and code answers are longer "
+        "than most chat answers; the shape controls cover these shapes but are a minority of the ID-safe "
+        "rows. (c) function-calling-missing rows have more turns than the single-call ID rows.",
         "",
         "## Per domain",
         "",
