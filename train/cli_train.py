@@ -1,0 +1,54 @@
+"""``moodguard train guard|lm --recipe R [--accelerate-config NAME] [--num-processes N]
+[--resume] [key=value ...]``.
+
+With an accelerate config (the flag, or the recipe's ``accelerate.config``) the command
+re-executes itself as ``accelerate launch --config_file accelerate_configs/<NAME>.yaml -m
+train.<kind> ...``; otherwise it trains in-process. ``--accelerate-config none`` forces
+in-process.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .recipe import load_recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, help_ in (("guard", "the guard classifier (sequence classification)"), ("lm", "the causal-LM adapter")):
+        _add_kind(sub.add_parser(kind, help=help_, description=help_))
+
+
+def _add_kind(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipes/<family>/<size>.yaml")
+    parser.add_argument("--accelerate-config", default=None, metavar="NAME",
+                        help="accelerate_configs/<NAME>.yaml (default: the recipe's accelerate.config; 'none' = in-process)")
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="override the config's num_processes")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, e.g. guard.learning_rate=1e-4")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.num_processes is not None:
+        overrides.append(f"accelerate.num_processes={args.num_processes}")
+    if args.accelerate_config is not None:
+        overrides.append(f"accelerate.config={'null' if args.accelerate_config == 'none' else args.accelerate_config}")
+    recipe = load_recipe(args.recipe, overrides)  # validate before launching anything
+    if recipe.accelerate.config is not None:
+        from .launch import relaunch
+
+        argv = ["--recipe", args.recipe, *(["--resume"] if args.resume else []), *overrides]
+        return relaunch(recipe.accelerate.config, f"train.{args.kind}", argv, recipe.accelerate.num_processes)
+    from .launch import end_distributed
+
+    if args.kind == "guard":
+        from .guard import train_guard as train_fn
+    else:
+        from .lm import train_lm as train_fn
+    try:
+        out = train_fn(recipe, args.resume)
+    finally:
+        end_distributed()
+    print(out)
+    return 0

@@ -1,0 +1,188 @@
+"""Training data: the ID-only train split, its held-out validation slice, tokenisation,
+dynamic-padding collators and a seeded length-grouped sampler.
+
+The sampler groups by *global* batch (``global_batch_size`` consecutive indices have similar
+lengths) and depends only on ``(seed, epoch)``, never on the number of processes: a 1-process
+run with accumulation and an N-process run see exactly the same global batches, and a resumed
+run replays the same order.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from mood_data.errors import DataError
+
+
+def load_train_split(source: str | None, template: str = "mood", registry: str | None = None):
+    """The restricted (ID-only) train split as a ``datasets.Dataset`` (id, conversation,
+    domain, malign). Uses ``mood_data.load.load_splits``; a plain local reader is the fallback
+    while that module is not installed."""
+    try:
+        from mood_data.load import load_splits
+    except ImportError:
+        return _fallback_train(source)
+    kwargs = {"splits": ("train",), "template": template}
+    if registry is not None:
+        from mood_data.domains import load_registry
+
+        kwargs["registry"] = load_registry(registry)
+    return load_splits(source, **kwargs)["train"]
+
+
+def _fallback_train(source: str | None):  # pragma: no cover - only until mood_data.load exists
+    import datasets
+
+    from mood_data.domains import ID_DOMAINS
+
+    path = Path(source or "")
+    if path.is_dir():
+        cands = [p for p in sorted(path.iterdir()) if p.name.startswith("train.") and ".jsonl" in p.name]
+        if not cands:
+            raise DataError(f"{path}: no train.jsonl[.gz] file")
+        path = cands[0]
+    if not path.is_file():
+        raise DataError(f"{source}: data source not found (mood_data.load is not available)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    for i, r in enumerate(rows, 1):
+        if r.get("domain") not in ID_DOMAINS:
+            raise DataError(f"{path}: row {i}: field 'domain': {r.get('domain')!r} is not an ID domain")
+    return datasets.Dataset.from_list(
+        [{"id": str(r["id"]), "conversation": r["conversation"], "domain": r["domain"], "malign": int(r["malign"])} for r in rows]
+    )
+
+
+def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | None = None):
+    """Deterministic held-out validation slice of the train split, stratified by
+    (domain, malign) so both classes of every ID domain are represented."""
+    import datasets
+
+    if max_rows is not None and len(ds) > max_rows:
+        ds = ds.shuffle(seed=seed).select(range(max_rows))
+    g = torch.Generator().manual_seed(seed)
+    cells: dict[tuple, list[int]] = {}
+    for i, (dom, mal) in enumerate(zip(ds["domain"], ds["malign"])):
+        cells.setdefault((dom, int(mal)), []).append(i)
+    train_idx, val_idx = [], []
+    for key in sorted(cells):
+        idx = cells[key]
+        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        n_val = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val_idx += perm[:n_val]
+        train_idx += perm[n_val:]
+    if not train_idx or not val_idx:
+        raise DataError(f"train split: {len(ds)} rows are too few for a validation fraction of {fraction}")
+    return datasets.DatasetDict(train=ds.select(sorted(train_idx)), validation=ds.select(sorted(val_idx)))
+
+
+def tokenize_guard(ds, tokenizer, max_length: int):
+    """input_ids / attention_mask / labels (1 = unsafe) / length; left truncation keeps the
+    end of each conversation."""
+    def fn(batch):
+        enc = tokenizer(batch["conversation"], truncation=True, max_length=max_length)
+        enc["labels"] = [int(m) for m in batch["malign"]]
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        return enc
+
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenize guard")
+
+
+def tokenize_lm(ds, tokenizer, max_length: int):
+    """Only ID-SAFE conversations (the perplexity reference); labels are built by the collator."""
+    safe = ds.filter(lambda b: [int(m) == 0 for m in b["malign"]], batched=True, desc="safe rows")
+
+    def fn(batch):
+        enc = tokenizer(batch["conversation"], truncation=True, max_length=max_length)
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        return enc
+
+    return safe.map(fn, batched=True, remove_columns=safe.column_names, desc="tokenize lm")
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on the first real token of every left-padded row, so a
+    row's outputs do not depend on how much padding its batch needed."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class WithPositions:
+    """Wrap a padding collator and add ``position_ids`` computed from the attention mask."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        batch["position_ids"] = positions_from_mask(batch["attention_mask"])
+        return batch
+
+
+def guard_collator(tokenizer, pad_to_multiple_of: int | None):
+    from transformers import DataCollatorWithPadding
+
+    return WithPositions(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of))
+
+
+def lm_collator(tokenizer, pad_to_multiple_of: int | None, packing: bool):
+    """Dynamic padding (pad positions get label -100), or padding-free packing: one flattened
+    row with ``position_ids`` restarting at every conversation."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return WithPositions(DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=pad_to_multiple_of))
+
+
+class SeededLengthGroupedSampler(Sampler[int]):
+    """Indices in a random order fixed by ``(seed, epoch)``; with ``group_by_length`` every run
+    of ``group_size`` consecutive indices has similar lengths (transformers'
+    ``get_length_grouped_indices`` with a seeded generator)."""
+
+    def __init__(self, lengths: Sequence[int], group_size: int, seed: int, group_by_length: bool = True):
+        self.lengths = list(lengths)
+        self.group_size = group_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def indices(self) -> list[int]:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if not self.group_by_length:
+            return torch.randperm(len(self.lengths), generator=g).tolist()
+        return get_length_grouped_indices(self.lengths, self.group_size, generator=g)
+
+    def __iter__(self):
+        return iter(self.indices())
+
+
+def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int, multiple: int | None = None) -> float:
+    """Fraction of pad tokens when ``order`` is cut into batches of ``batch_size`` and each
+    batch is padded to its longest row (rounded up to ``multiple``)."""
+    real = padded = 0
+    for i in range(0, len(order), batch_size):
+        batch = [lengths[j] for j in order[i:i + batch_size]]
+        width = max(batch)
+        if multiple:
+            width = -(-width // multiple) * multiple
+        real += sum(batch)
+        padded += width * len(batch)
+    return 0.0 if padded == 0 else 1.0 - real / padded

@@ -1,0 +1,88 @@
+"""Guard training: LoRA (peft ``TaskType.SEQ_CLS``) on ``AutoModelForSequenceClassification``
+with ``num_labels=2`` (label 1 = unsafe). The ``score`` head is trained and saved inside the
+adapter (``modules_to_save``); guard score = logit[1] - logit[0], higher = more unsafe.
+
+    python -m train.guard --recipe recipes/tiny/s.yaml [--resume] [key=value ...]
+    accelerate launch --config_file accelerate_configs/ddp.yaml -m train.guard --recipe R
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .launch import AdapterJob, module_main, train_adapter
+from .recipe import Recipe
+
+
+def guard_score(logits) -> np.ndarray:
+    """logit[1] - logit[0] in float64 (higher = more unsafe)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[:, 1] - logits[:, 0]
+
+
+def compute_guard_metrics(eval_pred) -> dict:
+    """Validation accuracy and AUROC of the guard score (loss comes from the Trainer)."""
+    from sklearn.metrics import roc_auc_score
+
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    labels = np.asarray(labels).astype(int)
+    score = guard_score(logits)
+    out = {"accuracy": float(np.mean((score > 0).astype(int) == labels))}
+    out["auroc"] = float(roc_auc_score(labels, score)) if len(np.unique(labels)) == 2 else float("nan")
+    return out
+
+
+def lora_config(recipe: Recipe, kind: str, task_type):
+    from peft import LoraConfig
+
+    lo = recipe.section(kind).lora
+    return LoraConfig(task_type=task_type, r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                      target_modules=lo.target_modules)
+
+
+def build_guard_model(recipe: Recipe, tokenizer):
+    from peft import TaskType, get_peft_model
+
+    from .modeling import load_guard_model
+
+    kwargs = {"attn_implementation": recipe.attn_implementation} if recipe.attn_implementation else {}
+    model = load_guard_model(recipe.model, None, recipe.dtype, recipe.trust_remote_code, num_labels=2, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    model = get_peft_model(model, lora_config(recipe, "guard", TaskType.SEQ_CLS))
+    return model
+
+
+def build_guard_datasets(recipe: Recipe, tokenizer):
+    from .data import load_train_split, tokenize_guard, train_validation_split
+
+    raw = load_train_split(recipe.data.source, recipe.data.template, recipe.data.registry)
+    split = train_validation_split(raw, recipe.data.validation_fraction, seed=0, max_rows=recipe.data.max_train_rows)
+    return type(split)({k: tokenize_guard(v, tokenizer, recipe.guard.max_length) for k, v in split.items()})
+
+
+def guard_collator(recipe: Recipe, tokenizer):
+    from .data import guard_collator as make
+
+    return make(tokenizer, recipe.guard.pad_to_multiple_of)
+
+
+GUARD_JOB = AdapterJob("guard", build_guard_model, build_guard_datasets, guard_collator, compute_guard_metrics,
+                       mean_loss=True)
+
+
+def train_guard(recipe: Recipe, resume: bool = False) -> Path:
+    """Train the guard adapter(s); returns the first adapter folder (``<output_dir>/guard``)."""
+    return train_adapter(recipe, GUARD_JOB, resume)[0]
+
+
+def main(argv=None) -> int:
+    return module_main("guard", train_guard, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Causal-LM adapter: LoRA (peft ``TaskType.CAUSAL_LM``) of ``AutoModelForCausalLM`` on the
+ID-SAFE train conversations; the perplexity reference for the OOD detector.
+
+    python -m train.lm --recipe recipes/tiny/s.yaml [--resume] [key=value ...]
+    accelerate launch --config_file accelerate_configs/ddp.yaml -m train.lm --recipe R
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .guard import lora_config
+from .launch import AdapterJob, module_main, train_adapter
+from .recipe import Recipe
+
+
+def build_lm_model(recipe: Recipe, tokenizer):
+    from peft import TaskType, get_peft_model
+
+    from .modeling import load_causal_lm
+
+    kwargs = {"attn_implementation": recipe.attn_implementation} if recipe.attn_implementation else {}
+    model = load_causal_lm(recipe.model, None, recipe.dtype, recipe.trust_remote_code, **kwargs)
+    model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return get_peft_model(model, lora_config(recipe, "lm", TaskType.CAUSAL_LM))
+
+
+def build_lm_datasets(recipe: Recipe, tokenizer):
+    from .data import load_train_split, tokenize_lm, train_validation_split
+
+    raw = load_train_split(recipe.data.source, recipe.data.template, recipe.data.registry)
+    split = train_validation_split(raw, recipe.data.validation_fraction, seed=0, max_rows=recipe.data.max_train_rows)
+    return type(split)({k: tokenize_lm(v, tokenizer, recipe.lm.max_length) for k, v in split.items()})
+
+
+def lm_collator(recipe: Recipe, tokenizer):
+    from .data import lm_collator as make
+
+    return make(tokenizer, recipe.lm.pad_to_multiple_of, recipe.lm.packing)
+
+
+LM_JOB = AdapterJob("lm", build_lm_model, build_lm_datasets, lm_collator, None, None)
+
+
+def train_lm(recipe: Recipe, resume: bool = False) -> Path:
+    """Train the causal-LM adapter(s); returns the first adapter folder (``<output_dir>/lm``)."""
+    return train_adapter(recipe, LM_JOB, resume)[0]
+
+
+def main(argv=None) -> int:
+    return module_main("lm", train_lm, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
