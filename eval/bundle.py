@@ -1,0 +1,281 @@
+"""A monitor bundle: ONE folder with everything needed to score new conversations.
+
+Layout (``moodguard export``)::
+
+    <bundle>/monitor.json        monitor name, detectors, base model, scoring settings
+    <bundle>/guard/              guard adapter (adapter_config.json, adapter_model.safetensors)
+    <bundle>/lm/                 causal-LM adapter (only when the monitor uses ``ppl``)
+    <bundle>/tokenizer/          the tokenizer files
+    <bundle>/stats/<det>-layer<L>.{safetensors,json}   fitted detector statistics
+    <bundle>/fusion.json         fitted fusion parameters (eval.fusion.Fusion)
+    <bundle>/thresholds.json     fused-score thresholds at the chosen FPRs + where they came from
+    <bundle>/recipe.yaml         the fully resolved recipe
+    <bundle>/manifest.json       sha256 of every other file
+
+The base model itself is referenced (``monitor.json: base``), not copied. Thresholds are the
+``analysis.json`` thresholds of ``<run>/eval/<monitor>/``: quantiles of the fused score on
+the ID-safe rows of the test split (mood-bench's definition; ID data only, no OOD row).
+Loading verifies the manifest first: a missing or modified file is a one-line BundleError.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mood_data import atomic
+from mood_data.errors import BundleError, DataError
+
+from .monitor import (FEATURE_DETECTORS, Loaded, ScoreSettings, adapter_dirs, evaluate_recipe, fit_detectors,
+                      fit_fusion, load_stats, parse_monitor, read_calibration, run_root, score_rows)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> Path:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    doc = {"format": FORMAT, "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
+    return atomic.write_json(folder / MANIFEST, doc)
+
+
+def verify_manifest(folder: Path) -> dict:
+    """Check every listed file exists with its sha256; returns the manifest."""
+    mpath = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: bundle folder not found")
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: file not found (not a monitor bundle?)")
+    try:
+        doc = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if doc.get("format") != FORMAT or not isinstance(files, dict):
+        raise BundleError(f"{mpath}: field 'format'/'files': not a format-{FORMAT} manifest")
+    for rel, digest in files.items():
+        p = folder / rel
+        if ".." in Path(rel).parts or not p.is_file():
+            raise BundleError(f"{p}: file listed in {MANIFEST} is missing")
+        if sha256_file(p) != digest:
+            raise BundleError(f"{p}: sha256 does not match {MANIFEST} (tampered or corrupted)")
+    return doc
+
+
+# ----------------------------------------------------------------------------- export
+def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
+                  predict_safe: bool = False) -> Path:
+    """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed)."""
+    from train.modeling import load_tokenizer, resolve_model
+
+    detectors = parse_monitor(monitor)
+    monitor = "+".join(detectors)
+    guard_dir, lm_dir = adapter_dirs(recipe)
+    if "ppl" in detectors and lm_dir is None:
+        raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (monitor {monitor!r} uses 'ppl')")
+    eval_dir = run_root(recipe) / "eval" / monitor
+    apath = eval_dir / "analysis.json"
+    meta_path = eval_dir / "meta.json"
+    fresh = apath.is_file() and meta_path.is_file() and \
+        json.loads(meta_path.read_text(encoding="utf-8")).get("predict_safe", False) == predict_safe
+    if not fresh:
+        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe)
+    analysis = json.loads(apath.read_text(encoding="utf-8"))
+    fitted = fit_detectors(recipe, source=source, predict_safe=predict_safe)  # cache hits after evaluate
+    calib, malign, domains = read_calibration(fitted["calibration"])
+    from mood_data.domains import load_registry
+
+    fusion = fit_fusion(recipe.eval.fusion, calib, malign, domains, detectors, load_registry(recipe.data.registry))
+    settings = ScoreSettings.from_recipe(recipe, predict_safe)
+    out_dir = Path(out_dir)
+    with atomic.atomic_dir(out_dir) as tmp:
+        for name, src in (("guard", guard_dir), ("lm", lm_dir if "ppl" in detectors else None)):
+            if src is not None:
+                (tmp / name).mkdir()
+                for f in ADAPTER_FILES:
+                    shutil.copy2(src / f, tmp / name / f)
+        base = resolve_model(recipe.model)
+        tok_src = recipe.tokenizer or (guard_dir if (guard_dir / "tokenizer_config.json").is_file() else base)
+        load_tokenizer(tok_src, trust_remote_code=recipe.trust_remote_code).save_pretrained(tmp / "tokenizer")
+        stats = {}
+        for kind in FEATURE_DETECTORS:
+            if kind in detectors:
+                for layer, d in fitted["stats"][kind].items():
+                    load_stats(d, kind).save(tmp / "stats", f"{kind}-layer{layer}")
+                    stats.setdefault(kind, []).append(int(layer))
+        fusion.save(tmp / "fusion.json")
+        atomic.write_json(tmp / "thresholds.json", {
+            "thresholds": analysis["thresholds"], "fprs": analysis["fprs"], "n_id_safe": analysis["n_id_safe"],
+            "source": f"ID-safe rows of the test split ({apath})",
+        })
+        atomic.write_text(tmp / "recipe.yaml", recipe.to_yaml())
+        atomic.write_json(tmp / "monitor.json", {
+            "format": FORMAT, "monitor": monitor, "detectors": list(detectors), "base": str(recipe.model),
+            "dtype": recipe.dtype, "trust_remote_code": recipe.trust_remote_code, "stats": stats,
+            "settings": {"max_length": settings.max_length, "batch_size": settings.batch_size,
+                         "pooling": settings.pooling, "assistant_only": settings.assistant_only,
+                         "predict_safe": settings.predict_safe},
+        })
+        write_manifest(tmp)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- scoring
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise BundleError(f"{path}: not readable JSON ({exc})") from None
+
+
+class Monitor:
+    """A loaded bundle: ``Monitor.load(dir).score(conversations) -> list[dict]``."""
+
+    def __init__(self, folder: Path, spec: dict, loaded: Loaded, detectors: dict, fusion, thresholds: dict):
+        self.folder, self.spec, self.loaded = folder, spec, loaded
+        self.detectors, self.fusion, self.thresholds = detectors, fusion, thresholds
+        s = spec["settings"]
+        self.settings = ScoreSettings(int(s["max_length"]), int(s["batch_size"]), s["pooling"],
+                                      bool(s["assistant_only"]), bool(s["predict_safe"]))
+
+    @property
+    def name(self) -> str:
+        return self.spec["monitor"]
+
+    @classmethod
+    def load(cls, folder: str | Path, *, base: str | None = None, batch_size: int | None = None) -> "Monitor":
+        """Verify the manifest, then load base (+ adapters), detectors, fusion and thresholds."""
+        from train.modeling import load_tokenizer, resolve_model
+
+        from .forward import SharedBackbone, adapter_hash
+        from .fusion import Fusion
+
+        folder = Path(folder)
+        verify_manifest(folder)
+        spec = _read_json(folder / "monitor.json")
+        for key in ("monitor", "detectors", "base", "settings", "stats"):
+            if key not in spec:
+                raise BundleError(f"{folder / 'monitor.json'}: field '{key}': missing")
+        names = parse_monitor(spec["monitor"])
+        dets = {kind: {int(layer): load_stats(folder / "stats", kind, f"{kind}-layer{layer}")
+                       for layer in spec["stats"].get(kind, [])} for kind in FEATURE_DETECTORS if kind in names}
+        for kind, per in dets.items():
+            if not per:
+                raise BundleError(f"{folder / 'monitor.json'}: field 'stats.{kind}': no fitted layer")
+        fusion = Fusion.load(folder / "fusion.json")
+        if fusion.detectors != list(names):
+            raise BundleError(f"{folder / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
+        thresholds = _read_json(folder / "thresholds.json").get("thresholds")
+        if not isinstance(thresholds, dict):
+            raise BundleError(f"{folder / 'thresholds.json'}: field 'thresholds': missing")
+        lm = folder / "lm" if "ppl" in names else None
+        dtype = spec.get("dtype", "float32")
+        backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), folder / "guard", lm,
+                                                  dtype="float32" if dtype == "auto" else dtype,
+                                                  trust_remote_code=bool(spec.get("trust_remote_code", False)))
+        tok = load_tokenizer(folder / "tokenizer")
+        loaded = Loaded(backbone, tok, folder / "guard", lm, adapter_hash(folder / "guard"),
+                        None if lm is None else adapter_hash(lm))
+        mon = cls(folder, spec, loaded, dets, fusion, thresholds)
+        if batch_size:
+            mon.settings = ScoreSettings(mon.settings.max_length, batch_size, mon.settings.pooling,
+                                         mon.settings.assistant_only, mon.settings.predict_safe)
+        return mon
+
+    def contributions(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each detector's additive share of the fused score where the fusion is linear
+        (lambda, mean, logistic); otherwise its standardised score ``z``."""
+        p = self.fusion.params
+        names = self.fusion.detectors
+        z = {n: (raw[n] - p["mu"][n]) / p["sigma"][n] for n in names}
+        if p["method"] == "lambda":
+            aux = [n for n in names if n != p["anchor"]]
+            return {n: z[n] if n == p["anchor"] else p["lam"] * z[n] / len(aux) for n in names}
+        if p["method"] == "mean":
+            return {n: z[n] / len(names) for n in names}
+        if p["method"] == "logistic":
+            return {n: p["coef"][n] * z[n] for n in names}
+        return z
+
+    def score(self, conversations: Sequence[str]) -> list[dict]:
+        """Per conversation: ``score`` (fused), ``detectors`` (raw scores), ``contributions``,
+        ``flags`` (``score > threshold`` per FPR) and ``latency_s`` (wall time / row)."""
+        conversations = list(conversations)
+        if not conversations:
+            return []
+        t0 = time.perf_counter()
+        raw, _ = score_rows(self.loaded, conversations, self.detectors, self.fusion.detectors, self.settings)
+        fused = np.asarray(self.fusion.apply(raw), dtype=np.float64)
+        contrib = self.contributions(raw)
+        per_row = (time.perf_counter() - t0) / len(conversations)
+        out = []
+        for i in range(len(conversations)):
+            out.append({
+                "score": float(fused[i]),
+                "detectors": {n: float(v[i]) for n, v in raw.items()},
+                "contributions": {n: float(v[i]) for n, v in contrib.items()},
+                "flags": {k: bool(fused[i] > float(t)) for k, t in self.thresholds.items()},
+                "latency_s": per_row,
+            })
+        return out
+
+
+def read_conversations(path: str | Path, template: str = "mood") -> tuple[list[str], list[Any]]:
+    """Rows of a jsonl file with ``conversation`` (str) or ``messages`` (list); returns the
+    rendered conversations and each row's ``id`` (or its 1-based row number)."""
+    from mood_data.render import render
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    convs, ids = [], []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: row {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {n}: expected a JSON object")
+            if isinstance(row.get("conversation"), str):
+                convs.append(row["conversation"])
+            elif isinstance(row.get("messages"), list):
+                try:
+                    convs.append(render(row["messages"], template))
+                except (ValueError, AttributeError, TypeError) as exc:
+                    raise DataError(f"{path}: row {n}: field 'messages': {exc}") from None
+            else:
+                raise DataError(f"{path}: row {n}: field 'conversation': expected a string "
+                                "(or a 'messages' list)")
+            ids.append(row.get("id", n))
+    return convs, ids
+
+
+def score_file(monitor: Monitor, path: str | Path | None, out: str | Path | None = None,
+               rows_in: tuple[list[str], list[Any]] | None = None) -> list[dict]:
+    """Score a jsonl file (or already-read ``(conversations, ids)``); optionally write jsonl."""
+    convs, ids = rows_in if rows_in is not None else read_conversations(path)
+    rows = [{"id": i, **r} for i, r in zip(ids, monitor.score(convs))]
+    if out is not None:
+        atomic.write_jsonl(out, rows)
+    return rows
+
+
+__all__ = ["Monitor", "export_bundle", "read_conversations", "score_file", "sha256_file", "verify_manifest",
+           "write_manifest"]

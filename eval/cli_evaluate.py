@@ -1,0 +1,51 @@
+"""``moodguard evaluate --recipe R [--monitors guard,guard+maha] [--source S] [k=v ...]``."""
+from __future__ import annotations
+
+import argparse
+
+from .cli_fit import add_recipe_arguments, recipe_from_args
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument("--monitors", default=None,
+                   help="comma-separated monitors (detectors guard, maha, ppl, knn, energy, maxlogit joined "
+                        "by '+', first = anchor); default: the recipe's eval.monitors")
+    p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    p.add_argument("--no-plots", action="store_true", help="skip the per-group histogram / ROC plots")
+
+
+def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:
+    """Compact per-domain TPR@fpr table: one row per group, one column per monitor."""
+    from .metrics import per_domain_table
+
+    rows = {m: {r["group"]: r["tpr"] for r in per_domain_table(a, fpr)} for m, a in analyses.items()}
+    groups = list(dict.fromkeys(g for r in rows.values() for g in r))
+    names = list(analyses)
+    width = max([len(g) for g in groups] + [8])
+    head = f"{'TPR@' + format(fpr * 100, 'g') + '%FPR':<{width}}  " + "  ".join(f"{m:>{max(len(m), 6)}}" for m in names)
+    lines = [head]
+    for g in groups:
+        cells = []
+        for m in names:
+            v = rows[m].get(g)
+            cells.append(f"{'-' if v is None else format(v, '.3f'):>{max(len(m), 6)}}")
+        lines.append(f"{g:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import json
+
+    from .monitor import evaluate_recipe
+
+    recipe = recipe_from_args(args)
+    folders = evaluate_recipe(recipe, monitors=args.monitors.split(",") if args.monitors else None,
+                              source=args.source, predict_safe=args.predict_safe, n_boot=args.n_boot,
+                              plots=not args.no_plots)
+    analyses = {m: json.loads((d / "analysis.json").read_text(encoding="utf-8")) for m, d in folders.items()}
+    print(table(analyses, 0.01))
+    for m, d in folders.items():
+        print(f"{m}: {d}")
+    return 0

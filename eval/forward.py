@@ -1,0 +1,301 @@
+"""One forward per batch: guard logits + pooled features, and chunked LM token NLLs.
+
+The monitor needs three things from the backbone: the guard's classification logits, pooled
+hidden states of some layers (Mahalanobis / kNN features) and the perplexity of the
+conversation under the causal-LM adapter. mood-bench computes them in three passes (guard
+model, feature model, LM with full ``[batch, length, vocab]`` logits), each padding to the
+batch maximum in dataset order. Here:
+
+* the base model is loaded ONCE (``AutoModelForCausalLM``); the LM adapter and the guard
+  adapter are two named PEFT adapters on it, switched with ``set_adapter``; the guard's
+  classification head (``score.weight`` saved via ``modules_to_save``) is a separate
+  :class:`torch.nn.Linear` applied to the final hidden state of the last real token;
+* one guard forward per batch yields the logits AND every requested layer's pooled features;
+* one LM forward per batch yields the final hidden states; token log-likelihoods come from
+  ``lm_head`` + cross-entropy over position chunks (never the whole-sequence logits);
+* rows are sorted by token length and batched so that padding is minimal; outputs are
+  written back in the original order. Left padding (the last real token is at -1), left
+  truncation at ``max_length`` (the end of a conversation is kept) with a count.
+
+Everything here is a small function over tensors; :mod:`eval.monitor` wires them up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mood_data.errors import BundleError
+
+POOLINGS = ("last", "mean")
+
+
+# ----------------------------------------------------------------------------- tokenising
+@dataclass
+class Encoded:
+    """Token ids of each row (unpadded, left-truncated) and optional per-token LM mask."""
+
+    input_ids: list[list[int]]
+    truncated: list[int] = field(default_factory=list)  # row indices that were cut
+    lm_mask: list[list[int]] | None = None  # 1 = this token counts in the NLL (as a target)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    @property
+    def n_truncated(self) -> int:
+        return len(self.truncated)
+
+
+def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistant_only: bool = False) -> Encoded:
+    """Tokenise without padding; keep the LAST ``max_length`` tokens of longer rows.
+
+    With ``assistant_only`` a per-token mask marks the tokens whose start offset lies in an
+    assistant span (see :func:`assistant_char_spans`).
+    """
+    texts = list(conversations)
+    enc = tokenizer(texts, add_special_tokens=True, truncation=False,
+                    return_offsets_mapping=assistant_only, verbose=False)
+    ids = enc["input_ids"]
+    truncated = [i for i, x in enumerate(ids) if len(x) > max_length]
+    out_ids = [x[-max_length:] if len(x) > max_length else x for x in ids]
+    mask = None
+    if assistant_only:
+        from .perplexity import assistant_char_spans
+
+        mask = []
+        for text, offsets in zip(texts, enc["offset_mapping"]):
+            spans = assistant_char_spans(text)
+            row = [int(e > s and any(a <= s < b for a, b in spans)) for s, e in offsets]
+            mask.append(row[-max_length:])
+    return Encoded(out_ids, truncated, mask)
+
+
+# ----------------------------------------------------------------------------- batching
+def length_batches(lengths: Sequence[int], batch_size: int, *, sort: bool = True) -> list[np.ndarray]:
+    """Index batches. ``sort=True``: by token length (stable, longest first, so memory peaks
+    early); ``sort=False``: dataset order (the padding-heavy baseline)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(lengths))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_fraction(lengths: Sequence[int], batches: Iterable[np.ndarray]) -> float:
+    """Share of the computed positions that are padding."""
+    lengths = np.asarray(lengths)
+    real = total = 0
+    for b in batches:
+        real += int(lengths[b].sum())
+        total += int(lengths[b].max()) * len(b)
+    return 0.0 if total == 0 else 1.0 - real / total
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def collate(encoded: Encoded, index: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    rows = [encoded.input_ids[i] for i in index]
+    batch = {
+        "input_ids": pad_left(rows, pad_id),
+        "attention_mask": pad_left([[1] * len(r) for r in rows], 0),
+    }
+    if encoded.lm_mask is not None:
+        batch["lm_mask"] = pad_left([encoded.lm_mask[i] for i in index], 0)
+    return batch
+
+
+# ----------------------------------------------------------------------------- pooling / NLL
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``last``: the final real token (position -1 under left padding); ``mean``: the mean over
+    real tokens. Returns float64 ``[batch, hidden]``."""
+    if pooling == "last":
+        return hidden[:, -1].double()
+    if pooling == "mean":
+        m = attention_mask.to(torch.float64).unsqueeze(-1)
+        return (hidden.double() * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)})")
+
+
+# ----------------------------------------------------------------------------- backbone
+def _head_from_adapter(adapter_dir: Path) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise BundleError(f"{path}: guard adapter weights not found")
+    sd = load_file(str(path))
+    wkey = next((k for k in sd if k.endswith("score.weight")), None)
+    if wkey is None:
+        raise BundleError(f"{path}: no 'score.weight' (guard classification head; modules_to_save) in the adapter")
+    w = sd[wkey]
+    bkey = wkey[: -len("weight")] + "bias"
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=bkey in sd)
+    with torch.no_grad():
+        head.weight.copy_(w.float())
+        if bkey in sd:
+            head.bias.copy_(sd[bkey].float())
+    return head.eval()
+
+
+class SharedBackbone:
+    """One loaded causal-LM base with the guard and LM adapters as named PEFT adapters."""
+
+    def __init__(self, model, head: torch.nn.Module | None, *, has_lm: bool):
+        self.model = model  # PeftModel (or the bare causal LM when no adapter is given)
+        self.head = head
+        self.has_guard = head is not None
+        self.has_lm = has_lm
+
+    @classmethod
+    def from_pretrained(cls, base: str | Path, guard_dir: str | Path | None = None, lm_dir: str | Path | None = None,
+                        *, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+                        device: str | torch.device | None = None) -> "SharedBackbone":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, trust_remote_code=trust_remote_code)
+        head = None
+        adapters = [(n, Path(d)) for n, d in (("lm", lm_dir), ("guard", guard_dir)) if d is not None]
+        for i, (name, d) in enumerate(adapters):
+            if not (d / "adapter_config.json").is_file():
+                raise BundleError(f"{d}: adapter_config.json not found ({name} adapter)")
+            if i == 0:
+                model = PeftModel.from_pretrained(model, str(d), adapter_name=name)
+            else:  # the guard's score head is an unexpected key here; we load it ourselves
+                model.load_adapter(str(d), adapter_name=name)
+        if guard_dir is not None:
+            head = _head_from_adapter(Path(guard_dir)).to(dtype)
+        model.eval()
+        if device is not None:
+            model.to(device)
+            head = head.to(device) if head is not None else None
+        return cls(model, head, has_lm=lm_dir is not None)
+
+    # -- plumbing
+    @property
+    def causal_lm(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.causal_lm.parameters()).device
+
+    def _adapter(self, name: str | None):
+        """Context: activate adapter ``name``; ``None`` = base weights (adapters disabled)."""
+        import contextlib
+
+        if not hasattr(self.model, "set_adapter"):
+            return contextlib.nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def guard_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      layers: Sequence[int] = (), pooling: str = "last") -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Guard logits ``[b, num_labels]`` (float32) and ``{layer: pooled float64 [b, h]}``.
+
+        Layers index ``hidden_states`` (0 = embeddings, -1 = final normed state, the head's input).
+        """
+        if not self.has_guard:
+            raise BundleError("no guard adapter loaded")
+        with self._adapter("guard"):
+            out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                output_hidden_states=bool(layers), use_cache=False)
+        last = out.last_hidden_state
+        logits = self.head(last[:, -1]).float()
+        feats = {int(layer): pool(out.hidden_states[layer], attention_mask, pooling) for layer in layers}
+        return logits, feats
+
+    @torch.no_grad()
+    def lm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states under the LM adapter (the base weights if there is none)."""
+        with self._adapter("lm" if self.has_lm else None):
+            out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+
+# ----------------------------------------------------------------------------- passes
+@dataclass
+class GuardBatch:
+    index: np.ndarray  # original row indices of this batch
+    logits: torch.Tensor  # [b, num_labels] float32
+    features: dict[int, torch.Tensor]  # layer -> [b, h] float64
+
+
+def guard_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, layers: Sequence[int] = (),
+               pooling: str = "last", on_batch: Callable[[GuardBatch], None] | None = None,
+               sort: bool = True, desc: str = "guard forward") -> np.ndarray:
+    """Run the guard over every row; return logits ``[n, num_labels]`` in the original order.
+
+    ``on_batch`` receives each batch's features (e.g. to update a streaming Mahalanobis
+    accumulator, or to score them); they are not kept here.
+    """
+    pad = pad_id(backbone)
+    n = len(encoded.input_ids)
+    logits_out: np.ndarray | None = None
+    device = backbone.device
+    for index in tqdm(length_batches(encoded.lengths, batch_size, sort=sort), desc=desc, unit="batch", disable=None):
+        batch = collate(encoded, index, pad)
+        logits, feats = backbone.guard_forward(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                               layers, pooling)
+        if logits_out is None:
+            logits_out = np.zeros((n, logits.shape[1]), dtype=np.float32)
+        logits_out[index] = logits.cpu().numpy()
+        if on_batch is not None:
+            on_batch(GuardBatch(index, logits.cpu(), {k: v.cpu() for k, v in feats.items()}))
+    return logits_out if logits_out is not None else np.zeros((0, 1), dtype=np.float32)
+
+
+def pad_id(backbone: SharedBackbone) -> int:
+    cfg = backbone.causal_lm.config
+    pad = getattr(cfg, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(cfg, "eos_token_id", 0)
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    return int(pad or 0)
+
+
+def adapter_hash(adapter_dir: str | Path) -> str:
+    """sha256 over the adapter's config + weights: the content part of cache keys."""
+    import hashlib
+
+    h = hashlib.sha256()
+    d = Path(adapter_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        p = d / name
+        if p.is_file():
+            h.update(name.encode())
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def read_num_labels(adapter_dir: str | Path) -> int:
+    """``num_labels`` of a guard adapter from its ``score.weight`` shape (mood-bench's rule)."""
+    return _head_from_adapter(Path(adapter_dir)).out_features
+
+
+__all__ = [
+    "Encoded", "GuardBatch", "SharedBackbone", "adapter_hash", "collate", "encode", "guard_pass", "length_batches",
+    "pad_id", "pad_left", "padding_fraction", "pool", "read_num_labels",
+]
