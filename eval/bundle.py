@@ -30,6 +30,7 @@ import numpy as np
 
 from mood_data import atomic
 from mood_data.errors import BundleError, DataError
+from mood_data.readers import jsonl_rows, read_json
 
 from .monitor import (FEATURE_DETECTORS, Loaded, ScoreSettings, adapter_dirs, evaluate_recipe, fit_detectors,
                       fit_fusion, load_stats, parse_monitor, read_calibration, run_root, score_rows)
@@ -60,11 +61,8 @@ def verify_manifest(folder: Path) -> dict:
         raise BundleError(f"{folder}: bundle folder not found")
     if not mpath.is_file():
         raise BundleError(f"{mpath}: file not found (not a monitor bundle?)")
-    try:
-        doc = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
-    files = doc.get("files") if isinstance(doc, dict) else None
+    doc = read_json(mpath, BundleError)
+    files = doc.get("files")
     if doc.get("format") != FORMAT or not isinstance(files, dict):
         raise BundleError(f"{mpath}: field 'format'/'files': not a format-{FORMAT} manifest")
     for rel, digest in files.items():
@@ -91,10 +89,10 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     apath = eval_dir / "analysis.json"
     meta_path = eval_dir / "meta.json"
     fresh = apath.is_file() and meta_path.is_file() and \
-        json.loads(meta_path.read_text(encoding="utf-8")).get("predict_safe", False) == predict_safe
+        read_json(meta_path, BundleError).get("predict_safe", False) == predict_safe
     if not fresh:
         evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe)
-    analysis = json.loads(apath.read_text(encoding="utf-8"))
+    analysis = read_json(apath, BundleError)
     fitted = fit_detectors(recipe, source=source, predict_safe=predict_safe)  # cache hits after evaluate
     calib, malign, domains = read_calibration(fitted["calibration"])
     from mood_data.domains import load_registry
@@ -135,11 +133,19 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
 
 
 # ----------------------------------------------------------------------------- scoring
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise BundleError(f"{path}: not readable JSON ({exc})") from None
+def check_feature_dims(folder: Path, spec: dict, dets: dict, backbone) -> None:
+    """Every fitted feature detector must match the backbone's hidden size (a one-line
+    BundleError naming the statistics file otherwise, instead of a shape error mid-scoring)."""
+    config = backbone.model.config
+    hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
+    if hidden is None:
+        return
+    for kind, per_layer in dets.items():
+        for layer, det in per_layer.items():
+            d = getattr(det, "meta", {}).get("d")
+            if d is not None and int(d) != int(hidden):
+                raise BundleError(f"{folder / 'stats' / f'{kind}-layer{layer}.safetensors'}: field 'd': statistics "
+                                  f"have dimension {d} but the backbone {spec['base']} has hidden size {hidden}")
 
 
 class Monitor:
@@ -166,7 +172,7 @@ class Monitor:
 
         folder = Path(folder)
         verify_manifest(folder)
-        spec = _read_json(folder / "monitor.json")
+        spec = read_json(folder / "monitor.json", BundleError)
         for key in ("monitor", "detectors", "base", "settings", "stats"):
             if key not in spec:
                 raise BundleError(f"{folder / 'monitor.json'}: field '{key}': missing")
@@ -179,7 +185,7 @@ class Monitor:
         fusion = Fusion.load(folder / "fusion.json")
         if fusion.detectors != list(names):
             raise BundleError(f"{folder / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
-        thresholds = _read_json(folder / "thresholds.json").get("thresholds")
+        thresholds = read_json(folder / "thresholds.json", BundleError).get("thresholds")
         if not isinstance(thresholds, dict):
             raise BundleError(f"{folder / 'thresholds.json'}: field 'thresholds': missing")
         lm = folder / "lm" if "ppl" in names else None
@@ -187,6 +193,7 @@ class Monitor:
         backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), folder / "guard", lm,
                                                   dtype="float32" if dtype == "auto" else dtype,
                                                   trust_remote_code=bool(spec.get("trust_remote_code", False)))
+        check_feature_dims(folder, spec, dets, backbone)
         tok = load_tokenizer(folder / "tokenizer")
         loaded = Loaded(backbone, tok, folder / "guard", lm, adapter_hash(folder / "guard"),
                         None if lm is None else adapter_hash(lm))
@@ -213,12 +220,16 @@ class Monitor:
 
     def score(self, conversations: Sequence[str]) -> list[dict]:
         """Per conversation: ``score`` (fused), ``detectors`` (raw scores), ``contributions``,
-        ``flags`` (``score > threshold`` per FPR) and ``latency_s`` (wall time / row)."""
+        ``flags`` (``score > threshold`` per FPR), ``latency_s`` (wall time / row) and
+        ``truncated`` (the conversation was longer than ``max_length``: its start was cut)."""
         conversations = list(conversations)
         if not conversations:
             return []
         t0 = time.perf_counter()
-        raw, _ = score_rows(self.loaded, conversations, self.detectors, self.fusion.detectors, self.settings)
+        truncated: list[int] = []
+        raw, _ = score_rows(self.loaded, conversations, self.detectors, self.fusion.detectors, self.settings,
+                            truncated=truncated)
+        cut = set(truncated)
         fused = np.asarray(self.fusion.apply(raw), dtype=np.float64)
         contrib = self.contributions(raw)
         per_row = (time.perf_counter() - t0) / len(conversations)
@@ -230,6 +241,7 @@ class Monitor:
                 "contributions": {n: float(v[i]) for n, v in contrib.items()},
                 "flags": {k: bool(fused[i] > float(t)) for k, t in self.thresholds.items()},
                 "latency_s": per_row,
+                "truncated": i in cut,
             })
         return out
 
@@ -240,41 +252,52 @@ def read_conversations(path: str | Path, template: str = "mood") -> tuple[list[s
     from mood_data.render import render
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     convs, ids = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    for n, row in jsonl_rows(path, DataError):
+        if isinstance(row.get("conversation"), str):
+            convs.append(row["conversation"])
+        elif isinstance(row.get("messages"), list):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: row {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {n}: expected a JSON object")
-            if isinstance(row.get("conversation"), str):
-                convs.append(row["conversation"])
-            elif isinstance(row.get("messages"), list):
-                try:
-                    convs.append(render(row["messages"], template))
-                except (ValueError, AttributeError, TypeError) as exc:
-                    raise DataError(f"{path}: row {n}: field 'messages': {exc}") from None
-            else:
-                raise DataError(f"{path}: row {n}: field 'conversation': expected a string "
-                                "(or a 'messages' list)")
-            ids.append(row.get("id", n))
+                convs.append(render(row["messages"], template))
+            except (ValueError, AttributeError, TypeError) as exc:
+                raise DataError(f"{path}: row {n}: field 'messages': {exc}") from None
+        else:
+            raise DataError(f"{path}: row {n}: field 'conversation': expected a string "
+                            "(or a 'messages' list)")
+        ids.append(row.get("id", n))
+    if not convs:
+        raise DataError(f"{path}: empty file (no rows)")
     return convs, ids
 
 
+SCORE_CHUNK = 512  # conversations tokenised + scored at a time (bounds memory)
+
+
+def iter_scores(monitor: Monitor, convs: Sequence[str], ids: Sequence[Any], chunk: int = SCORE_CHUNK):
+    """Score rows ``chunk`` at a time, yielding ``{"id", ...}`` in input order: token ids,
+    features and scores of only one chunk are ever held."""
+    for start in range(0, len(convs), chunk):
+        part = monitor.score(convs[start:start + chunk])
+        yield from ({"id": i, **r} for i, r in zip(ids[start:start + chunk], part))
+
+
 def score_file(monitor: Monitor, path: str | Path | None, out: str | Path | None = None,
-               rows_in: tuple[list[str], list[Any]] | None = None) -> list[dict]:
-    """Score a jsonl file (or already-read ``(conversations, ids)``); optionally write jsonl."""
+               rows_in: tuple[list[str], list[Any]] | None = None, *, keep: bool = True,
+               chunk: int = SCORE_CHUNK) -> list[dict]:
+    """Score a jsonl file (or already-read ``(conversations, ids)``) in chunks; optionally
+    write jsonl (atomically: a killed run leaves no partial file). ``keep=False`` (with
+    ``out``) keeps no row in memory and returns an empty list."""
     convs, ids = rows_in if rows_in is not None else read_conversations(path)
-    rows = [{"id": i, **r} for i, r in zip(ids, monitor.score(convs))]
-    if out is not None:
-        atomic.write_jsonl(out, rows)
-    return rows
+    rows = iter_scores(monitor, convs, ids, chunk)
+    if out is None:
+        return list(rows)
+    kept: list[dict] = []
+    with atomic.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            if keep:
+                kept.append(r)
+    return kept
 
 
 __all__ = ["Monitor", "export_bundle", "read_conversations", "score_file", "sha256_file", "verify_manifest",

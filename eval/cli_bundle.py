@@ -44,8 +44,10 @@ def run_score(args) -> int:
             sys.stdout.write(json.dumps(r) + "\n")
     n_flag = {k: sum(r["flags"][k] for r in rows) for k in monitor.thresholds}
     latency = rows[0]["latency_s"] if rows else 0.0
+    n_cut = sum(r["truncated"] for r in rows)
     print(f"{monitor.name}: {len(rows)} conversations, {latency * 1000:.1f} ms per conversation; flagged "
-          + ", ".join(f"{n}/{len(rows)} at FPR {k}" for k, n in n_flag.items()), file=sys.stderr)
+          + ", ".join(f"{n}/{len(rows)} at FPR {k}" for k, n in n_flag.items())
+          + f"; left-truncated to {monitor.settings.max_length} tokens: {n_cut}", file=sys.stderr)
     return 0
 
 

@@ -8,11 +8,9 @@ intervals. A domain *regressed* when delta < 0 and its interval excludes 0.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +19,7 @@ from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import MoodguardError
 
 from .metrics import tpr_at_fpr
+from .runfolder import read_results
 from .scaling import EvalFolder, _lookup, find_eval_folders
 
 OVERALL = "overall"
@@ -144,27 +143,11 @@ def analysis_deltas(old: Mapping, new: Mapping, fpr: float = 0.01, monitor: str 
     return out
 
 
-def _read_results(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise MoodguardError(f"{path}: row {i}: not valid JSON") from None
-                for key in ("id", "domain", "malign", "score"):
-                    if key not in row:
-                        raise MoodguardError(f"{path}: row {i}: field '{key}': missing")
-                rows.append(row)
-    return rows
-
-
 def compare_folders(old: EvalFolder, new: EvalFolder, fpr: float = 0.01, n_boot: int = 1000, seed: int = 0,
                     registry: DomainRegistry = DEFAULT_REGISTRY) -> list[Delta]:
     ro, rn = old.path / "results.jsonl", new.path / "results.jsonl"
     if ro.is_file() and rn.is_file():
-        return recall_deltas(score_set(_read_results(ro), registry), score_set(_read_results(rn), registry),
+        return recall_deltas(score_set(read_results(ro), registry), score_set(read_results(rn), registry),
                              fpr, n_boot, seed, monitor=new.monitor)
     return analysis_deltas(old.analysis, new.analysis, fpr, monitor=new.monitor)
 

@@ -19,7 +19,6 @@ computed. Fitted parameters are a JSON-serialisable dict (:attr:`Fusion.params`)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 from mood_data import atomic
 from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import BundleError, DataError, RecipeError
+from mood_data.readers import read_json
 
 from .metrics import tpr_at_fpr
 
@@ -156,13 +156,8 @@ class Fusion:
     @classmethod
     def load(cls, path: str | Path) -> "Fusion":
         path = Path(path)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BundleError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{path}: not valid JSON ({exc})") from None
-        params = doc.get("fusion") if isinstance(doc, dict) else None
+        doc = read_json(path, BundleError)
+        params = doc.get("fusion")
         if not isinstance(params, dict) or not isinstance(params.get("detectors"), list):
             raise BundleError(f"{path}: field 'fusion': missing or malformed")
         need = {"lambda": ("anchor", "lam"), "rank": ("reference",), "logistic": ("coef", "intercept")}

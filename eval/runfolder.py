@@ -17,6 +17,7 @@ import numpy as np
 from mood_data import atomic
 from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import DataError, where
+from mood_data.readers import jsonl_rows
 
 from .metrics import DEFAULT_FPRS, analyze, fpr_key, per_domain_table
 
@@ -48,11 +49,14 @@ def write_run(
     n_boot: int = 1000,
     seed: int = 0,
     plots: bool = True,
+    truncated: Sequence[int] | None = None,
 ) -> dict:
     """Write the whole eval folder; returns the analysis dict.
 
     ``score`` is the monitor's fused score; ``detector_scores`` adds ``score_<name>`` columns.
     ``meta`` is merged into meta.json (``monitor`` and ``n_rows`` are filled in).
+    ``truncated``: indices of the rows that were left-truncated to the model's context; their
+    count per analysis group goes to ``analysis.json: truncated``, summary.md and meta.json.
     """
     out = Path(out_dir)
     n = len(ids)
@@ -62,16 +66,41 @@ def write_run(
     for name, vals in (detector_scores or {}).items():
         cols[f"score_{name}"] = [float(v) for v in _col(vals, n, f"score_{name}")]
     keys = list(cols)
-    atomic.write_jsonl(out / RESULTS, ({k: cols[k][i] for k in keys} for i in range(n)))
+    trunc = None
+    if truncated is not None:
+        trunc = truncation_counts(truncated, cols["domain"], cols["malign"], registry)
     meta_doc = {"monitor": monitor, "n_rows": n, **(meta or {})}
-    atomic.write_json(out / META, meta_doc)
-    return _analyse_and_report(out, np.asarray(cols["score"]), cols["domain"], np.asarray(cols["malign"]),
-                               monitor, registry, fprs, n_boot, seed, plots)
+    if trunc is not None:
+        meta_doc.update(truncated_rows=trunc["rows"], truncated_by_group=trunc["groups"])
+    # the whole folder is built aside and swapped in: a killed run never leaves new results
+    # next to an old analysis (or a results.jsonl without its analysis)
+    with atomic.atomic_dir(out) as tmp:
+        atomic.write_jsonl(tmp / RESULTS, ({k: cols[k][i] for k in keys} for i in range(n)))
+        atomic.write_json(tmp / META, meta_doc)
+        analysis = _analyse_and_report(tmp, np.asarray(cols["score"]), cols["domain"], np.asarray(cols["malign"]),
+                                       monitor, registry, fprs, n_boot, seed, plots, trunc)
+    return analysis
 
 
-def _analyse_and_report(out: Path, score, domains, malign, monitor, registry, fprs, n_boot, seed, plots) -> dict:
+def truncation_counts(truncated: Sequence[int], domains: Sequence[str], malign: Sequence[int],
+                      registry: DomainRegistry = DEFAULT_REGISTRY) -> dict:
+    """Left-truncated rows per analysis group: ``{"rows": total, "groups": {"id_safe": n
+    (the negatives), "id": n (ID unsafe), <OOD domain>: n (its unsafe rows)}}``."""
+    groups: dict[str, int] = {"id_safe": 0, "id": 0}
+    for i in truncated:
+        dom, bad = domains[i], int(malign[i])
+        key = ("id" if bad else "id_safe") if registry.is_id(dom) else (dom if bad else None)
+        if key is not None:
+            groups[key] = groups.get(key, 0) + 1
+    return {"rows": len(truncated), "groups": groups}
+
+
+def _analyse_and_report(out: Path, score, domains, malign, monitor, registry, fprs, n_boot, seed, plots,
+                        truncated: dict | None = None) -> dict:
     analysis = analyze(score, domains, malign, registry=registry, fprs=fprs, n_boot=n_boot, seed=seed,
                        monitor=monitor)
+    if truncated is not None:
+        analysis["truncated"] = truncated
     atomic.write_json(out / ANALYSIS, analysis)
     atomic.write_text(out / SUMMARY, summary_markdown(analysis))
     if plots:
@@ -113,6 +142,12 @@ def summary_markdown(analysis: dict) -> str:
         name = f"**{group}**" if group == "overall" else group
         lines.append(f"| {name} | {r0['kind']} | {n} | " + " | ".join(tprs)
                      + f" | {_fmt(r0['auroc'], (r0['auroc_lo'], r0['auroc_hi']))} |")
+    trunc = analysis.get("truncated")
+    if trunc is not None:
+        per = ", ".join(f"{g}={trunc['groups'].get(g, 0)}" for g in ["id_safe", *by_fpr[fprs[0]]] if g != "overall") \
+            if fprs else ""
+        lines += ["", f"Left-truncated to the model's context (start cut, end kept): {trunc['rows']} rows"
+                  + (f" ({per})" if per else "") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -121,21 +156,12 @@ def read_results(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where(path, i)}: not valid JSON ({exc.msg})") from None
-            for field, typ in (("id", str), ("domain", str), ("malign", (int, bool)), ("score", (int, float))):
-                if not isinstance(row.get(field), typ):
-                    raise DataError(f"{where(path, i, field)}: missing or wrong type (got {row.get(field)!r})")
-            rows.append(row)
+    for i, row in jsonl_rows(path, DataError):
+        for field, typ in (("id", str), ("domain", str), ("malign", (int, bool)), ("score", (int, float))):
+            if not isinstance(row.get(field), typ):
+                raise DataError(f"{where(path, i, field)}: missing or wrong type (got {row.get(field)!r})")
+        rows.append(row)
     return rows
 
 
@@ -167,4 +193,4 @@ def reanalyze(
         run, score, [r["domain"] for r in rows], malign, old.get("monitor") or run.name, registry,
         fprs if fprs is not None else old.get("fprs", DEFAULT_FPRS),
         n_boot if n_boot is not None else old.get("n_boot", 1000),
-        seed if seed is not None else old.get("seed", 0), plots)
+        seed if seed is not None else old.get("seed", 0), plots, old.get("truncated"))

@@ -2,6 +2,11 @@
 
 A killed process therefore leaves either the old file or the new one, never half of one.
 This module is the one place that writes files for moodguard.
+
+Test hook (inert by default): with ``MOODGUARD_TEST_KILL_AFTER=N`` the process SIGKILLs itself
+right after its N-th atomic commit (a file rename or a folder swap); ``N:before`` kills it once
+the N-th temporary is complete but before its rename. ``tests/test_interrupts.py`` uses it to
+kill fit / evaluate / score / sweep at a deterministic point and check that a rerun resumes.
 """
 from __future__ import annotations
 
@@ -12,6 +17,25 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+KILL_ENV = "MOODGUARD_TEST_KILL_AFTER"
+_commits = 0
+
+
+def _test_kill_hook(before: bool) -> None:
+    """Count commits; SIGKILL this process at the point ``MOODGUARD_TEST_KILL_AFTER`` names."""
+    global _commits
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    n, _, when = spec.partition(":")
+    if before:
+        _commits += 1
+    if _commits == int(n) and (when == "before") == before:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -28,7 +52,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _tmp_sibling(path)
     try:
         yield tmp
+        _test_kill_hook(before=True)
         os.replace(tmp, path)
+        _test_kill_hook(before=False)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -69,6 +95,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _test_kill_hook(before=True)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
@@ -76,6 +103,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _test_kill_hook(before=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

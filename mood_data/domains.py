@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from .errors import DataError
+from .readers import read_yaml
 
 ID_DOMAINS: tuple[str, ...] = ("hh-rlhf-helpful", "hh-rlhf-harmless", "function-calling")
 OOD_DOMAINS: tuple[str, ...] = (
@@ -64,12 +64,7 @@ def load_registry(path: str | Path | None = None) -> DomainRegistry:
     if path is None:
         return DEFAULT_REGISTRY
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: domains file not found")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    doc = read_yaml(path, DataError, what="domains file") or {}
     if not isinstance(doc, dict):
         raise DataError(f"{path}: expected a mapping with keys id/ood/opt_in")
     allowed = {"id", "ood", "opt_in"}

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Literal, Mapping
 import yaml
 
 from mood_data.errors import RecipeError
+from mood_data.readers import read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -73,12 +74,31 @@ class TrainSection:
 
 
 @dataclass
+class JudgeSection(TrainSection):
+    """The instruction-tuned judge (eval/judge.py) and its optional SFT LoRA (train/judge.py).
+    The training keys are those of ``guard`` / ``lm``; ``max_length`` bounds the whole prompt."""
+
+    enabled: bool = False  # SFT training of a judge LoRA (moodguard train judge)
+    model: str | None = None  # any instruct model (path / hub id); null = the recipe's model
+    adapter: str | None = None  # a judge LoRA; null = <run>/judge when it exists
+    alignment_rubric: str | None = None  # YAML file; null = eval/rubrics/alignment.yaml
+    uncertainty_rubric: str | None = None  # YAML file; null = eval/rubrics/uncertainty.yaml
+    train_rubrics: list[str] = field(default_factory=lambda: ["alignment", "uncertainty"])
+    n_shots: int = 2  # few-shot examples from the ID train slice
+    shot_seed: int = 0
+    shot_max_chars: int = 600
+
+
+@dataclass
 class DataSection:
     source: str = "embedded"
     template: str = "mood"
     registry: str | None = None
     validation_fraction: float = 0.1
     max_train_rows: int | None = None
+    # quick runs only (the demo): cap the test rows of every domain, unsafe and safe apart (seeded)
+    max_test_unsafe_per_domain: int | None = None
+    max_test_safe_per_domain: int | None = None
 
 
 @dataclass
@@ -108,7 +128,9 @@ class KnnSection:
     max_ref: int = 5000
 
 
-MONITORS = ("guard", "maha", "ppl", "knn")
+# ensemble-* need guard.seeds with >= 2 seeds; judge* need a judge (judge.model or a trained <run>/judge)
+MONITORS = ("guard", "maha", "ppl", "knn", "energy", "maxlogit", "ensemble-mean", "ensemble-min",
+            "ensemble-disagreement", "judge", "judge-uncertainty")
 
 
 @dataclass
@@ -141,6 +163,7 @@ class Recipe:
     accelerate: AccelerateSection = field(default_factory=AccelerateSection)
     guard: TrainSection = field(default_factory=TrainSection)
     lm: TrainSection = field(default_factory=lambda: TrainSection(group_by_length=True))
+    judge: JudgeSection = field(default_factory=JudgeSection)
     eval: EvalSection = field(default_factory=EvalSection)
     # where the recipe came from (not a YAML key)
     source_file: str | None = field(default=None, metadata={"internal": True})
@@ -154,7 +177,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def section(self, kind: str) -> TrainSection:
-        if kind not in ("guard", "lm"):
+        if kind not in ("guard", "lm", "judge"):
             raise ValueError(f"unknown section {kind!r}")
         return getattr(self, kind)
 
@@ -222,12 +245,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _read_yaml(path: Path, where: str) -> dict:
     if not path.is_file():
         raise RecipeError(f"{where}: recipe file not found: {display_path(path)}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{display_path(path)}: invalid YAML{line}") from None
+    data = read_yaml(display_path(path), RecipeError, what="recipe file")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -408,16 +426,42 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, origin: Mapping[str,
     return cls(**kwargs)
 
 
+def _missing_model(name: str | None) -> str | None:
+    """Why ``name`` (model / tokenizer) cannot exist, for a missing ``embedded:`` model or a
+    missing path that is surely local (absolute, ``./``, ``~``, or more than one ``/``); hub
+    ids (``owner/name``) are left to the loader."""
+    if name is None:
+        return None
+    text = str(name)
+    if text.startswith("embedded:"):
+        from mood_data.embedded import model_path
+        from mood_data.errors import DataError
+
+        try:
+            model_path(text)
+        except DataError as exc:
+            return str(exc)
+        return None
+    local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+    if local and not Path(text).expanduser().exists():
+        return f"model folder not found: {text}"
+    return None
+
+
 def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
     def fail(dotted: str, message: str):
         raise RecipeError(f"{_where(dotted, origin, fallback)}: key '{dotted}': {message}")
 
+    for key in ("model", "tokenizer"):
+        problem = _missing_model(getattr(recipe, key))
+        if problem:
+            fail(key, problem)
     acc = recipe.accelerate
     if acc.config is not None and not accelerate_config_path(acc.config).is_file():
         fail("accelerate.config", f"unknown accelerate config {acc.config!r}; choose from {accelerate_config_names()}")
     if acc.num_processes < 1:
         fail("accelerate.num_processes", "must be >= 1")
-    for kind in ("guard", "lm"):
+    for kind in ("guard", "lm", "judge"):
         sec: TrainSection = getattr(recipe, kind)
         for key in ("global_batch_size", "per_device_batch_size", "max_length", "save_steps", "logging_steps"):
             if getattr(sec, key) < 1:
@@ -448,6 +492,13 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
             )
     if recipe.guard.packing:
         fail("guard.packing", "packing is only supported for the causal LM (lm.packing)")
+    if recipe.judge.packing:
+        fail("judge.packing", "packing is not supported for the judge")
+    if recipe.judge.n_shots < 0:
+        fail("judge.n_shots", "must be >= 0")
+    bad = [r for r in recipe.judge.train_rubrics if r not in ("alignment", "uncertainty")]
+    if bad or not recipe.judge.train_rubrics:
+        fail("judge.train_rubrics", "expected a non-empty list of 'alignment' / 'uncertainty'")
     if not 0.0 < recipe.data.validation_fraction < 1.0:
         fail("data.validation_fraction", "must be in (0, 1)")
     ev = recipe.eval

@@ -149,30 +149,21 @@ def read_corpus(path: str | Path) -> list[str]:
     Rows carry a rendered ``conversation`` (the MOOD schema) or, as a stand-in corpus, an
     hh-rlhf ``chosen`` transcript that is rendered with :func:`mood_data.render.render`.
     """
-    import gzip
-
     from mood_data.errors import DataError
+    from mood_data.readers import jsonl_rows
     from mood_data.render import render
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: corpus file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
     texts: list[str] = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {i}: not valid JSON ({err.msg})") from None
-            if isinstance(row.get("conversation"), str):
-                texts.append(row["conversation"])
-            elif isinstance(row.get("chosen"), str):
-                texts.append(render(_hh_rlhf_messages(row["chosen"])))
-            else:
-                raise DataError(f"{path}: row {i}: field 'conversation': missing or not a string")
+    for i, row in jsonl_rows(path, DataError):
+        if isinstance(row.get("conversation"), str):
+            texts.append(row["conversation"])
+        elif isinstance(row.get("chosen"), str):
+            texts.append(render(_hh_rlhf_messages(row["chosen"])))
+        else:
+            raise DataError(f"{path}: row {i}: field 'conversation': missing or not a string")
     if not texts:
         raise DataError(f"{path}: no conversations")
     return texts

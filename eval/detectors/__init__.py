@@ -12,13 +12,13 @@ the shared, validated I/O used by every detector.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from mood_data import atomic
 from mood_data.errors import BundleError
+from mood_data.readers import read_json
 
 FORMAT_VERSION = 1
 
@@ -63,12 +63,9 @@ def load_tensors(directory: str | Path, name: str, kind: str) -> tuple[dict[str,
     for p in (jpath, tpath):
         if not p.is_file():
             raise BundleError(f"{p}: file not found")
-    try:
-        meta = json.loads(jpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{jpath}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("detector") != kind:
-        got = meta.get("detector") if isinstance(meta, dict) else type(meta).__name__
+    meta = read_json(jpath, BundleError)
+    if meta.get("detector") != kind:
+        got = meta.get("detector")
         raise BundleError(f"{jpath}: field 'detector': expected '{kind}', got {got!r}")
     spec = meta.get("tensors")
     if not isinstance(spec, dict):
