@@ -156,6 +156,8 @@ class SharedBackbone:
         self.head = head
         self.has_guard = head is not None
         self.has_lm = has_lm
+        # classification heads by adapter name: the guard, plus ensemble members (add_adapter)
+        self.heads: dict[str, torch.nn.Module] = {"guard": head} if head is not None else {}
 
     @classmethod
     def from_pretrained(cls, base: str | Path, guard_dir: str | Path | None = None, lm_dir: str | Path | None = None,
@@ -184,6 +186,26 @@ class SharedBackbone:
             head = head.to(device) if head is not None else None
         return cls(model, head, has_lm=lm_dir is not None)
 
+    def add_adapter(self, name: str, adapter_dir: str | Path, *, head: bool = False) -> None:
+        """Load one more named adapter onto the SAME base (ensemble members with ``head=True``:
+        their ``score`` head is read from the adapter; a judge LoRA without). Never reloads the base."""
+        from peft import PeftModel
+
+        d = Path(adapter_dir)
+        if not (d / "adapter_config.json").is_file():
+            raise BundleError(f"{d}: adapter_config.json not found ({name} adapter)")
+        if hasattr(self.model, "load_adapter") and hasattr(self.model, "peft_config"):
+            self.model.load_adapter(str(d), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(d), adapter_name=name)
+        self.model.eval()
+        if head:
+            ref = next(iter(self.heads.values()), None)
+            h = _head_from_adapter(d)
+            if ref is not None:
+                h = h.to(device=ref.weight.device, dtype=ref.weight.dtype)
+            self.heads[name] = h
+
     # -- plumbing
     @property
     def causal_lm(self):
@@ -197,8 +219,8 @@ class SharedBackbone:
         """Context: activate adapter ``name``; ``None`` = base weights (adapters disabled)."""
         import contextlib
 
-        if not hasattr(self.model, "set_adapter"):
-            return contextlib.nullcontext()
+        if not hasattr(self.model, "set_adapter") or not hasattr(self.model, "disable_adapter"):
+            return contextlib.nullcontext()  # a bare model (no PEFT adapters): the base weights
         if name is None:
             return self.model.disable_adapter()
         self.model.set_adapter(name)
@@ -206,26 +228,32 @@ class SharedBackbone:
 
     @torch.no_grad()
     def guard_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      layers: Sequence[int] = (), pooling: str = "last") -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                      layers: Sequence[int] = (), pooling: str = "last",
+                      adapter: str = "guard") -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Guard logits ``[b, num_labels]`` (float32) and ``{layer: pooled float64 [b, h]}``.
 
         Layers index ``hidden_states`` (0 = embeddings, -1 = final normed state, the head's input).
+        ``adapter``: ``guard`` or an ensemble member added with :meth:`add_adapter`.
         """
-        if not self.has_guard:
-            raise BundleError("no guard adapter loaded")
-        with self._adapter("guard"):
+        if adapter not in self.heads:
+            raise BundleError(f"no guard adapter {adapter!r} loaded")
+        with self._adapter(adapter):
             out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                                 output_hidden_states=bool(layers), use_cache=False)
         last = out.last_hidden_state
-        logits = self.head(last[:, -1]).float()
+        logits = self.heads[adapter](last[:, -1]).float()
         feats = {int(layer): pool(out.hidden_states[layer], attention_mask, pooling) for layer in layers}
         return logits, feats
 
     @torch.no_grad()
-    def lm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states under the LM adapter (the base weights if there is none)."""
-        with self._adapter("lm" if self.has_lm else None):
-            out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def lm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None = "lm",
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states under the LM adapter (the base weights if there is none), or under
+        another causal-LM adapter added with :meth:`add_adapter` (e.g. ``judge``)."""
+        name = adapter if adapter != "lm" or self.has_lm else None
+        with self._adapter(name):
+            out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     @property
@@ -243,7 +271,7 @@ class GuardBatch:
 
 def guard_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, layers: Sequence[int] = (),
                pooling: str = "last", on_batch: Callable[[GuardBatch], None] | None = None,
-               sort: bool = True, desc: str = "guard forward") -> np.ndarray:
+               sort: bool = True, desc: str = "guard forward", adapter: str = "guard") -> np.ndarray:
     """Run the guard over every row; return logits ``[n, num_labels]`` in the original order.
 
     ``on_batch`` receives each batch's features (e.g. to update a streaming Mahalanobis
@@ -256,7 +284,7 @@ def guard_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, l
     for index in tqdm(length_batches(encoded.lengths, batch_size, sort=sort), desc=desc, unit="batch", disable=None):
         batch = collate(encoded, index, pad)
         logits, feats = backbone.guard_forward(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                               layers, pooling)
+                                               layers, pooling, adapter)
         if logits_out is None:
             logits_out = np.zeros((n, logits.shape[1]), dtype=np.float32)
         logits_out[index] = logits.cpu().numpy()

@@ -15,18 +15,19 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import yaml
 
 from mood_data import atomic
 from mood_data.errors import RecipeError
+from mood_data.readers import read_yaml
 
 STAGES: tuple[str, ...] = ("train-guard", "train-lm", "fit", "evaluate")
+# train-judge (judge SFT LoRA) is planned only for recipes with judge.enabled: true
+ALL_STAGES: tuple[str, ...] = ("train-guard", "train-lm", "train-judge", "fit", "evaluate")
 DEFAULT_MONITORS: tuple[str, ...] = ("guard", "guard+maha", "guard+ppl", "guard+maha+ppl")
 STATE_FILE = "state.json"
 _SWEEP_KEYS = {"name", "recipes", "monitors", "overrides", "chart", "slurm", "wandb", "description"}
@@ -85,13 +86,7 @@ def resolve_recipe_path(text: str, sweep_file: Path) -> Path:
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Parse and check a sweep YAML (format in docs/sweeps.md); one-line RecipeErrors."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: sweep file not found")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(f"{path}: invalid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    doc = read_yaml(path, RecipeError, what="sweep file")
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: expected a mapping with keys {sorted(_SWEEP_KEYS)}")
     for key in doc:
@@ -161,6 +156,8 @@ class Stage:
             return [d / "guard", *sorted(d.glob("guard-seed*"))]
         if self.stage == "train-lm":
             return [d / "lm", *sorted(d.glob("lm-seed*"))]
+        if self.stage == "train-judge":
+            return [d / "judge", *sorted(d.glob("judge-seed*"))]
         if self.stage == "fit":
             return [d / "stats"]
         return [d / "eval" / m for m in self.monitors]
@@ -202,10 +199,12 @@ def plan_sweep(sweep: Sweep, out_dir: str | os.PathLike, load: Callable = _load_
         rd = recipe.to_dict()
         acc = rd.get("accelerate") or {}
         keys: dict[str, str] = {}
-        wanted = [s for s in STAGES if not (s == "train-guard" and not rd.get("guard", {}).get("enabled", True))
+        wanted = [s for s in ALL_STAGES if not (s == "train-guard" and not rd.get("guard", {}).get("enabled", True))
+                  and not (s == "train-judge" and not rd.get("judge", {}).get("enabled", False))
                   and not (s == "train-lm" and not rd.get("lm", {}).get("enabled", True))]
         for name in wanted:
-            deps = {"train-guard": [], "train-lm": [], "fit": ["train-guard", "train-lm"], "evaluate": ["fit"]}[name]
+            deps = {"train-guard": [], "train-lm": [], "train-judge": [], "fit": ["train-guard", "train-lm"],
+                    "evaluate": ["fit", "train-judge"]}[name]
             deps = [d for d in deps if d in keys]
             monitors = sweep.monitors if name in ("fit", "evaluate") else ()
             keys[name] = stage_key(name, rd, [keys[d] for d in deps], monitors)
@@ -240,13 +239,13 @@ def _mark(out_dir: Path, state: dict, stage: Stage, status: str, **extra) -> Non
 
 # --------------------------------------------------------------------------- commands
 def _py_module(stage: str) -> str:
-    return {"train-guard": "train.guard", "train-lm": "train.lm"}[stage]
+    return {"train-guard": "train.guard", "train-lm": "train.lm", "train-judge": "train.judge"}[stage]
 
 
 def stage_command(stage: Stage) -> list[str]:
     """The command line that runs one stage outside this process (slurm / shell emission)."""
     ov = list(stage.overrides)
-    if stage.stage in ("train-guard", "train-lm"):
+    if stage.stage in ("train-guard", "train-lm", "train-judge"):
         tail = ["-m", _py_module(stage.stage), "--recipe", str(stage.recipe_path), *ov]
         if stage.accelerate_config:
             return ["accelerate", "launch", "--config_file", f"accelerate_configs/{stage.accelerate_config}.yaml",
@@ -341,6 +340,10 @@ def _run_train(stage: Stage, recipe, monitors) -> None:
         from train.guard import train_guard
 
         train_guard(recipe)
+    elif stage.stage == "train-judge":
+        from train.judge import train_judge
+
+        train_judge(recipe)
     else:
         from train.lm import train_lm
 
@@ -361,7 +364,8 @@ def _run_evaluate(stage: Stage, recipe, monitors) -> None:
 
 # stage name -> function(stage, recipe, monitors); tests monkeypatch these
 STAGE_FUNCTIONS: dict[str, Callable] = {
-    "train-guard": _run_train, "train-lm": _run_train, "fit": _run_fit, "evaluate": _run_evaluate,
+    "train-guard": _run_train, "train-lm": _run_train, "train-judge": _run_train, "fit": _run_fit,
+    "evaluate": _run_evaluate,
 }
 
 
@@ -374,8 +378,8 @@ class SweepResult:
 
 
 def select(stages: list[Stage], only: str | None = None, runs: Iterable[str] | None = None) -> list[Stage]:
-    if only is not None and only not in STAGES:
-        raise RecipeError(f"--only {only!r}: expected one of {', '.join(STAGES)}")
+    if only is not None and only not in ALL_STAGES:
+        raise RecipeError(f"--only {only!r}: expected one of {', '.join(ALL_STAGES)}")
     runs = set(runs or ())
     known = {s.run for s in stages}
     for r in runs - known:

@@ -1,4 +1,4 @@
-"""``moodguard train guard|lm --recipe R [--accelerate-config NAME] [--num-processes N]
+"""``moodguard train guard|lm|judge --recipe R [--accelerate-config NAME] [--num-processes N]
 [--resume] [key=value ...]``.
 
 With an accelerate config (the flag, or the recipe's ``accelerate.config``) the command
@@ -15,7 +15,8 @@ from .recipe import load_recipe
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for kind, help_ in (("guard", "the guard classifier (sequence classification)"), ("lm", "the causal-LM adapter")):
+    for kind, help_ in (("guard", "the guard classifier (sequence classification)"), ("lm", "the causal-LM adapter"),
+                        ("judge", "the judge SFT LoRA (rubric prompts -> one answer token; needs judge.enabled=true)")):
         _add_kind(sub.add_parser(kind, help=help_, description=help_))
 
 
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.kind == "guard":
         from .guard import train_guard as train_fn
+    elif args.kind == "judge":
+        from .judge import train_judge as train_fn
     else:
         from .lm import train_lm as train_fn
     try:

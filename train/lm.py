@@ -14,7 +14,9 @@ from .launch import AdapterJob, module_main, train_adapter
 from .recipe import Recipe
 
 
-def build_lm_model(recipe: Recipe, tokenizer):
+def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
+    """LoRA (``TaskType.CAUSAL_LM``) on the recipe's causal LM, with the LoRA settings of
+    ``section`` (``lm`` here; the judge reuses it with ``judge``)."""
     from peft import TaskType, get_peft_model
 
     from .modeling import load_causal_lm
@@ -24,7 +26,7 @@ def build_lm_model(recipe: Recipe, tokenizer):
     model.config.use_cache = False
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return get_peft_model(model, lora_config(recipe, "lm", TaskType.CAUSAL_LM))
+    return get_peft_model(model, lora_config(recipe, section, TaskType.CAUSAL_LM))
 
 
 def build_lm_datasets(recipe: Recipe, tokenizer):
