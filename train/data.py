@@ -147,13 +147,16 @@ def lm_collator(tokenizer, pad_to_multiple_of: int | None, packing: bool):
 class SeededLengthGroupedSampler(Sampler[int]):
     """Indices in a random order fixed by ``(seed, epoch)``; with ``group_by_length`` every run
     of ``group_size`` consecutive indices has similar lengths (transformers'
-    ``get_length_grouped_indices`` with a seeded generator)."""
+    ``get_length_grouped_indices`` with a seeded generator). ``mega_batch_mult``: how many
+    groups are sorted together (transformers' default: ``min(n // (4 * group_size), 50)``)."""
 
-    def __init__(self, lengths: Sequence[int], group_size: int, seed: int, group_by_length: bool = True):
+    def __init__(self, lengths: Sequence[int], group_size: int, seed: int, group_by_length: bool = True,
+                 mega_batch_mult: int | None = None):
         self.lengths = list(lengths)
         self.group_size = group_size
         self.seed = seed
         self.group_by_length = group_by_length
+        self.mega_batch_mult = mega_batch_mult
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,10 +171,36 @@ class SeededLengthGroupedSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if not self.group_by_length:
             return torch.randperm(len(self.lengths), generator=g).tolist()
-        return get_length_grouped_indices(self.lengths, self.group_size, generator=g)
+        return get_length_grouped_indices(self.lengths, self.group_size, self.mega_batch_mult, generator=g)
 
     def __iter__(self):
         return iter(self.indices())
+
+
+def split_micro_batch(batch: dict, max_tokens: int, multiple: int | None = None) -> list[dict]:
+    """Row chunks of a padded batch with at most ``max_tokens`` positions each (at least one
+    row per chunk), each trimmed of the pad-only columns on its padding side (width rounded up
+    to ``multiple``). 1-D tensors (labels) are split by row; a batch within budget is returned
+    as is."""
+    mask = batch["attention_mask"]
+    b, n = mask.shape
+    if b * n <= max_tokens:
+        return [batch]
+    per = max(1, max_tokens // n)
+    left = bool(mask[:, -1].all())
+    right = not left and bool(mask[:, 0].all())
+    chunks = []
+    for s in range(0, b, per):
+        rows = {k: v[s:s + per] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == b else v
+                for k, v in batch.items()}
+        width = int(rows["attention_mask"].sum(-1).max())
+        if multiple:
+            width = -(-width // multiple) * multiple
+        width = min(max(width, 1), n)
+        cols = slice(n - width, n) if left else slice(0, width) if right else slice(0, n)
+        chunks.append({k: v[:, cols] if torch.is_tensor(v) and v.dim() == 2 and v.shape == (len(rows["attention_mask"]), n)
+                       else v for k, v in rows.items()})
+    return chunks
 
 
 def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int, multiple: int | None = None) -> float:

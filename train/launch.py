@@ -109,23 +109,52 @@ def on_cpu() -> bool:
 def make_trainer_class():
     from transformers import Trainer
 
-    from .data import SeededLengthGroupedSampler
+    from .data import SeededLengthGroupedSampler, split_micro_batch
 
     class MoodTrainer(Trainer):
         """Trainer whose train sampler is seeded and grouped by *global* batch, so data order is
         the same for every process count and after a resume."""
 
         def __init__(self, *args, lengths: Sequence[int], group_size: int, group_by_length: bool,
-                     mean_loss: bool = False, **kwargs):
+                     mean_loss: bool = False, mega_batch_mult: int | None = None,
+                     max_tokens_per_forward: int | None = None, pad_to_multiple_of: int | None = None, **kwargs):
             super().__init__(*args, **kwargs)
+            # a per-row-mean loss (the guard) lets a too-wide micro-batch run as row chunks
+            self._max_tokens = max_tokens_per_forward if mean_loss else None
+            self._pad_multiple = pad_to_multiple_of
+            self._loss_scale = 1.0
             if mean_loss:
                 # transformers' sequence-classification loss ignores num_items_in_batch although
                 # forward() takes **kwargs; without this the DDP loss is multiplied by the world size
                 self.model_accepts_loss_kwargs = False
-            self._mood_sampler = SeededLengthGroupedSampler(lengths, group_size, self.args.seed, group_by_length)
+            self._mood_sampler = SeededLengthGroupedSampler(lengths, group_size, self.args.seed, group_by_length,
+                                                            mega_batch_mult)
 
         def _get_train_sampler(self, train_dataset=None):
             return self._mood_sampler
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """A micro-batch over ``max_tokens_per_forward`` positions runs as row chunks (each
+            trimmed to its own width), their mean losses weighted by row share: the gradient is
+            the whole micro-batch's, the activation memory a chunk's."""
+            chunks = split_micro_batch(inputs, self._max_tokens, self._pad_multiple) if self._max_tokens else [inputs]
+            if len(chunks) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            rows, total = inputs["input_ids"].shape[0], 0.0
+            try:
+                for chunk in chunks:
+                    self._loss_scale = chunk["input_ids"].shape[0] / rows
+                    total = total + super().training_step(model, chunk, num_items_in_batch)
+            finally:
+                self._loss_scale = 1.0
+            return total
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if self._loss_scale == 1.0:
+                return out
+            return (out[0] * self._loss_scale, out[1]) if return_outputs else out * self._loss_scale
 
     return MoodTrainer
 
@@ -192,6 +221,12 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value: no network to use."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False) -> list[Path]:
     """Train one adapter per seed of ``recipe.<kind>``; returns the final adapter folders."""
     import torch
@@ -208,6 +243,8 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False) -> list
     if recipe.report_to == "wandb":
         os.environ.setdefault("WANDB_PROJECT", recipe.wandb_project)
         os.environ.setdefault("WANDB_DIR", str(out_root))
+        if "WANDB_MODE" not in os.environ and hub_offline():
+            os.environ["WANDB_MODE"] = "offline"  # no network: log locally (wandb sync later), never hang
         out_root.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.model, recipe.trust_remote_code)
     datasets_ = job.build_datasets(recipe, tokenizer)
