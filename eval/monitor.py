@@ -31,6 +31,9 @@ from .forward import GuardBatch, SharedBackbone, adapter_hash, encode, guard_pas
 from .perplexity import perplexity_pass
 
 DETECTORS = ("guard", "maha", "ppl", "knn", "energy", "maxlogit")
+# scored outside the one guard/LM pass (eval/detectors/ensemble.py, eval/judge.py)
+EXTRA_DETECTORS = ("ensemble-mean", "ensemble-min", "ensemble-disagreement", "judge", "judge-uncertainty")
+ALL_DETECTORS = DETECTORS + EXTRA_DETECTORS
 FEATURE_DETECTORS = ("maha", "knn")
 STATS_VERSION = 1
 
@@ -38,9 +41,9 @@ STATS_VERSION = 1
 # ----------------------------------------------------------------------------- names, keys
 def parse_monitor(name: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in str(name).split("+"))
-    bad = [p for p in parts if p not in DETECTORS]
+    bad = [p for p in parts if p not in ALL_DETECTORS]
     if not parts or bad or len(set(parts)) != len(parts):
-        raise RecipeError(f"monitor {name!r}: expected detectors from {', '.join(DETECTORS)} joined by '+' "
+        raise RecipeError(f"monitor {name!r}: expected detectors from {', '.join(ALL_DETECTORS)} joined by '+' "
                           f"(no repeats){'; unknown: ' + ', '.join(bad) if bad else ''}")
     return parts
 
@@ -62,6 +65,8 @@ def adapter_dirs(recipe) -> tuple[Path, Path | None]:
     """``(<run>/guard, <run>/lm or None)``; a missing guard adapter is a one-line error."""
     root = run_root(recipe)
     guard = root / "guard"
+    if not (guard / "adapter_config.json").is_file() and len(recipe.guard.seeds) > 1:
+        guard = root / f"guard-seed{recipe.guard.seeds[0]}"  # an ensemble run: the first member anchors
     if not (guard / "adapter_config.json").is_file():
         raise BundleError(f"{guard}: guard adapter not found (train it first: moodguard train guard --recipe ...)")
     lm = root / "lm"
@@ -177,27 +182,38 @@ class ScoreSettings:
 
 
 def score_rows(loaded: Loaded, conversations: Sequence[str], detectors: dict[str, dict[int, object]],
-               wanted: Iterable[str], settings: ScoreSettings, desc: str = "") -> tuple[dict[str, np.ndarray], int]:
+               wanted: Iterable[str], settings: ScoreSettings, desc: str = "",
+               truncated: list[int] | None = None,
+               seconds: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], int]:
     """One guard forward (+ one LM forward if ``ppl`` is wanted) over ``conversations``.
 
-    Returns every wanted detector's scores (original order) and the number of truncated rows.
+    Returns every wanted detector's scores (original order) and the number of truncated rows;
+    ``truncated`` (a list), when given, is extended with the indices of those rows;
+    ``seconds`` (a dict), when given, gets the wall time of each pass (``guard``, ``ppl``).
     """
+    seconds = {} if seconds is None else seconds
     wanted = list(dict.fromkeys(wanted))
     enc = encode(loaded.tokenizer, conversations, settings.max_length)
+    if truncated is not None:
+        truncated.extend(enc.truncated)
     feats = {k: v for k, v in detectors.items() if k in wanted}
     layers = sorted({layer for per in feats.values() for layer in per})
     scorer = FeatureScorer(len(conversations), feats)
     out: dict[str, np.ndarray] = {}
     if any(w != "ppl" for w in wanted):
+        t0 = time.perf_counter()
         logits = guard_pass(loaded.backbone, enc, batch_size=settings.batch_size, layers=layers,
                             pooling=settings.pooling, on_batch=scorer if feats else None,
                             desc=f"guard forward{desc}")
         out.update(logit_detectors(logits, wanted, settings.predict_safe))
         out.update(scorer.scores)
+        seconds["guard"] = time.perf_counter() - t0
     if "ppl" in wanted:
+        t0 = time.perf_counter()
         lm_enc = encode(loaded.tokenizer, conversations, settings.max_length, assistant_only=True) \
             if settings.assistant_only else enc
         out["ppl"] = perplexity_pass(loaded.backbone, lm_enc, batch_size=settings.batch_size, desc=f"LM forward{desc}")
+        seconds["ppl"] = time.perf_counter() - t0
     return {w: out[w] for w in wanted}, enc.n_truncated
 
 
@@ -317,6 +333,41 @@ def read_calibration(d: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[s
     return t, malign, meta["domains"]
 
 
+def cached_scores(recipe, kind: str, parts: dict, compute) -> dict[str, np.ndarray]:
+    """Extra detectors' scores on the ID validation slice (``compute() -> {name: scores}``),
+    cached under ``<run>/stats/calibration-<kind>-<key>/`` like :func:`calibration_scores`."""
+    from safetensors.numpy import load_file, save_file
+
+    d = run_root(recipe) / "stats" / f"calibration-{kind}-{cache_key(kind=kind, **parts)}"
+    if (d / "scores.safetensors").is_file():
+        return {k: v.astype(np.float64) for k, v in load_file(str(d / "scores.safetensors")).items()}
+    scores = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in compute().items()}
+    with atomic.atomic_dir(d) as tmp:
+        save_file(scores, str(tmp / "scores.safetensors"))
+        atomic.write_json(tmp / "meta.json", {"kind": kind, "parts": parts})
+    return scores
+
+
+def extra_detector_scores(recipe, loaded: Loaded, needed: Sequence[str], conversations: Sequence[str], source=None,
+                          predict_safe: bool = False) -> list[dict]:
+    """Ensemble and judge detectors among ``needed``: per group ``{"group", "test": {name:
+    scores}, "calibration": {name: ID-validation scores}, "seconds"}`` (test scoring time)."""
+    out = []
+    ens = [d for d in needed if d.startswith("ensemble-")]
+    jud = [d for d in needed if d.startswith("judge")]
+    if ens or jud:
+        train_rows, val_rows = load_train_slices(recipe, source)
+    if ens:
+        from .detectors.ensemble import score_for_eval
+
+        out.append(score_for_eval(recipe, loaded, ens, conversations, val_rows, predict_safe))
+    if jud:
+        from .judge import score_for_eval as judge_for_eval
+
+        out.append(judge_for_eval(recipe, loaded, jud, conversations, train_rows, val_rows))
+    return out
+
+
 # ----------------------------------------------------------------------------- fusion
 def fit_fusion(method: str, calib: dict[str, np.ndarray], malign: np.ndarray, domains: Sequence[str],
                detectors: Sequence[str], registry=None):
@@ -337,13 +388,13 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     """Score the test split ONCE (one guard + one LM forward) and write ``<run>/eval/<monitor>/``
     for every monitor. Fits / reuses detector statistics first (see :func:`fit_detectors`)."""
     from mood_data.domains import load_registry
-    from mood_data.load import load_splits
+    from mood_data.load import cap_groups, load_splits
     from train.modeling import count_parameters, save_versions
 
     from .runfolder import write_run
 
     monitors = parse_monitors(monitors or recipe.eval.monitors)
-    needed = sorted({d for m in monitors for d in parse_monitor(m)}, key=DETECTORS.index)
+    needed = sorted({d for m in monitors for d in parse_monitor(m)}, key=ALL_DETECTORS.index)
     loaded = loaded or load_backbone(recipe)
     if "ppl" in needed and loaded.lm_dir is None:
         raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (needed for 'ppl' monitors)")
@@ -351,27 +402,41 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     registry = load_registry(recipe.data.registry)
     test = load_splits(source or recipe.data.source, splits=("test",), registry=recipe.data.registry,
                        template=recipe.data.template)["test"]
+    test = cap_groups(test, recipe.data.max_test_unsafe_per_domain, recipe.data.max_test_safe_per_domain)
+    # plain lists once: iterating a datasets column decodes row by row, on every access
+    test = {c: list(test[c]) for c in ("id", "conversation", "domain", "malign")}
     dets = {k: {layer: load_stats(p, k) for layer, p in v.items()} for k, v in fitted["stats"].items()}
-    t0 = time.perf_counter()
-    scores, n_trunc = score_rows(loaded, list(test["conversation"]), dets, needed,
-                                 ScoreSettings.from_recipe(recipe, predict_safe), desc=" (test)")
-    seconds = time.perf_counter() - t0
+    cut: list[int] = []
+    detector_seconds: dict[str, float] = {}  # wall time of each pass over the test rows
+    scores, n_trunc = score_rows(loaded, test["conversation"], dets, [d for d in needed if d in DETECTORS],
+                                 ScoreSettings.from_recipe(recipe, predict_safe), desc=" (test)", truncated=cut,
+                                 seconds=detector_seconds)
     calib, cal_malign, cal_domains = read_calibration(fitted["calibration"])
+    pass_of = {d: ("ppl" if d == "ppl" else "guard") for d in DETECTORS}
+    for extra in extra_detector_scores(recipe, loaded, needed, test["conversation"], source, predict_safe):
+        scores.update(extra["test"])
+        calib.update(extra["calibration"])
+        detector_seconds[extra["group"]] = extra["seconds"]
+        pass_of.update({d: extra["group"] for d in extra["test"]})
     params = count_parameters(loaded.backbone.model)
+    n_rows = len(test["id"])
     out: dict[str, Path] = {}
     for name in monitors:
         parts = parse_monitor(name)
         fz = fit_fusion(recipe.eval.fusion, calib, cal_malign, cal_domains, parts, registry)
         fused = np.asarray(fz.apply({k: scores[k] for k in parts}), dtype=np.float64)
+        # what this monitor alone costs: the passes its detectors need (guard pass = logits +
+        # pooled features + every feature detector; ppl = the LM adapter's forward)
+        seconds = sum(detector_seconds.get(p, 0.0) for p in {pass_of[d] for d in parts})
         meta = {"monitor": name, "recipe": recipe.name, "model": recipe.model, "params": params,
-                "n_rows": len(test), "seconds": seconds, "seconds_per_conversation": seconds / max(len(test), 1),
+                "n_rows": n_rows, "seconds": seconds, "seconds_per_conversation": seconds / max(n_rows, 1),
                 "truncated_rows": n_trunc, "versions": save_versions(), "predict_safe": predict_safe,
-                "fusion": recipe.eval.fusion}
+                "fusion": recipe.eval.fusion, "detector_seconds": detector_seconds}
         folder = run_root(recipe) / "eval" / name
-        write_run(folder, monitor=name, ids=list(test["id"]), conversations=list(test["conversation"]),
-                  domains=list(test["domain"]), malign=np.asarray(test["malign"]), score=fused,
+        write_run(folder, monitor=name, ids=test["id"], conversations=test["conversation"],
+                  domains=test["domain"], malign=np.asarray(test["malign"]), score=fused,
                   detector_scores=scores, registry=registry,
-                  fprs=tuple(recipe.eval.fprs), meta=meta, n_boot=n_boot, plots=plots)
+                  fprs=tuple(recipe.eval.fprs), meta=meta, n_boot=n_boot, plots=plots, truncated=cut)
         out[name] = folder
     return out
 

@@ -20,20 +20,25 @@ from .metrics import auroc, threshold_at_fpr, tpr_at_fpr
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    # fixed margins instead of bbox_inches="tight", which renders every figure twice
     FigureCanvasAgg(fig)
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=80)
     return path
 
 
 def plot_hist(safe, unsafe, path: str | Path, *, title: str, fprs: Sequence[float] = ()) -> Path:
     safe, unsafe = np.asarray(safe, float), np.asarray(unsafe, float)
-    fig = Figure(figsize=(5, 3.2))
+    fig = Figure(figsize=(4.4, 3.3))
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.9)
     ax = fig.add_subplot()
     both = np.r_[safe, unsafe]
     bins = np.histogram_bin_edges(both, bins=40) if both.size else 10
-    ax.hist(safe, bins=bins, alpha=0.55, density=True, label=f"ID safe (n={safe.size})")
-    ax.hist(unsafe, bins=bins, alpha=0.55, density=True, label=f"{title} unsafe (n={unsafe.size})")
+    # one filled step polygon per histogram (ax.hist draws one patch per bar: ~10x slower)
+    for values, label in ((safe, f"ID safe (n={safe.size})"), (unsafe, f"{title} unsafe (n={unsafe.size})")):
+        if values.size:
+            density, edges = np.histogram(values, bins=bins, density=True)
+            ax.stairs(density, edges, fill=True, alpha=0.55, label=label)
     for f in fprs:
         thr = threshold_at_fpr(safe, f)
         if np.isfinite(thr):
@@ -50,7 +55,8 @@ def plot_roc(safe, unsafe, path: str | Path, *, title: str, fprs: Sequence[float
     from sklearn.metrics import roc_curve
 
     safe, unsafe = np.asarray(safe, float), np.asarray(unsafe, float)
-    fig = Figure(figsize=(4, 4))
+    fig = Figure(figsize=(4.4, 3.3))  # same size as the histogram: they sit side by side in reports
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.9)
     ax = fig.add_subplot()
     if safe.size and unsafe.size:
         fpr_c, tpr_c, _ = roc_curve(np.r_[np.zeros(safe.size), np.ones(unsafe.size)], np.r_[safe, unsafe])

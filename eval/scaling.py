@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ from typing import Iterable, Sequence
 
 from mood_data import atomic
 from mood_data.errors import MoodguardError
+from mood_data.readers import read_json
 
 OVERALL = "overall"
 
@@ -33,30 +33,20 @@ class EvalFolder:
     meta: dict
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MoodguardError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise MoodguardError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(doc, dict):
-        raise MoodguardError(f"{path}: expected a JSON object")
-    return doc
-
-
 def find_eval_folders(root: str | os.PathLike) -> list[EvalFolder]:
     """Every ``eval/<monitor>/`` folder under ``root`` (a run root, a sweep, or one eval folder)."""
     root = Path(root)
     if not root.exists():
         raise MoodguardError(f"{root}: folder not found")
     hits = [root / "analysis.json"] if (root / "analysis.json").is_file() else sorted(root.rglob("eval/*/analysis.json"))
+    # skip half-written temp folders (atomic writes stage into dot-named siblings)
+    hits = [h for h in hits if not any(part.startswith(".") for part in h.relative_to(root).parts)]
     out = []
     for analysis_path in hits:
         folder = analysis_path.parent
         meta_path = folder / "meta.json"
-        analysis = _read_json(analysis_path)
-        meta = _read_json(meta_path) if meta_path.is_file() else {}
+        analysis = read_json(analysis_path)
+        meta = read_json(meta_path) if meta_path.is_file() else {}
         params = meta.get("params")
         if params is not None and (not isinstance(params, (int, float)) or params <= 0):
             raise MoodguardError(f"{meta_path}: field 'params': expected a positive integer, got {params!r}")
@@ -222,7 +212,10 @@ def draw_chart(points: Sequence[Point], fpr: float, match: MatchResult | None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullLocator
+
     groups = [OVERALL] + sorted({p.group for p in points if p.kind == "ood"})
+    sizes = sorted({p.params for p in points})
     monitors = sorted({p.monitor for p in points}, key=lambda m: (m.count("+"), m))
     ncols = min(4, len(groups))
     nrows = math.ceil(len(groups) / ncols)
@@ -247,16 +240,29 @@ def draw_chart(points: Sequence[Point], fpr: float, match: MatchResult | None):
                     va="top")
         ax.set_xscale("log")
         ax.set_title(group, fontsize=10)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
         ax.set_xlabel("parameters")
+        # ticks at the sweep's sizes only (log-axis minor labels collide on short ranges)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(sizes, [_short_count(x) for x in sizes], fontsize=8)
+    top = max([p.tpr_hi if p.tpr_hi is not None else p.tpr for p in points if p.tpr is not None] + [0.05])
+    axes.flat[0].set_ylim(-0.02, min(1.02, top * 1.1 + 0.03))
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel(f"recall @ {fpr:g} FPR")
-    axes.flat[0].legend(fontsize=7, loc="lower right")
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.93, wspace=0.08, hspace=0.4)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.88, wspace=0.08, hspace=0.45)
     return fig
+
+
+def _short_count(x: float) -> str:
+    """248k, 1.25M, 7.6B: parameter counts for tick labels."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:g}"
 
 
 @dataclass(frozen=True)

@@ -499,6 +499,29 @@ def _leakage_message(report: dict, labels: Mapping[str, str], numbers: Mapping[s
 
 # --------------------------------------------------------------------------- entry point
 
+def cap_groups(ds, max_unsafe: int | None = None, max_safe: int | None = None, seed: int = 0):
+    """At most ``max_unsafe`` rows of every (domain, malign=1) group and ``max_safe`` of every
+    (domain, malign=0) group, chosen with a seeded permutation, original order kept. For quick
+    runs (the demo); ``None`` keeps the group whole."""
+    import numpy as np
+
+    caps = {1: max_unsafe, 0: max_safe}
+    for cap in caps.values():
+        if cap is not None and (not isinstance(cap, int) or cap < 1):
+            raise DataError(f"test row cap: expected a positive integer, got {cap!r}")
+    if max_unsafe is None and max_safe is None:
+        return ds
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (dom, mal) in enumerate(zip(ds["domain"], ds["malign"])):
+        groups.setdefault((dom, int(mal)), []).append(i)
+    keep: list[int] = []
+    for key in sorted(groups):
+        idx, cap = groups[key], caps[key[1]]
+        keep += idx if cap is None or len(idx) <= cap else [idx[j] for j in rng.permutation(len(idx))[:cap]]
+    return ds if len(keep) == len(ds) else ds.select(sorted(keep))
+
+
 def load_splits(source: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS,
                 registry: DomainRegistry | str | os.PathLike | None = None, allow_leakage: bool = False,
                 template: Any = "mood") -> Splits:

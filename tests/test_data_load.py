@@ -272,3 +272,25 @@ def test_user_domains_yaml(tmp_path):
     bad = write_jsonl(tmp_path / "train2.jsonl", [dict(rows[0], domain="my-failure")])
     with pytest.raises(DataError, match="domain 'my-failure' is not an ID domain"):
         load_split_file(bad, "train", registry=str(yaml_path))
+
+
+def test_cap_groups_caps_each_domain_and_label_seeded_in_order():
+    import datasets
+
+    from mood_data.load import cap_groups
+
+    rows = [{"id": f"{d}-{m}-{i}", "conversation": "x", "domain": d, "malign": m}
+            for d, n0, n1 in (("a", 5, 3), ("b", 2, 4)) for m, n in ((0, n0), (1, n1)) for i in range(n)]
+    ds = datasets.Dataset.from_list(rows)
+    capped = cap_groups(ds, max_unsafe=2, max_safe=3, seed=0)
+    count = {}
+    for d, m in zip(capped["domain"], capped["malign"]):
+        count[(d, m)] = count.get((d, m), 0) + 1
+    assert count == {("a", 0): 3, ("a", 1): 2, ("b", 0): 2, ("b", 1): 2}
+    # original order kept, and the same rows for the same seed
+    order = [ids.index(i) for ids in [list(ds["id"])] for i in capped["id"]]
+    assert order == sorted(order)
+    assert list(cap_groups(ds, 2, 3, seed=0)["id"]) == list(capped["id"])
+    assert cap_groups(ds) is ds
+    with pytest.raises(DataError, match="positive integer"):
+        cap_groups(ds, max_unsafe=0)

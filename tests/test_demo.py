@@ -1,0 +1,73 @@
+"""`moodguard demo --smoke`: the README's main job, end to end on the tiny models (train -> fit
+-> evaluate -> chart -> report), then a second call that resumes and skips every stage."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from mood_data.cli import main as moodguard
+from mood_data.domains import ID_DOMAINS, OOD_DOMAINS
+
+SIZES = ("tiny-s", "tiny-m", "tiny-l")
+MONITORS = ("guard", "guard+maha", "guard+ppl", "guard+maha+ppl")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "sweep"
+    assert moodguard(["demo", "--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_every_run_chart_and_report(demo, capsys):
+    state = json.loads((demo / "state.json").read_text())
+    stages = state.get("stages", state)
+    assert sorted(stages) == sorted(f"{s}/{k}" for s in SIZES for k in ("train-guard", "train-lm", "fit", "evaluate"))
+    assert all(v["status"] == "done" for v in stages.values())
+    for size in SIZES:
+        assert (demo / size / "guard" / "adapter_model.safetensors").is_file()
+        assert (demo / size / "lm" / "adapter_model.safetensors").is_file()
+        for monitor in MONITORS:
+            folder = demo / size / "eval" / monitor
+            rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+            ids = [r["id"] for r in rows]
+            assert len(ids) == len(set(ids))
+            # the smoke caps: 12 unsafe rows per domain, 60 safe rows per ID domain
+            per = {}
+            for r in rows:
+                per.setdefault((r["domain"], r["malign"]), 0)
+                per[(r["domain"], r["malign"])] += 1
+            assert all(n == (60 if mal == 0 else 12) for (_, mal), n in per.items())
+            assert {d for d, _ in per} == set(OOD_DOMAINS) | set(ID_DOMAINS) | {"swahili"}
+            analysis = json.loads((folder / "analysis.json").read_text())
+            assert analysis["n_id_safe"] == 3 * 60
+            # swahili is reported as its own opt-in group, never part of 'overall'
+            assert analysis["groups"]["swahili"]["kind"] == "opt_in"
+            assert analysis["overall"]["domains"] == list(OOD_DOMAINS)
+            meta = json.loads((folder / "meta.json").read_text())
+            assert meta["seconds_per_conversation"] > 0
+
+    # per-monitor cost: the LM forward is on top of the guard forward
+    cost = {m: json.loads((demo / "tiny-l" / "eval" / m / "meta.json").read_text())["seconds"] for m in MONITORS}
+    assert cost["guard+ppl"] > cost["guard"] and cost["guard+maha"] == cost["guard"]
+    with open(demo / "chart" / "recall_vs_params.csv") as fh:
+        table = list(csv.DictReader(fh))
+    # groups: 7 OOD + swahili (opt-in) + pooled ID + overall
+    assert len(table) == len(SIZES) * len(MONITORS) * (len(OOD_DOMAINS) + 3)
+    params = {r["run"]: int(r["params"]) for r in table}
+    assert params["tiny-s"] < params["tiny-m"] < params["tiny-l"]
+    assert params["tiny-l"] >= 10 * params["tiny-s"]
+    html = (demo / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<img src=\"http" not in html
+    assert (demo / "report.md").is_file()
+
+
+def test_demo_second_call_skips_every_stage(demo, capsys):
+    before = {p: p.stat().st_mtime_ns for p in demo.glob("*/eval/*/results.jsonl")}
+    capsys.readouterr()
+    assert moodguard(["demo", "--smoke", "--out", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert "ran 0, skipped 12" in out
+    assert {p: p.stat().st_mtime_ns for p in demo.glob("*/eval/*/results.jsonl")} == before
