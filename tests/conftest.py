@@ -88,3 +88,31 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     from train.tiny import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny_xs"), "xs", tiny_tokenizer)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared CPU: one intra-op thread is many times faster than
+    oversubscribing. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def bundle(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
+    """An exported guard+maha+ppl bundle of the shared monitor run (built once per session):
+    ``(bundle folder, its eval folder, recipe path)``."""
+    from eval.bundle import export_bundle
+    from test_monitor import shared_run
+
+    recipe_path, run, recipe, folders = shared_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory)
+    if "bundle" not in _BUNDLE:
+        _BUNDLE["bundle"] = export_bundle(recipe, tmp_path_factory.mktemp("bundle") / "b", "guard+maha+ppl")
+    return _BUNDLE["bundle"], folders["guard+maha+ppl"], recipe_path
+
+
+_BUNDLE: dict = {}

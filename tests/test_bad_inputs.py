@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from mood_data.cli import main as moodguard
-from test_bundle import bundle  # noqa: F401  (session-shared fixture bundle: guard+maha+ppl, max_length 48)
-from test_forward import one_torch_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 HERE = Path(__file__).resolve().parent / "bad_inputs"
 REPO = HERE.parents[1]

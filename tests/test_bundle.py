@@ -5,21 +5,9 @@ import json
 
 import pytest
 
-from test_forward import one_torch_thread  # noqa: F401 (autouse)
-from test_monitor import shared_run
 
 
-@pytest.fixture
-def bundle(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
-    from eval.bundle import export_bundle
-
-    recipe_path, run, recipe, folders = shared_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory)
-    if "bundle" not in BUNDLE:
-        BUNDLE["bundle"] = export_bundle(recipe, tmp_path_factory.mktemp("bundle") / "b", "guard+maha+ppl")
-    return BUNDLE["bundle"], folders["guard+maha+ppl"], recipe_path
-
-
-BUNDLE: dict = {}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_export_layout_and_round_trip(bundle):

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from test_forward import one_torch_thread  # noqa: F401 (autouse)
 from test_train_guard import write_tiny_recipe
 
 from eval.detectors.ensemble import (ensemble_disagreement, ensemble_mean, ensemble_min, ensemble_scores, member_dirs,
                                      sigmoid)
 from mood_data.errors import BundleError, RecipeError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 L3 = math.log(3.0)  # sigmoid(ln 3) = 0.75
+
 MEMBERS = np.array([[L3, -L3, 0.0],    # probs .75 .25 .5
                     [1.0, 1.0, 1.0],   # unanimous
                     [2.0, -1.0, 0.5],

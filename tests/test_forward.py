@@ -13,13 +13,7 @@ from eval.perplexity import (assistant_char_spans, chunked_token_nll, full_logit
                              perplexity_pass, target_mask)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared CPU: one intra-op thread is many times faster than oversubscribing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_adapters(model_dir: Path, out: Path, num_labels: int = 2, seed: int = 1) -> tuple[Path, Path]:

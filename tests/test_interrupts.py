@@ -13,7 +13,6 @@ each test id exactly once.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,10 +26,13 @@ from safetensors.numpy import load_file
 
 from mood_data.atomic import KILL_ENV
 from mood_data.cli import main as moodguard
-from test_forward import make_adapters, one_torch_thread  # noqa: F401 (autouse)
+from test_forward import make_adapters
 from test_monitor import write_recipe
 from test_train_distributed import env as subprocess_env
 from test_train_guard import write_tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 VOLATILE = {"seconds", "detector_seconds", "seconds_per_conversation", "latency_s", "time", "versions", "train_runtime",
             "train_samples_per_second", "train_steps_per_second", "eval_runtime", "eval_samples_per_second",

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from test_forward import one_torch_thread  # noqa: F401 (autouse)
 from test_train_guard import write_tiny_recipe
 
 from eval.judge import (DIGIT_ANSWERS, RUBRICS_DIR, SENTINEL, assemble, encode_prompts, expected_score, judge_view,
                         load_rubric, prompt_parts, select_shots, user_text)
 from mood_data.errors import RecipeError
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_expected_value_on_hand_built_distribution():

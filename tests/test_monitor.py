@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from test_forward import make_adapters, one_torch_thread  # noqa: F401 (autouse)
+from test_forward import make_adapters
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 MONITORS = ["guard", "guard+maha", "guard+ppl", "guard+maha+ppl", "guard+knn", "guard+energy", "maha", "ppl"]
 

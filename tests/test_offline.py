@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from test_train_guard import write_tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from test_bundle import bundle  # noqa: F401  (session-shared fixture bundle)
-from test_forward import one_torch_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("mood_data", "train", "eval", "benchmarks")

@@ -93,3 +93,16 @@ def test_chart_other_fpr_and_missing(tmp_path):
         make_chart(tmp_path / "empty")
     assert sorted({p.monitor for p in pts}) == sorted(MONITORS)
     assert not math.isnan(g.auroc)
+
+
+def test_leftover_temporaries_of_a_killed_run_are_not_read(tmp_path):
+    """A killed evaluate leaves a hidden `.<monitor>.*.tmp` folder (atomic_dir); chart,
+    report and compare must not count it as a run folder."""
+    import shutil
+
+    sweep = make_sweep(tmp_path / "sweep")
+    before = [(f.run, f.monitor) for f in find_eval_folders(sweep)]
+    src = next((sweep).rglob("eval/guard"))
+    shutil.copytree(src, src.parent / ".guard+new.x1y2.tmp")
+    (src.parent / ".guard+new.x1y2.tmp" / "meta.json").write_text('{"monitor": "guard+new", "params": 5}')
+    assert [(f.run, f.monitor) for f in find_eval_folders(sweep)] == before
