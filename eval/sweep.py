@@ -30,7 +30,7 @@ STAGES: tuple[str, ...] = ("train-guard", "train-lm", "fit", "evaluate")
 ALL_STAGES: tuple[str, ...] = ("train-guard", "train-lm", "train-judge", "fit", "evaluate")
 DEFAULT_MONITORS: tuple[str, ...] = ("guard", "guard+maha", "guard+ppl", "guard+maha+ppl")
 STATE_FILE = "state.json"
-_SWEEP_KEYS = {"name", "recipes", "monitors", "overrides", "chart", "slurm", "wandb", "description"}
+_SWEEP_KEYS = {"base", "name", "recipes", "monitors", "overrides", "chart", "slurm", "wandb", "description"}
 _ENTRY_KEYS = {"path", "name", "overrides", "seeds"}
 
 
@@ -83,15 +83,51 @@ def resolve_recipe_path(text: str, sweep_file: Path) -> Path:
     return (REPO_ROOT / p).resolve()
 
 
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Parse and check a sweep YAML (format in docs/sweeps.md); one-line RecipeErrors."""
-    path = Path(path)
+def _sweep_doc(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The sweep mapping with its ``base:`` chain applied: a sweep inherits every key of its
+    base (a path relative to itself) except ``name``; its own keys replace the base's, and
+    ``overrides`` are concatenated (base first, so the sweep's own win)."""
     doc = read_yaml(path, RecipeError, what="sweep file")
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: expected a mapping with keys {sorted(_SWEEP_KEYS)}")
     for key in doc:
         if key not in _SWEEP_KEYS:
             raise RecipeError(f"{path}: key '{key}': unknown key (allowed: {', '.join(sorted(_SWEEP_KEYS))})")
+    base = doc.pop("base", None)
+    if base is None:
+        return doc
+    if not isinstance(base, str) or not base:
+        raise RecipeError(f"{path}: key 'base': expected a path to another sweep file")
+    bpath = path.parent / base
+    if not bpath.is_file():
+        raise RecipeError(f"{path}: key 'base': base file not found: {base}")
+    if bpath.resolve() in seen + (path.resolve(),):
+        raise RecipeError(f"{path}: key 'base': inheritance cycle through {base}")
+    parent = _sweep_doc(bpath, seen + (path.resolve(),))
+    parent.pop("name", None)
+    merged = {**parent, **doc}
+    if "overrides" in parent and "overrides" in doc:
+        merged["overrides"] = list(_override_strings(parent["overrides"], f"{bpath}: key 'overrides'")
+                                   + _override_strings(doc["overrides"], f"{path}: key 'overrides'"))
+    # recipe paths in the base stay relative to the base file
+    if "recipes" in parent and "recipes" not in doc:
+        merged["recipes"] = [_rebase_entry(item, bpath) for item in parent["recipes"]]
+    return merged
+
+
+def _rebase_entry(item: Any, base_file: Path) -> Any:
+    """A base sweep's recipe entry with its path resolved against the base file."""
+    if isinstance(item, str):
+        return str(resolve_recipe_path(item, base_file))
+    if isinstance(item, dict) and isinstance(item.get("path"), str):
+        return {**item, "path": str(resolve_recipe_path(item["path"], base_file))}
+    return item
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Parse and check a sweep YAML (format in docs/sweeps.md); one-line RecipeErrors."""
+    path = Path(path)
+    doc = _sweep_doc(path)
     recipes = doc.get("recipes")
     if not isinstance(recipes, list) or not recipes:
         raise RecipeError(f"{path}: key 'recipes': expected a non-empty list")

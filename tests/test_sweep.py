@@ -162,3 +162,41 @@ def test_emit_shell_order(tmp_path):
     cmds = [l for l in text.splitlines() if l and not l.startswith("#") and "--mark-done" not in l][1:]
     assert [c.split()[1] if c.startswith("python") else c.split()[1] for c in cmds][:4] == ["-m", "-m", "fit", "evaluate"]
     assert cmds[-2].startswith("moodguard chart") and cmds[-1].startswith("moodguard report")
+
+
+def test_base_sweep_inheritance(tmp_path):
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "parent" / "s.yaml").write_text((RECIPES_DIR / "tiny" / "s.yaml").read_text()
+                                                .replace("base: _family.yaml", f"base: {RECIPES_DIR}/tiny/_family.yaml"))
+    (tmp_path / "parent" / "base.yaml").write_text(
+        "name: parent\nrecipes: [s.yaml]\nmonitors: [guard, guard+ppl]\n"
+        "overrides: {data.max_train_rows: 10, guard.max_steps: 3}\nchart: {fpr: 0.02}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent/base.yaml\nmonitors: [guard]\noverrides: ['guard.max_steps=5']\n")
+    s = sw.load_sweep(child)
+    assert s.name == "child"  # the name is never inherited (it names the output folder)
+    assert [e.recipe for e in s.entries] == [(tmp_path / "parent" / "s.yaml").resolve()]  # relative to the base
+    assert s.monitors == ("guard",) and s.chart_fpr == 0.02
+    assert s.overrides == ("data.max_train_rows=10", "guard.max_steps=3", "guard.max_steps=5")  # own ones last
+    from train.recipe import load_recipe
+
+    (train,) = [st for st in sw.plan_sweep(s, tmp_path / "out") if st.stage == "train-guard"]
+    assert load_recipe(train.recipe_path, train.overrides).guard.max_steps == 5
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nrecipes: [x.yaml]\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match=r"b\.yaml: key 'base': inheritance cycle through a\.yaml"):
+        sw.load_sweep(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match=r"c\.yaml: key 'base': base file not found: nowhere\.yaml"):
+        sw.load_sweep(tmp_path / "c.yaml")
+
+
+def test_shipped_detector_sweep_extends_the_demo():
+    demo = sw.load_sweep(RECIPES_DIR / "sweeps" / "embedded.yaml")
+    det = sw.load_sweep(RECIPES_DIR / "sweeps" / "embedded-detectors.yaml")
+    assert det.name == "embedded-detectors"
+    assert det.overrides[:len(demo.overrides)] == demo.overrides
+    assert {"ensemble-disagreement", "judge-uncertainty", "maha", "ppl"} <= set(det.monitors)
+    stages = {st.id for st in sw.plan_sweep(det, Path("/tmp/never-written"))}
+    assert stages == {"tiny-s/train-guard", "tiny-s/train-lm", "tiny-s/train-judge", "tiny-s/fit", "tiny-s/evaluate"}
