@@ -364,6 +364,12 @@ def emit_slurm(sweep: Sweep, stages: list[Stage], out_dir: Path, workdir: Path |
 
 # --------------------------------------------------------------------------- running
 def _run_train(stage: Stage, recipe, monitors) -> None:
+    from train.launch import train_members_parallel, trains_in_parallel
+
+    kind = stage.stage.removeprefix("train-")
+    if trains_in_parallel(recipe, kind):  # seed members at once, one process each
+        train_members_parallel(kind, recipe, stage.recipe_path, stage.overrides)
+        return
     if stage.accelerate_config:  # multi-process training: the same command a slurm job runs
         cmd = stage_command(stage)
         from train.recipe import REPO_ROOT

@@ -141,6 +141,37 @@ def test_seed_list_gives_distinct_adapters_and_wandb_offline(tmp_path, tiny_mode
     assert len(offline) == 2  # one offline wandb run per seed
 
 
+def test_parallel_members_equal_sequential_members(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """--parallel-members 2: two member processes write the same guard-seed<S> folders, equal
+    to the members trained one after the other in this process."""
+    from test_train_distributed import assert_same_adapter
+
+    from train.launch import member_slots
+
+    seq = write_tiny_recipe(tmp_path / "seq.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "seq",
+                            guard__seeds=[0, 1], guard__max_steps=2, guard__save_steps=10)
+    par = write_tiny_recipe(tmp_path / "par.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "par",
+                            guard__seeds=[0, 1], guard__max_steps=2, guard__save_steps=10)
+    assert moodguard(["train", "guard", "--recipe", str(seq)]) == 0
+    assert moodguard(["train", "guard", "--recipe", str(par), "--parallel-members", "2"]) == 0
+    for s in (0, 1):
+        assert_same_adapter(tmp_path / "seq" / f"guard-seed{s}", tmp_path / "par" / f"guard-seed{s}")
+        assert json.loads((tmp_path / "par" / f"guard-seed{s}" / "metrics.json").read_text())["seed"] == s
+        assert (tmp_path / "par" / "logs" / f"guard-seed{s}.log").is_file()
+    # a member outside the seed list is a recipe error, not a silent no-op
+    from mood_data.errors import RecipeError
+    from train.guard import train_guard
+
+    with pytest.raises(RecipeError, match=r"member seed 7 is not in \[0, 1\]"):
+        train_guard(load_recipe(par), only_seeds=[7])
+
+    # slots: GPUs split per member, CPU threads shared
+    assert member_slots(3, 3, 2, ["0", "1", "2", "3", "4"], 16) == [{"CUDA_VISIBLE_DEVICES": "0,1"},
+                                                                     {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert member_slots(4, 2, 1, [], 8) == [{"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}] * 2
+    assert member_slots(2, 3, 1, [], 1) == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}] * 2
+
+
 def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys):
     recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run")
     assert moodguard(["train", "guard", "--recipe", str(recipe), "guard.lerning_rate=1"]) == 2

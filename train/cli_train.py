@@ -1,10 +1,12 @@
 """``moodguard train guard|lm|judge --recipe R [--accelerate-config NAME] [--num-processes N]
-[--resume] [key=value ...]``.
+[--parallel-members N] [--resume] [key=value ...]``.
 
 With an accelerate config (the flag, or the recipe's ``accelerate.config``) the command
 re-executes itself as ``accelerate launch --config_file accelerate_configs/<NAME>.yaml -m
 train.<kind> ...``; otherwise it trains in-process. ``--accelerate-config none`` forces
-in-process.
+in-process. With a seed list and ``--parallel-members N`` (``<kind>.parallel_members``) it runs
+N seed members at once, each as its own ``python -m train.<kind> --member S`` (or ``accelerate
+launch``) process.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def _add_kind(parser: argparse.ArgumentParser) -> None:
                         help="accelerate_configs/<NAME>.yaml (default: the recipe's accelerate.config; 'none' = in-process)")
     parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="override the config's num_processes")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--parallel-members", type=int, default=None, metavar="N",
+                        help="train N seed members at once, one process each (the section's parallel_members)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, e.g. guard.learning_rate=1e-4")
 
 
@@ -33,9 +37,16 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.num_processes is not None:
         overrides.append(f"accelerate.num_processes={args.num_processes}")
+    if args.parallel_members is not None:
+        overrides.append(f"{args.kind}.parallel_members={args.parallel_members}")
     if args.accelerate_config is not None:
         overrides.append(f"accelerate.config={'null' if args.accelerate_config == 'none' else args.accelerate_config}")
     recipe = load_recipe(args.recipe, overrides)  # validate before launching anything
+    from .launch import train_members_parallel, trains_in_parallel
+
+    if trains_in_parallel(recipe, args.kind):  # <kind>.parallel_members > 1: one process per member
+        print(train_members_parallel(args.kind, recipe, args.recipe, overrides, args.resume))
+        return 0
     if recipe.accelerate.config is not None:
         from .launch import relaunch
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -75,9 +76,9 @@ GUARD_JOB = AdapterJob("guard", build_guard_model, build_guard_datasets, guard_c
                        mean_loss=True)
 
 
-def train_guard(recipe: Recipe, resume: bool = False) -> Path:
+def train_guard(recipe: Recipe, resume: bool = False, only_seeds: Sequence[int] | None = None) -> Path:
     """Train the guard adapter(s); returns the first adapter folder (``<output_dir>/guard``)."""
-    return train_adapter(recipe, GUARD_JOB, resume)[0]
+    return train_adapter(recipe, GUARD_JOB, resume, only_seeds)[0]
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from .launch import AdapterJob, module_main, train_adapter
 from .lm import build_lm_model
@@ -89,13 +90,13 @@ def judge_collator(recipe: Recipe, tokenizer):
 JUDGE_JOB = AdapterJob("judge", build_judge_model, build_judge_datasets, judge_collator, None, None)
 
 
-def train_judge(recipe: Recipe, resume: bool = False) -> Path:
+def train_judge(recipe: Recipe, resume: bool = False, only_seeds: Sequence[int] | None = None) -> Path:
     """Train the judge LoRA(s); returns ``<output_dir>/judge``. The run's ``recipe.yaml`` keeps
     the recipe's own model when ``judge.model`` names another base."""
     from mood_data.atomic import write_text
 
     tuned = judge_recipe(recipe)
-    out = train_adapter(tuned, JUDGE_JOB, resume)[0]
+    out = train_adapter(tuned, JUDGE_JOB, resume, only_seeds)[0]
     if tuned is not recipe:
         write_text(Path(recipe.output_dir) / "recipe.yaml", recipe.to_yaml())
     return out

@@ -77,6 +77,98 @@ def relaunch(config: str, module: str, argv: Sequence[str], num_processes: int |
 
 
 # ---------------------------------------------------------------------------------------------
+# seed members in parallel
+
+
+def member_slots(parallel: int, n_members: int, procs_per_member: int, gpus: Sequence[str],
+                 n_cpus: int) -> list[dict[str, str]]:
+    """Environment additions of each concurrent member slot (pure).
+
+    With GPUs, every slot gets ``procs_per_member`` of them (``CUDA_VISIBLE_DEVICES``) and the
+    number of slots shrinks to what the GPUs allow; on CPU every slot gets an equal share of
+    the cores as its thread count."""
+    k = max(1, min(parallel, n_members))
+    per = max(1, procs_per_member)
+    if gpus:
+        k = max(1, min(k, len(gpus) // per))
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per:(i + 1) * per])} for i in range(k)]
+    threads = str(max(1, n_cpus // (k * per)))
+    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(k)]
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g.strip() for g in env.split(",") if g.strip()] if env else []
+    return ids or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def member_command(kind: str, recipe: Recipe, argv: Sequence[str], seed: int) -> tuple[list[str], dict[str, str]]:
+    """The command that trains one seed member: ``python -m train.<kind> ... --member S``, under
+    ``accelerate launch`` when the recipe names an accelerate config."""
+    args = [*argv, "--member", str(seed)]
+    if recipe.accelerate.config is not None:
+        return launch_command(recipe.accelerate.config, f"train.{kind}", args, recipe.accelerate.num_processes)
+    return [sys.executable, "-m", f"train.{kind}", *args], dict(os.environ)
+
+
+def train_members_parallel(kind: str, recipe: Recipe, recipe_path: str | os.PathLike, overrides: Sequence[str],
+                           resume: bool = False) -> list[Path]:
+    """Train the seed members of ``recipe.<kind>`` ``parallel_members`` at a time, one process
+    (or one ``accelerate launch``) each; logs go to ``<output_dir>/logs/<kind>-seed<S>.log``.
+    The folders are the ones sequential training writes (``<kind>-seed<S>``)."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    sec = recipe.section(kind)
+    seeds = list(sec.seeds)
+    procs = recipe.accelerate.num_processes if recipe.accelerate.config else 1
+    slots = member_slots(sec.parallel_members, len(seeds), procs, visible_gpus(), os.cpu_count() or 1)
+    out_root = Path(recipe.output_dir)
+    logs = out_root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    argv = ["--recipe", str(recipe_path), *(["--resume"] if resume else []), *overrides]
+    queue, failed, lock = list(seeds), [], threading.Lock()
+    bar = tqdm(total=len(seeds), desc=f"{kind} members ({len(slots)} at a time)", unit="member")
+
+    def worker(extra_env: dict[str, str]) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                seed = queue.pop(0)
+            cmd, env = member_command(kind, recipe, argv, seed)
+            log = logs / f"{kind}-seed{seed}.log"
+            with open(log, "w", encoding="utf-8") as fh:
+                rc = subprocess.call(cmd, env={**env, **extra_env}, stdout=fh, stderr=subprocess.STDOUT)
+            with lock:
+                bar.update(1)
+                if rc != 0:
+                    failed.append((seed, rc, log))
+
+    threads = [threading.Thread(target=worker, args=(env,), daemon=True) for env in slots]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    if failed:
+        seed, rc, log = failed[0]
+        tail = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()][-1:]
+        raise RuntimeError(f"{kind} member seed {seed} exited with {rc} (log: {log}){': ' + tail[0] if tail else ''}")
+    return [out_root / adapter_dirname(kind, seeds, s) for s in seeds]
+
+
+def trains_in_parallel(recipe: Recipe, kind: str) -> bool:
+    sec = recipe.section(kind)
+    return sec.parallel_members > 1 and len(sec.seeds) > 1
+
+
+# ---------------------------------------------------------------------------------------------
 # the training loop
 
 
@@ -227,8 +319,10 @@ def hub_offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False) -> list[Path]:
-    """Train one adapter per seed of ``recipe.<kind>``; returns the final adapter folders."""
+def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
+                  only_seeds: Sequence[int] | None = None) -> list[Path]:
+    """Train one adapter per seed of ``recipe.<kind>`` (or only the members ``only_seeds``,
+    named as in the full list); returns the final adapter folders."""
     import torch
     from transformers import set_seed
 
@@ -239,6 +333,9 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False) -> list
     sec = recipe.section(job.kind)
     if not sec.enabled:
         raise RecipeError(f"{recipe.source_file}: key '{job.kind}.enabled': the {job.kind} is disabled in this recipe")
+    for s in only_seeds or ():
+        if s not in sec.seeds:
+            raise RecipeError(f"{recipe.source_file}: key '{job.kind}.seeds': member seed {s} is not in {sec.seeds}")
     out_root = Path(recipe.output_dir)
     if recipe.report_to == "wandb":
         os.environ.setdefault("WANDB_PROJECT", recipe.wandb_project)
@@ -250,7 +347,7 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False) -> list
     datasets_ = job.build_datasets(recipe, tokenizer)
     trainer_cls = make_trainer_class()
     finals: list[Path] = []
-    for seed in sec.seeds:
+    for seed in (sec.seeds if only_seeds is None else [s for s in sec.seeds if s in only_seeds]):
         name = adapter_dirname(job.kind, sec.seeds, seed)
         ckpt_dir = out_root / "checkpoints" / name
         args = training_arguments(recipe, sec, job.kind, seed, ckpt_dir, f"{recipe.name}-{name}")
@@ -326,17 +423,19 @@ def module_parser(kind: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m train.{kind}", description=f"train the {kind} LoRA adapter")
     p.add_argument("--recipe", required=True, help="recipes/<family>/<size>.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--member", type=int, default=None, metavar="SEED",
+                   help="train only this seed member of the seed list (what --parallel members run)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
     return p
 
 
-def module_main(kind: str, train_fn: Callable[[Recipe, bool], Any], argv: Sequence[str] | None = None) -> int:
+def module_main(kind: str, train_fn: Callable[..., Any], argv: Sequence[str] | None = None) -> int:
     from mood_data.errors import MoodguardError
 
     args = module_parser(kind).parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        train_fn(recipe, args.resume)
+        train_fn(recipe, args.resume, None if args.member is None else [args.member])
     except MoodguardError as err:
         print(f"moodguard train {kind}: error: {err}", file=sys.stderr)
         return 2

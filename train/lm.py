@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from .guard import lora_config
 from .launch import AdapterJob, module_main, train_adapter
@@ -46,9 +47,9 @@ def lm_collator(recipe: Recipe, tokenizer):
 LM_JOB = AdapterJob("lm", build_lm_model, build_lm_datasets, lm_collator, None, None)
 
 
-def train_lm(recipe: Recipe, resume: bool = False) -> Path:
+def train_lm(recipe: Recipe, resume: bool = False, only_seeds: Sequence[int] | None = None) -> Path:
     """Train the causal-LM adapter(s); returns the first adapter folder (``<output_dir>/lm``)."""
-    return train_adapter(recipe, LM_JOB, resume)[0]
+    return train_adapter(recipe, LM_JOB, resume, only_seeds)[0]
 
 
 def main(argv=None) -> int:

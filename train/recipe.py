@@ -70,6 +70,9 @@ class TrainSection:
     pad_to_multiple_of: int | None = 8
     # padding-free packing (DataCollatorWithFlattening + position ids); causal LM only
     packing: bool = False
+    # seed members trained at once, each in its own process (own GPUs when there are enough,
+    # a share of the CPU threads otherwise); 1 = one after the other in this process
+    parallel_members: int = 1
     lora: LoraSection = field(default_factory=LoraSection)
 
 
