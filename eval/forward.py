@@ -39,9 +39,9 @@ POOLINGS = ("last", "mean")
 class Encoded:
     """Token ids of each row (unpadded, left-truncated) and optional per-token LM mask."""
 
-    input_ids: list[list[int]]
+    input_ids: list[Sequence[int]]  # int32 arrays from :func:`encode` (4 bytes a token)
     truncated: list[int] = field(default_factory=list)  # row indices that were cut
-    lm_mask: list[list[int]] | None = None  # 1 = this token counts in the NLL (as a target)
+    lm_mask: list[Sequence[int]] | None = None  # 1 = this token counts in the NLL (as a target)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -52,27 +52,37 @@ class Encoded:
         return len(self.truncated)
 
 
-def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistant_only: bool = False) -> Encoded:
+ENCODE_CHUNK = 1024  # texts tokenised at a time: the tokenizer's Python lists never hold a whole split
+
+
+def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistant_only: bool = False,
+           chunk: int = ENCODE_CHUNK) -> Encoded:
     """Tokenise without padding; keep the LAST ``max_length`` tokens of longer rows.
 
-    With ``assistant_only`` a per-token mask marks the tokens whose start offset lies in an
-    assistant span (see :func:`assistant_char_spans`).
+    Rows are tokenised ``chunk`` texts at a time and kept as int32 arrays, so a split of N
+    rows costs ~4 bytes a token (not a Python int object per token). With ``assistant_only``
+    a per-token int8 mask marks the tokens whose start offset lies in an assistant span (see
+    :func:`assistant_char_spans`).
     """
     texts = list(conversations)
-    enc = tokenizer(texts, add_special_tokens=True, truncation=False,
-                    return_offsets_mapping=assistant_only, verbose=False)
-    ids = enc["input_ids"]
-    truncated = [i for i, x in enumerate(ids) if len(x) > max_length]
-    out_ids = [x[-max_length:] if len(x) > max_length else x for x in ids]
-    mask = None
-    if assistant_only:
-        from .perplexity import assistant_char_spans
+    out_ids: list[np.ndarray] = []
+    truncated: list[int] = []
+    mask: list[np.ndarray] | None = [] if assistant_only else None
+    for start in range(0, len(texts), chunk):
+        part = texts[start:start + chunk]
+        enc = tokenizer(part, add_special_tokens=True, truncation=False,
+                        return_offsets_mapping=assistant_only, verbose=False)
+        for j, x in enumerate(enc["input_ids"]):
+            if len(x) > max_length:
+                truncated.append(start + j)
+            out_ids.append(np.asarray(x[-max_length:], dtype=np.int32))
+        if mask is not None:
+            from .perplexity import assistant_char_spans
 
-        mask = []
-        for text, offsets in zip(texts, enc["offset_mapping"]):
-            spans = assistant_char_spans(text)
-            row = [int(e > s and any(a <= s < b for a, b in spans)) for s, e in offsets]
-            mask.append(row[-max_length:])
+            for text, offsets in zip(part, enc["offset_mapping"]):
+                spans = assistant_char_spans(text)
+                row = [int(e > s and any(a <= s < b for a, b in spans)) for s, e in offsets]
+                mask.append(np.asarray(row[-max_length:], dtype=np.int8))
     return Encoded(out_ids, truncated, mask)
 
 
@@ -100,7 +110,7 @@ def pad_left(rows: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:
     out = torch.full((len(rows), width), pad_value, dtype=torch.long)
     for i, r in enumerate(rows):
         if len(r):
-            out[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+            out[i, width - len(r):] = torch.as_tensor(np.asarray(r), dtype=torch.long)
     return out
 
 
@@ -108,7 +118,7 @@ def collate(encoded: Encoded, index: np.ndarray, pad_id: int) -> dict[str, torch
     rows = [encoded.input_ids[i] for i in index]
     batch = {
         "input_ids": pad_left(rows, pad_id),
-        "attention_mask": pad_left([[1] * len(r) for r in rows], 0),
+        "attention_mask": pad_left([np.ones(len(r), dtype=np.int8) for r in rows], 0),
     }
     if encoded.lm_mask is not None:
         batch["lm_mask"] = pad_left([encoded.lm_mask[i] for i in index], 0)

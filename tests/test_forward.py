@@ -67,7 +67,11 @@ def test_encode_left_truncation_and_pooling(tiny_tokenizer):
     enc = encode(tiny_tokenizer, CONVS, 12)
     assert enc.n_truncated == sum(len(x) > 12 for x in enc_full.input_ids) > 0
     for a, b in zip(enc.input_ids, enc_full.input_ids):
-        assert a == b[-12:]  # the end is kept
+        assert a.dtype == np.int32 and a.tolist() == b[-12:].tolist()  # the end is kept
+    # chunked tokenisation (2 texts at a time) gives the same rows and truncation indices
+    small = encode(tiny_tokenizer, CONVS, 12, chunk=2)
+    assert [x.tolist() for x in small.input_ids] == [x.tolist() for x in enc.input_ids]
+    assert small.truncated == enc.truncated
     assert pad_left([[5, 6], [7]], 0).tolist() == [[5, 6], [0, 7]]
     h = torch.tensor([[[0.0], [2.0], [4.0]], [[9.0], [1.0], [3.0]]])
     m = torch.tensor([[1, 1, 1], [0, 1, 1]])
@@ -146,7 +150,7 @@ def test_fused_perplexity_equals_plain_full_logits(tiny_model_dir, tiny_adapters
     ppl = perplexity_pass(backbone, enc, batch_size=4, chunk_size=7)
     ref = []
     for ids in enc.input_ids:  # one row at a time, no padding, full logits
-        x = torch.tensor([ids])
+        x = torch.tensor([ids.tolist()])
         with torch.no_grad():
             logits = ref_model(input_ids=x).logits
         lp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None]).squeeze(-1)

@@ -114,7 +114,7 @@ def test_scores_equal_separately_computed(evaluated, run_setup, tiny_model_dir):
     maha_dir = next(iter(fit_detectors(recipe)["stats"]["maha"].values()))
     maha = load_stats(maha_dir, "maha")
     for r, ids in zip(rows, enc.input_ids):
-        x = torch.tensor([ids])
+        x = torch.tensor([ids.tolist()])
         with torch.no_grad():
             out = guard(input_ids=x, output_hidden_states=True)
             logits = lm(input_ids=x).logits[0, :-1].double()
