@@ -7,6 +7,12 @@ Layout (``moodguard export``)::
     <bundle>/lm/                 causal-LM adapter (only when the monitor uses ``ppl``)
     <bundle>/tokenizer/          the tokenizer files
     <bundle>/stats/<det>-layer<L>.{safetensors,json}   fitted detector statistics
+    <bundle>/members/guard-seed<S>/   the other ensemble members (ensemble-* monitors; the
+                                 anchor member is guard/)
+    <bundle>/judge/              judge-* monitors: adapter/ (the judge LoRA, if any),
+                                 tokenizer/, rubrics/<name>.yaml; monitor.json's "judge"
+                                 holds the judge base (null = the guard's base), its few-shot
+                                 examples (ID train rows) and the prompt length
     <bundle>/fusion.json         fitted fusion parameters (eval.fusion.Fusion)
     <bundle>/thresholds.json     fused-score thresholds at the chosen FPRs + where they came from
     <bundle>/recipe.yaml         the fully resolved recipe
@@ -97,10 +103,61 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     calib, malign, domains = read_calibration(fitted["calibration"])
     from mood_data.domains import load_registry
 
+    ens = [d for d in detectors if d.startswith("ensemble-")]
+    jud = [d for d in detectors if d.startswith("judge")]
+    members: list[Path] = []
+    judge = rubrics = None
+    if ens or jud:  # their ID-validation scores (cache hits after evaluate) join the fusion's
+        from .monitor import load_backbone, load_train_slices
+
+        loaded = load_backbone(recipe)
+        train_rows, val_rows = load_train_slices(recipe, source)
+        if ens:
+            from .detectors.ensemble import calibration as ensemble_calibration
+            from .detectors.ensemble import member_dirs
+
+            members = member_dirs(recipe.output_dir, recipe.guard.seeds)
+            calib.update({k: v for k, v in ensemble_calibration(recipe, loaded, val_rows, predict_safe).items()
+                          if k in ens})
+        if jud:
+            from .judge import RUBRIC_OF, load_judge, recipe_rubrics
+            from .judge import calibration as judge_calibration
+
+            judge = load_judge(recipe, loaded, train_rows)
+            rubrics = recipe_rubrics(recipe, sorted({RUBRIC_OF[d] for d in jud}))
+            calib.update(judge_calibration(recipe, judge, rubrics, jud, val_rows))
     fusion = fit_fusion(recipe.eval.fusion, calib, malign, domains, detectors, load_registry(recipe.data.registry))
     settings = ScoreSettings.from_recipe(recipe, predict_safe)
     out_dir = Path(out_dir)
+    extra_spec: dict[str, Any] = {}
     with atomic.atomic_dir(out_dir) as tmp:
+        if members:
+            names = []
+            for d in members:
+                if d.resolve() == Path(guard_dir).resolve():
+                    names.append("guard")
+                    continue
+                (tmp / "members" / d.name).mkdir(parents=True)
+                for f in ADAPTER_FILES:
+                    shutil.copy2(d / f, tmp / "members" / d.name / f)
+                names.append(d.name)
+            extra_spec["ensemble"] = {"members": names}
+        if judge is not None:
+            jdir = tmp / "judge"
+            (jdir / "rubrics").mkdir(parents=True)
+            if judge.adapter_dir is not None:
+                (jdir / "adapter").mkdir()
+                for f in ADAPTER_FILES:
+                    shutil.copy2(judge.adapter_dir / f, jdir / "adapter" / f)
+            judge.tokenizer.save_pretrained(jdir / "tokenizer")
+            for name, rub in rubrics.items():
+                shutil.copy2(rub.path, jdir / "rubrics" / f"{name}.yaml")
+            same_base = judge.backbone is loaded.backbone
+            extra_spec["judge"] = {
+                "model": None if same_base else judge.model, "adapter": judge.adapter_dir is not None,
+                "max_length": judge.max_length, "rubrics": sorted(rubrics),
+                "shots": [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in s.items()} for s in judge.shots],
+            }
         for name, src in (("guard", guard_dir), ("lm", lm_dir if "ppl" in detectors else None)):
             if src is not None:
                 (tmp / name).mkdir()
@@ -127,6 +184,7 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
             "settings": {"max_length": settings.max_length, "batch_size": settings.batch_size,
                          "pooling": settings.pooling, "assistant_only": settings.assistant_only,
                          "predict_safe": settings.predict_safe},
+            **extra_spec,
         })
         write_manifest(tmp)
     return out_dir
@@ -154,6 +212,8 @@ class Monitor:
     def __init__(self, folder: Path, spec: dict, loaded: Loaded, detectors: dict, fusion, thresholds: dict):
         self.folder, self.spec, self.loaded = folder, spec, loaded
         self.detectors, self.fusion, self.thresholds = detectors, fusion, thresholds
+        self.judge = None  # eval.judge.Judge, for judge-* monitors
+        self.rubrics: dict = {}
         s = spec["settings"]
         self.settings = ScoreSettings(int(s["max_length"]), int(s["batch_size"]), s["pooling"],
                                       bool(s["assistant_only"]), bool(s["predict_safe"]))
@@ -198,6 +258,11 @@ class Monitor:
         loaded = Loaded(backbone, tok, folder / "guard", lm, adapter_hash(folder / "guard"),
                         None if lm is None else adapter_hash(lm))
         mon = cls(folder, spec, loaded, dets, fusion, thresholds)
+        for name in (spec.get("ensemble") or {}).get("members", []):
+            if name != "guard":  # the anchor member is the guard adapter itself
+                backbone.add_adapter(name, folder / "members" / name, head=True)
+        if spec.get("judge"):
+            mon.judge, mon.rubrics = _load_judge(folder, spec, backbone, base)
         if batch_size:
             mon.settings = ScoreSettings(mon.settings.max_length, batch_size, mon.settings.pooling,
                                          mon.settings.assistant_only, mon.settings.predict_safe)
@@ -227,8 +292,25 @@ class Monitor:
             return []
         t0 = time.perf_counter()
         truncated: list[int] = []
-        raw, _ = score_rows(self.loaded, conversations, self.detectors, self.fusion.detectors, self.settings,
-                            truncated=truncated)
+        names = self.fusion.detectors
+        base = [d for d in names if not d.startswith(("ensemble-", "judge"))]
+        raw: dict[str, np.ndarray] = {}
+        if base:
+            raw, _ = score_rows(self.loaded, conversations, self.detectors, base, self.settings, truncated=truncated)
+        ens = [d for d in names if d.startswith("ensemble-")]
+        if ens:
+            from .detectors.ensemble import adapter_scores, ensemble_scores
+
+            members = adapter_scores(self.loaded, self.spec["ensemble"]["members"], conversations,
+                                     max_length=self.settings.max_length, batch_size=self.settings.batch_size,
+                                     predict_safe=self.settings.predict_safe)
+            raw.update(ensemble_scores(members, ens))
+        jud = [d for d in names if d.startswith("judge")]
+        if jud:
+            from .judge import judge_scores
+
+            raw.update(judge_scores(self.judge, self.rubrics, jud, conversations, self.settings.batch_size)[0])
+        raw = {n: raw[n] for n in names}
         cut = set(truncated)
         fused = np.asarray(self.fusion.apply(raw), dtype=np.float64)
         contrib = self.contributions(raw)
@@ -244,6 +326,33 @@ class Monitor:
                 "truncated": i in cut,
             })
         return out
+
+
+def _load_judge(folder: Path, spec: dict, backbone, base: str | None):
+    """The bundle's judge: the guard's base (``judge.model`` null) or its own base, plus the
+    judge LoRA, tokenizer, rubrics and few-shot examples stored in the bundle."""
+    from train.modeling import load_tokenizer, resolve_model
+
+    from .forward import SharedBackbone, adapter_hash
+    from .judge import Judge, load_rubric
+
+    js, jdir = spec["judge"], folder / "judge"
+    for key in ("model", "adapter", "max_length", "rubrics", "shots"):
+        if key not in js:
+            raise BundleError(f"{folder / 'monitor.json'}: field 'judge.{key}': missing")
+    jb = backbone
+    if js["model"] is not None:
+        dtype = spec.get("dtype", "float32")
+        jb = SharedBackbone.from_pretrained(resolve_model(js["model"]), dtype="float32" if dtype == "auto" else dtype,
+                                            trust_remote_code=bool(spec.get("trust_remote_code", False)))
+    adapter_dir = jdir / "adapter" if js["adapter"] else None
+    if adapter_dir is not None:
+        jb.add_adapter("judge", adapter_dir)
+    rubrics = {n: load_rubric(jdir / "rubrics" / f"{n}.yaml", n) for n in js["rubrics"]}
+    judge = Judge(jb, "judge" if adapter_dir is not None else None, load_tokenizer(jdir / "tokenizer"),
+                  str(js["model"] or base or spec["base"]), adapter_dir,
+                  None if adapter_dir is None else adapter_hash(adapter_dir), list(js["shots"]), int(js["max_length"]))
+    return judge, rubrics
 
 
 def read_conversations(path: str | Path, template: str = "mood") -> tuple[list[str], list[Any]]:

@@ -378,16 +378,11 @@ def judge_scores(judge: Judge, rubrics: Mapping[str, Rubric], wanted: Sequence[s
     return out, info
 
 
-def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequence[str], train_rows, val_rows) -> dict:
-    """Test scores + cached ID-validation scores of the wanted judge detectors (see
-    :func:`eval.monitor.extra_detector_scores`). Shots come from ``train_rows`` (train slice)."""
-    import time
-
+def calibration(recipe, judge: Judge, rubrics: Mapping[str, Rubric], wanted: Sequence[str], val_rows) -> dict[str, np.ndarray]:
+    """The wanted judge detectors' scores on the ID validation slice (cached per judge model,
+    adapter, rubric, shots and slice)."""
     from .monitor import cached_scores, fingerprint
 
-    judge = load_judge(recipe, loaded, train_rows)
-    rubrics = recipe_rubrics(recipe, sorted({RUBRIC_OF[d] for d in wanted}))
-    bs = recipe.eval.batch_size
     calib = {}
     for det in wanted:
         rub = rubrics[RUBRIC_OF[det]]
@@ -395,15 +390,27 @@ def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequenc
                  "shots": [s["id"] for s in judge.shots], "max_length": judge.max_length,
                  "data": fingerprint(val_rows["id"], val_rows["conversation"])}
         calib.update(cached_scores(recipe, "judge", parts, lambda det=det: judge_scores(
-            judge, rubrics, [det], list(val_rows["conversation"]), bs, " (ID validation)")[0]))
+            judge, rubrics, [det], list(val_rows["conversation"]), recipe.eval.batch_size, " (ID validation)")[0]))
+    return calib
+
+
+def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequence[str], train_rows, val_rows) -> dict:
+    """Test scores + cached ID-validation scores of the wanted judge detectors (see
+    :func:`eval.monitor.extra_detector_scores`). Shots come from ``train_rows`` (train slice)."""
+    import time
+
+    judge = load_judge(recipe, loaded, train_rows)
+    rubrics = recipe_rubrics(recipe, sorted({RUBRIC_OF[d] for d in wanted}))
+    calib = calibration(recipe, judge, rubrics, wanted, val_rows)
     t0 = time.perf_counter()
-    test, info = judge_scores(judge, rubrics, wanted, conversations, bs, " (test)")
+    test, info = judge_scores(judge, rubrics, wanted, conversations, recipe.eval.batch_size, " (test)")
     return {"group": "judge", "test": test, "calibration": calib, "seconds": time.perf_counter() - t0,
             "info": info}
 
 
 __all__ = [
     "DIGIT_ANSWERS", "JUDGE_DETECTORS", "Judge", "PromptParts", "RUBRIC_OF", "Rubric", "answer_token_ids", "assemble",
+    "calibration",
     "encode_prompts", "expected_score", "judge_adapter_dir", "judge_pass", "judge_scores", "judge_view", "load_judge",
     "load_rubric", "prompt_parts", "recipe_rubrics", "render_prompt", "score_for_eval", "select_shots", "user_text",
 ]

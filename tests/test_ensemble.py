@@ -139,3 +139,21 @@ def test_members_share_one_base(ensemble_run):
     n_base = sum(1 for mod in loaded.backbone.model.modules() if type(mod).__name__.endswith("ForCausalLM"))
     assert n_base == 1
     assert len(list((run / "stats").glob("calibration-ensemble-*"))) == 1
+
+
+def test_ensemble_bundle_scores_like_evaluate(ensemble_run, tmp_path):
+    """`moodguard export` of an ensemble monitor: the other members travel in the bundle and
+    the loaded bundle reproduces evaluate's fused and per-detector scores."""
+    from eval.bundle import Monitor, export_bundle
+
+    run, recipe, folders = ensemble_run
+    out = export_bundle(recipe, tmp_path / "b", "guard+ensemble-disagreement")
+    spec = json.loads((out / "monitor.json").read_text())
+    assert spec["ensemble"]["members"] == ["guard", "guard-seed1", "guard-seed2"]  # seed 0 is the anchor
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["guard-seed1", "guard-seed2"]
+    rows = [json.loads(line) for line in open(folders["guard+ensemble-disagreement"] / "results.jsonl")][::9]
+    got = Monitor.load(out).score([r["conversation"] for r in rows])
+    for r, g in zip(rows, got):
+        assert g["score"] == pytest.approx(r["score"], abs=1e-5)
+        assert g["detectors"]["ensemble-disagreement"] == pytest.approx(r["score_ensemble-disagreement"], abs=1e-6)
+        assert g["detectors"]["guard"] == pytest.approx(r["score_guard"], abs=1e-5)

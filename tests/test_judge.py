@@ -224,3 +224,26 @@ def test_sweep_plans_train_judge_and_accepts_new_monitors(tmp_path):
     assert ev.deps == ("tiny-s/fit", "tiny-s/train-judge")
     assert stage_command(stages[2])[:3] == ["python", "-m", "train.judge"]
     assert stages[2].outputs()[0] == tmp_path.resolve() / "out" / "tiny-s" / "judge"
+
+
+def test_judge_bundle_scores_like_evaluate(judge_run, tmp_path):
+    """`moodguard export` of a judge monitor: adapter, tokenizer, rubrics and shots travel in
+    the bundle; the loaded bundle reproduces evaluate's scores."""
+    from eval.bundle import Monitor, export_bundle
+
+    run, recipe, folders = judge_run
+    out = export_bundle(recipe, tmp_path / "b", "guard+judge-uncertainty")
+    spec = json.loads((out / "monitor.json").read_text())
+    assert spec["judge"]["model"] is None and spec["judge"]["adapter"] is True  # the guard's base + judge LoRA
+    assert spec["judge"]["rubrics"] == ["uncertainty"] and (out / "judge" / "rubrics" / "uncertainty.yaml").is_file()
+    rows = [json.loads(line) for line in open(folders["guard+judge-uncertainty"] / "results.jsonl")][::9]
+    got = Monitor.load(out).score([r["conversation"] for r in rows])
+    for r, g in zip(rows, got):
+        assert g["score"] == pytest.approx(r["score"], abs=1e-4)
+        assert g["detectors"]["judge-uncertainty"] == pytest.approx(r["score_judge-uncertainty"], abs=1e-4)
+    # a tampered rubric is refused by the manifest check
+    (out / "judge" / "rubrics" / "uncertainty.yaml").write_text("name: x\n")
+    from mood_data.errors import BundleError
+
+    with pytest.raises(BundleError, match="uncertainty.yaml"):
+        Monitor.load(out)

@@ -97,17 +97,37 @@ def member_adapters(loaded, recipe) -> list[str]:
     return names
 
 
-def member_scores(loaded, recipe, conversations: Sequence[str], predict_safe: bool = False,
-                  desc: str = "") -> np.ndarray:
-    """``[n_rows, n_members]`` guard log-odds, one guard forward per member (logits only)."""
+def adapter_scores(loaded, names: Sequence[str], conversations: Sequence[str], *, max_length: int,
+                   batch_size: int, predict_safe: bool = False, desc: str = "") -> np.ndarray:
+    """``[n_rows, n_members]`` guard log-odds of the named member adapters already on
+    ``loaded.backbone``: one logits-only guard forward per member."""
     from ..forward import encode, guard_pass
     from ..monitor import guard_scores
 
-    enc = encode(loaded.tokenizer, conversations, recipe.eval.max_length)
-    cols = [guard_scores(guard_pass(loaded.backbone, enc, batch_size=recipe.eval.batch_size, adapter=name,
+    enc = encode(loaded.tokenizer, conversations, max_length)
+    cols = [guard_scores(guard_pass(loaded.backbone, enc, batch_size=batch_size, adapter=name,
                                     desc=f"ensemble {name}{desc}"), predict_safe)
-            for name in member_adapters(loaded, recipe)]
+            for name in names]
     return np.stack(cols, axis=1)
+
+
+def member_scores(loaded, recipe, conversations: Sequence[str], predict_safe: bool = False,
+                  desc: str = "") -> np.ndarray:
+    """``[n_rows, n_members]`` guard log-odds of the recipe's members (added to the base as needed)."""
+    return adapter_scores(loaded, member_adapters(loaded, recipe), conversations, max_length=recipe.eval.max_length,
+                          batch_size=recipe.eval.batch_size, predict_safe=predict_safe, desc=desc)
+
+
+def calibration(recipe, loaded, val_rows, predict_safe: bool = False) -> dict[str, np.ndarray]:
+    """Every ensemble detector's scores on the ID validation slice (cached per member set)."""
+    from ..forward import adapter_hash
+    from ..monitor import cached_scores, fingerprint
+
+    dirs = member_dirs(recipe.output_dir, recipe.guard.seeds)
+    parts = {"members": [adapter_hash(d) for d in dirs], "predict_safe": predict_safe,
+             "max_length": recipe.eval.max_length, "data": fingerprint(val_rows["id"], val_rows["conversation"])}
+    return cached_scores(recipe, "ensemble", parts, lambda: ensemble_scores(
+        member_scores(loaded, recipe, list(val_rows["conversation"]), predict_safe, " (ID validation)")))
 
 
 def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequence[str], val_rows,
@@ -116,20 +136,13 @@ def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequenc
     (see :func:`eval.monitor.extra_detector_scores`)."""
     import time
 
-    from ..forward import adapter_hash
-    from ..monitor import cached_scores, fingerprint
-
-    dirs = member_dirs(recipe.output_dir, recipe.guard.seeds)
-    parts = {"members": [adapter_hash(d) for d in dirs], "predict_safe": predict_safe,
-             "max_length": recipe.eval.max_length, "data": fingerprint(val_rows["id"], val_rows["conversation"])}
-    calib = cached_scores(recipe, "ensemble", parts, lambda: ensemble_scores(
-        member_scores(loaded, recipe, list(val_rows["conversation"]), predict_safe, " (ID validation)")))
+    calib = calibration(recipe, loaded, val_rows, predict_safe)
     t0 = time.perf_counter()
     test = ensemble_scores(member_scores(loaded, recipe, conversations, predict_safe, " (test)"), wanted)
     return {"group": "ensemble", "test": test, "calibration": {k: calib[k] for k in wanted},
             "seconds": time.perf_counter() - t0}
 
 
-__all__ = ["ENSEMBLE_DETECTORS", "FUNCTIONS", "MEMBER_PREFIX", "ensemble_disagreement", "ensemble_mean",
-           "ensemble_min", "ensemble_scores", "member_adapters", "member_dirs", "member_scores",
-           "score_for_eval", "sigmoid"]
+__all__ = ["ENSEMBLE_DETECTORS", "FUNCTIONS", "MEMBER_PREFIX", "adapter_scores", "calibration",
+           "ensemble_disagreement", "ensemble_mean", "ensemble_min", "ensemble_scores", "member_adapters",
+           "member_dirs", "member_scores", "score_for_eval", "sigmoid"]
