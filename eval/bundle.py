@@ -38,8 +38,10 @@ from mood_data import atomic
 from mood_data.errors import BundleError, DataError
 from mood_data.readers import jsonl_rows, read_json
 
-from .monitor import (FEATURE_DETECTORS, Loaded, ScoreSettings, adapter_dirs, evaluate_recipe, fit_detectors,
-                      fit_fusion, load_stats, parse_monitor, read_calibration, run_root, score_rows)
+from .detectors.ensemble import member_names
+from .monitor import (FEATURE_DETECTORS, Loaded, ScoreSettings, adapter_dirs, evaluate_recipe, extra_detector_scores,
+                      fit_detectors, fit_fusion, load_backbone, load_stats, parse_monitor, read_calibration, run_root,
+                      score_rows, split_detectors)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -81,11 +83,16 @@ def verify_manifest(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- export
+def _copy_adapter(src: Path, dst: Path) -> None:
+    """The adapter files of ``src`` (config + safetensors weights, nothing else) into ``dst``."""
+    dst.mkdir(parents=True)
+    for f in ADAPTER_FILES:
+        shutil.copy2(Path(src) / f, dst / f)
+
+
 def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
                   predict_safe: bool = False) -> Path:
     """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed)."""
-    from train.modeling import load_tokenizer, resolve_model
-
     detectors = parse_monitor(monitor)
     monitor = "+".join(detectors)
     guard_dir, lm_dir = adapter_dirs(recipe)
@@ -96,76 +103,48 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     meta_path = eval_dir / "meta.json"
     fresh = apath.is_file() and meta_path.is_file() and \
         read_json(meta_path, BundleError).get("predict_safe", False) == predict_safe
+    loaded = load_backbone(recipe, guard_dir, lm_dir)  # once, for evaluate, fit and the extra detectors
     if not fresh:
-        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe)
+        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe, loaded=loaded)
     analysis = read_json(apath, BundleError)
-    fitted = fit_detectors(recipe, source=source, predict_safe=predict_safe)  # cache hits after evaluate
+    fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe)  # cache hits after evaluate
     calib, malign, domains = read_calibration(fitted["calibration"])
     from mood_data.domains import load_registry
 
-    ens = [d for d in detectors if d.startswith("ensemble-")]
-    jud = [d for d in detectors if d.startswith("judge")]
-    members: list[Path] = []
-    judge = rubrics = None
-    if ens or jud:  # their ID-validation scores (cache hits after evaluate) join the fusion's
-        from .monitor import load_backbone, load_train_slices
-
-        loaded = load_backbone(recipe)
-        train_rows, val_rows = load_train_slices(recipe, source)
-        if ens:
-            from .detectors.ensemble import calibration as ensemble_calibration
-            from .detectors.ensemble import member_dirs
-
-            members = member_dirs(recipe.output_dir, recipe.guard.seeds)
-            calib.update({k: v for k, v in ensemble_calibration(recipe, loaded, val_rows, predict_safe).items()
-                          if k in ens})
-        if jud:
-            from .judge import RUBRIC_OF, load_judge, recipe_rubrics
-            from .judge import calibration as judge_calibration
-
-            judge = load_judge(recipe, loaded, train_rows)
-            rubrics = recipe_rubrics(recipe, sorted({RUBRIC_OF[d] for d in jud}))
-            calib.update(judge_calibration(recipe, judge, rubrics, jud, val_rows))
+    # ensemble / judge: ID-validation scores (cache hits after evaluate) and what they were scored with
+    extras = {e["group"]: e for e in extra_detector_scores(recipe, loaded, detectors, None, source, predict_safe)}
+    for e in extras.values():
+        calib.update(e["calibration"])
     fusion = fit_fusion(recipe.eval.fusion, calib, malign, domains, detectors, load_registry(recipe.data.registry))
     settings = ScoreSettings.from_recipe(recipe, predict_safe)
     out_dir = Path(out_dir)
     extra_spec: dict[str, Any] = {}
     with atomic.atomic_dir(out_dir) as tmp:
-        if members:
-            names = []
-            for d in members:
-                if d.resolve() == Path(guard_dir).resolve():
-                    names.append("guard")
-                    continue
-                (tmp / "members" / d.name).mkdir(parents=True)
-                for f in ADAPTER_FILES:
-                    shutil.copy2(d / f, tmp / "members" / d.name / f)
-                names.append(d.name)
+        if "ensemble" in extras:
+            members = extras["ensemble"]["members"]
+            names = member_names(members, guard_dir)
+            for d, name in zip(members, names):
+                if name != "guard":  # the anchor is guard/ itself
+                    _copy_adapter(d, tmp / "members" / name)
             extra_spec["ensemble"] = {"members": names}
-        if judge is not None:
+        if "judge" in extras:
+            judge, rubrics = extras["judge"]["judge"], extras["judge"]["rubrics"]
             jdir = tmp / "judge"
             (jdir / "rubrics").mkdir(parents=True)
             if judge.adapter_dir is not None:
-                (jdir / "adapter").mkdir()
-                for f in ADAPTER_FILES:
-                    shutil.copy2(judge.adapter_dir / f, jdir / "adapter" / f)
+                _copy_adapter(judge.adapter_dir, jdir / "adapter")
             judge.tokenizer.save_pretrained(jdir / "tokenizer")
             for name, rub in rubrics.items():
                 shutil.copy2(rub.path, jdir / "rubrics" / f"{name}.yaml")
-            same_base = judge.backbone is loaded.backbone
             extra_spec["judge"] = {
-                "model": None if same_base else judge.model, "adapter": judge.adapter_dir is not None,
-                "max_length": judge.max_length, "rubrics": sorted(rubrics),
-                "shots": [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in s.items()} for s in judge.shots],
+                "model": None if judge.backbone is loaded.backbone else judge.model,
+                "adapter": judge.adapter_dir is not None, "max_length": judge.max_length,
+                "rubrics": sorted(rubrics), "shots": list(judge.shots),
             }
         for name, src in (("guard", guard_dir), ("lm", lm_dir if "ppl" in detectors else None)):
             if src is not None:
-                (tmp / name).mkdir()
-                for f in ADAPTER_FILES:
-                    shutil.copy2(src / f, tmp / name / f)
-        base = resolve_model(recipe.model)
-        tok_src = recipe.tokenizer or (guard_dir if (guard_dir / "tokenizer_config.json").is_file() else base)
-        load_tokenizer(tok_src, trust_remote_code=recipe.trust_remote_code).save_pretrained(tmp / "tokenizer")
+                _copy_adapter(src, tmp / name)
+        loaded.tokenizer.save_pretrained(tmp / "tokenizer")  # the one the scores were computed with
         stats = {}
         for kind in FEATURE_DETECTORS:
             if kind in detectors:
@@ -293,11 +272,10 @@ class Monitor:
         t0 = time.perf_counter()
         truncated: list[int] = []
         names = self.fusion.detectors
-        base = [d for d in names if not d.startswith(("ensemble-", "judge"))]
+        base, ens, jud = split_detectors(names)
         raw: dict[str, np.ndarray] = {}
         if base:
             raw, _ = score_rows(self.loaded, conversations, self.detectors, base, self.settings, truncated=truncated)
-        ens = [d for d in names if d.startswith("ensemble-")]
         if ens:
             from .detectors.ensemble import adapter_scores, ensemble_scores
 
@@ -305,7 +283,6 @@ class Monitor:
                                      max_length=self.settings.max_length, batch_size=self.settings.batch_size,
                                      predict_safe=self.settings.predict_safe)
             raw.update(ensemble_scores(members, ens))
-        jud = [d for d in names if d.startswith("judge")]
         if jud:
             from .judge import judge_scores
 

@@ -394,18 +394,22 @@ def calibration(recipe, judge: Judge, rubrics: Mapping[str, Rubric], wanted: Seq
     return calib
 
 
-def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequence[str], train_rows, val_rows) -> dict:
-    """Test scores + cached ID-validation scores of the wanted judge detectors (see
+def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequence[str] | None, train_rows,
+                   val_rows) -> dict:
+    """Cached ID-validation scores of the wanted judge detectors, the loaded judge and its
+    rubrics, and (unless ``conversations`` is None) their test scores (see
     :func:`eval.monitor.extra_detector_scores`). Shots come from ``train_rows`` (train slice)."""
     import time
 
     judge = load_judge(recipe, loaded, train_rows)
     rubrics = recipe_rubrics(recipe, sorted({RUBRIC_OF[d] for d in wanted}))
-    calib = calibration(recipe, judge, rubrics, wanted, val_rows)
-    t0 = time.perf_counter()
-    test, info = judge_scores(judge, rubrics, wanted, conversations, recipe.eval.batch_size, " (test)")
-    return {"group": "judge", "test": test, "calibration": calib, "seconds": time.perf_counter() - t0,
-            "info": info}
+    out = {"group": "judge", "calibration": calibration(recipe, judge, rubrics, wanted, val_rows),
+           "judge": judge, "rubrics": rubrics}
+    if conversations is not None:
+        t0 = time.perf_counter()
+        out["test"], out["info"] = judge_scores(judge, rubrics, wanted, conversations, recipe.eval.batch_size, " (test)")
+        out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 __all__ = [

@@ -26,13 +26,16 @@ import numpy as np
 
 from mood_data import atomic
 from mood_data.errors import BundleError, RecipeError
+from mood_data.readers import read_json
 
+from .detectors.ensemble import ENSEMBLE_DETECTORS
 from .forward import GuardBatch, SharedBackbone, adapter_hash, encode, guard_pass
+from .judge import JUDGE_DETECTORS
 from .perplexity import perplexity_pass
 
 DETECTORS = ("guard", "maha", "ppl", "knn", "energy", "maxlogit")
 # scored outside the one guard/LM pass (eval/detectors/ensemble.py, eval/judge.py)
-EXTRA_DETECTORS = ("ensemble-mean", "ensemble-min", "ensemble-disagreement", "judge", "judge-uncertainty")
+EXTRA_DETECTORS = ENSEMBLE_DETECTORS + JUDGE_DETECTORS
 ALL_DETECTORS = DETECTORS + EXTRA_DETECTORS
 FEATURE_DETECTORS = ("maha", "knn")
 STATS_VERSION = 1
@@ -46,6 +49,13 @@ def parse_monitor(name: str) -> tuple[str, ...]:
         raise RecipeError(f"monitor {name!r}: expected detectors from {', '.join(ALL_DETECTORS)} joined by '+' "
                           f"(no repeats){'; unknown: ' + ', '.join(bad) if bad else ''}")
     return parts
+
+
+def split_detectors(names: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
+    """``(one-pass detectors, ensemble detectors, judge detectors)`` among ``names``, order kept."""
+    names = list(names)
+    return ([n for n in names if n in DETECTORS], [n for n in names if n in ENSEMBLE_DETECTORS],
+            [n for n in names if n in JUDGE_DETECTORS])
 
 
 def parse_monitors(names: Iterable[str] | str) -> list[str]:
@@ -328,7 +338,7 @@ def read_calibration(d: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[s
     from safetensors.numpy import load_file
 
     t = load_file(str(d / "scores.safetensors"))
-    meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+    meta = read_json(d / "meta.json", BundleError)
     malign = t.pop("malign").astype(np.int64)
     return t, malign, meta["domains"]
 
@@ -348,13 +358,14 @@ def cached_scores(recipe, kind: str, parts: dict, compute) -> dict[str, np.ndarr
     return scores
 
 
-def extra_detector_scores(recipe, loaded: Loaded, needed: Sequence[str], conversations: Sequence[str], source=None,
-                          predict_safe: bool = False) -> list[dict]:
-    """Ensemble and judge detectors among ``needed``: per group ``{"group", "test": {name:
-    scores}, "calibration": {name: ID-validation scores}, "seconds"}`` (test scoring time)."""
+def extra_detector_scores(recipe, loaded: Loaded, needed: Sequence[str], conversations: Sequence[str] | None,
+                          source=None, predict_safe: bool = False) -> list[dict]:
+    """Ensemble and judge detectors among ``needed``: per group ``{"group", "calibration":
+    {name: ID-validation scores}, "test": {name: scores}, "seconds"}`` (test scoring time; no
+    ``test`` / ``seconds`` when ``conversations`` is None) plus what the group was scored with
+    (ensemble: ``members``, the member folders; judge: ``judge``, ``rubrics``)."""
     out = []
-    ens = [d for d in needed if d.startswith("ensemble-")]
-    jud = [d for d in needed if d.startswith("judge")]
+    _, ens, jud = split_detectors(needed)
     if ens or jud:
         train_rows, val_rows = load_train_slices(recipe, source)
     if ens:
@@ -408,7 +419,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     dets = {k: {layer: load_stats(p, k) for layer, p in v.items()} for k, v in fitted["stats"].items()}
     cut: list[int] = []
     detector_seconds: dict[str, float] = {}  # wall time of each pass over the test rows
-    scores, n_trunc = score_rows(loaded, test["conversation"], dets, [d for d in needed if d in DETECTORS],
+    scores, n_trunc = score_rows(loaded, test["conversation"], dets, split_detectors(needed)[0],
                                  ScoreSettings.from_recipe(recipe, predict_safe), desc=" (test)", truncated=cut,
                                  seconds=detector_seconds)
     calib, cal_malign, cal_domains = read_calibration(fitted["calibration"])
@@ -444,5 +455,5 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
 __all__ = [
     "DETECTORS", "Loaded", "ScoreSettings", "adapter_dirs", "cache_key", "calibration_scores", "evaluate_recipe", "fingerprint",
     "fit_detectors", "fit_feature_detectors", "fit_fusion", "guard_scores", "load_backbone", "load_stats",
-    "load_train_slices", "parse_monitor", "parse_monitors", "read_calibration", "score_rows",
+    "load_train_slices", "parse_monitor", "parse_monitors", "read_calibration", "score_rows", "split_detectors",
 ]

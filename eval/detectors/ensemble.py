@@ -83,17 +83,21 @@ def member_dirs(run_root: str | Path, seeds: Sequence[int]) -> list[Path]:
     return dirs
 
 
+def member_names(dirs: Sequence[Path], guard_dir: str | Path) -> list[str]:
+    """Adapter name of each member folder: ``guard`` for the anchor (the run's guard adapter),
+    the folder name (``guard-seed<S>``) for every other member."""
+    anchor = Path(guard_dir).resolve()
+    return ["guard" if Path(d).resolve() == anchor else Path(d).name for d in dirs]
+
+
 def member_adapters(loaded, recipe) -> list[str]:
     """Adapter names of the ensemble members on ``loaded.backbone``: the anchor guard is
     ``guard``; every other member is added ONCE as ``guard-seed<S>`` on the same base."""
-    names = []
-    for d in member_dirs(recipe.output_dir, recipe.guard.seeds):
-        if d.resolve() == Path(loaded.guard_dir).resolve():
-            names.append("guard")
-            continue
-        if d.name not in loaded.backbone.heads:
-            loaded.backbone.add_adapter(d.name, d, head=True)
-        names.append(d.name)
+    dirs = member_dirs(recipe.output_dir, recipe.guard.seeds)
+    names = member_names(dirs, loaded.guard_dir)
+    for d, name in zip(dirs, names):
+        if name != "guard" and name not in loaded.backbone.heads:
+            loaded.backbone.add_adapter(name, d, head=True)
     return names
 
 
@@ -130,19 +134,23 @@ def calibration(recipe, loaded, val_rows, predict_safe: bool = False) -> dict[st
         member_scores(loaded, recipe, list(val_rows["conversation"]), predict_safe, " (ID validation)")))
 
 
-def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequence[str], val_rows,
+def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequence[str] | None, val_rows,
                    predict_safe: bool = False) -> dict:
-    """Test scores + cached ID-validation scores of the wanted ensemble detectors
-    (see :func:`eval.monitor.extra_detector_scores`)."""
+    """Cached ID-validation scores of the wanted ensemble detectors, the member folders, and
+    (unless ``conversations`` is None) their test scores (see
+    :func:`eval.monitor.extra_detector_scores`)."""
     import time
 
     calib = calibration(recipe, loaded, val_rows, predict_safe)
-    t0 = time.perf_counter()
-    test = ensemble_scores(member_scores(loaded, recipe, conversations, predict_safe, " (test)"), wanted)
-    return {"group": "ensemble", "test": test, "calibration": {k: calib[k] for k in wanted},
-            "seconds": time.perf_counter() - t0}
+    out = {"group": "ensemble", "calibration": {k: calib[k] for k in wanted},
+           "members": member_dirs(recipe.output_dir, recipe.guard.seeds)}
+    if conversations is not None:
+        t0 = time.perf_counter()
+        out["test"] = ensemble_scores(member_scores(loaded, recipe, conversations, predict_safe, " (test)"), wanted)
+        out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 __all__ = ["ENSEMBLE_DETECTORS", "FUNCTIONS", "MEMBER_PREFIX", "adapter_scores", "calibration",
            "ensemble_disagreement", "ensemble_mean", "ensemble_min", "ensemble_scores", "member_adapters",
-           "member_dirs", "member_scores", "score_for_eval", "sigmoid"]
+           "member_dirs", "member_names", "member_scores", "score_for_eval", "sigmoid"]
