@@ -341,6 +341,15 @@ class _Mismatch(Exception):
     pass
 
 
+_PLAIN: dict[Any, Any] = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    dict: lambda v: isinstance(v, dict),
+}
+
+
 def _convert(value: Any, tp: Any, dotted: str, origin: Mapping[str, str], fallback: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return the converted value."""
     org = typing.get_origin(tp)
@@ -364,16 +373,8 @@ def _convert(value: Any, tp: Any, dotted: str, origin: Mapping[str, str], fallba
             raise _Mismatch
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{dotted}[{i}]", origin, fallback) for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    if tp in _PLAIN:  # taken as they are when the YAML type matches exactly (bool is no int)
+        if _PLAIN[tp](value):
             return value
         raise _Mismatch
     if tp is float:
@@ -384,14 +385,6 @@ def _convert(value: Any, tp: Any, dotted: str, origin: Mapping[str, str], fallba
                 return float(value)
             except ValueError:
                 raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if tp is dict:
-        if isinstance(value, dict):
-            return value
         raise _Mismatch
     raise TypeError(f"unsupported annotation {tp!r}")  # pragma: no cover - schema bug
 
