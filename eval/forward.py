@@ -68,6 +68,8 @@ def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistan
     out_ids: list[np.ndarray] = []
     truncated: list[int] = []
     mask: list[np.ndarray] | None = [] if assistant_only else None
+    if assistant_only:
+        from .perplexity import assistant_char_spans
     for start in range(0, len(texts), chunk):
         part = texts[start:start + chunk]
         enc = tokenizer(part, add_special_tokens=True, truncation=False,
@@ -77,8 +79,6 @@ def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistan
                 truncated.append(start + j)
             out_ids.append(np.asarray(x[-max_length:], dtype=np.int32))
         if mask is not None:
-            from .perplexity import assistant_char_spans
-
             for text, offsets in zip(part, enc["offset_mapping"]):
                 spans = assistant_char_spans(text)
                 row = [int(e > s and any(a <= s < b for a, b in spans)) for s, e in offsets]

@@ -203,7 +203,9 @@ def score_rows(loaded: Loaded, conversations: Sequence[str], detectors: dict[str
     """
     seconds = {} if seconds is None else seconds
     wanted = list(dict.fromkeys(wanted))
-    enc = encode(loaded.tokenizer, conversations, settings.max_length)
+    # one tokenisation for both passes (the assistant-token mask only when perplexity needs it)
+    enc = encode(loaded.tokenizer, conversations, settings.max_length,
+                 assistant_only=settings.assistant_only and "ppl" in wanted)
     if truncated is not None:
         truncated.extend(enc.truncated)
     feats = {k: v for k, v in detectors.items() if k in wanted}
@@ -220,9 +222,7 @@ def score_rows(loaded: Loaded, conversations: Sequence[str], detectors: dict[str
         seconds["guard"] = time.perf_counter() - t0
     if "ppl" in wanted:
         t0 = time.perf_counter()
-        lm_enc = encode(loaded.tokenizer, conversations, settings.max_length, assistant_only=True) \
-            if settings.assistant_only else enc
-        out["ppl"] = perplexity_pass(loaded.backbone, lm_enc, batch_size=settings.batch_size, desc=f"LM forward{desc}")
+        out["ppl"] = perplexity_pass(loaded.backbone, enc, batch_size=settings.batch_size, desc=f"LM forward{desc}")
         seconds["ppl"] = time.perf_counter() - t0
     return {w: out[w] for w in wanted}, enc.n_truncated
 

@@ -158,3 +158,27 @@ def test_fused_perplexity_equals_plain_full_logits(tiny_model_dir, tiny_adapters
     assert np.allclose(ppl, ref, rtol=1e-4)
     # switching adapters really switches: the guard adapter is not active during the LM pass
     assert backbone.has_lm and backbone.has_guard
+
+
+def test_score_rows_assistant_only_tokenises_once_and_matches_separate_passes(tiny_adapters, backbone,
+                                                                              tiny_tokenizer, monkeypatch):
+    """guard + ppl with assistant-only perplexity: ONE tokenisation serves both passes, and the
+    scores equal a guard pass on plain ids and a perplexity pass on masked ids."""
+    from eval import monitor
+    from eval.monitor import Loaded, ScoreSettings, guard_scores, score_rows
+
+    guard_dir, lm_dir = tiny_adapters
+    loaded = Loaded(backbone, tiny_tokenizer, guard_dir, lm_dir, "g", "l")
+    settings = ScoreSettings(max_length=64, batch_size=4, assistant_only=True)
+    calls = []
+    real_encode = monitor.encode
+    monkeypatch.setattr(monitor, "encode", lambda *a, **k: calls.append(k) or real_encode(*a, **k))
+    got, _ = score_rows(loaded, CONVS, {}, ["guard", "ppl"], settings)
+    assert calls == [{"assistant_only": True}]
+    ref_guard = guard_scores(guard_pass(backbone, encode(tiny_tokenizer, CONVS, 64), batch_size=4))
+    ref_ppl = perplexity_pass(backbone, encode(tiny_tokenizer, CONVS, 64, assistant_only=True), batch_size=4)
+    assert np.allclose(got["guard"], ref_guard, atol=1e-6)
+    assert np.allclose(got["ppl"], ref_ppl, rtol=1e-6, equal_nan=True)
+    calls.clear()
+    score_rows(loaded, CONVS, {}, ["guard"], settings)  # no perplexity: no mask computed
+    assert calls == [{"assistant_only": False}]
