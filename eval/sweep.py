@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,32 +363,13 @@ def emit_slurm(sweep: Sweep, stages: list[Stage], out_dir: Path, workdir: Path |
 
 # --------------------------------------------------------------------------- running
 def _run_train(stage: Stage, recipe, monitors) -> None:
-    from train.launch import train_members_parallel, trains_in_parallel
+    """The stage's adapter, trained as `moodguard train` would (parallel members, accelerate
+    launch, or in this process)."""
+    from train.launch import run_training
 
-    kind = stage.stage.removeprefix("train-")
-    if trains_in_parallel(recipe, kind):  # seed members at once, one process each
-        train_members_parallel(kind, recipe, stage.recipe_path, stage.overrides)
-        return
-    if stage.accelerate_config:  # multi-process training: the same command a slurm job runs
-        cmd = stage_command(stage)
-        from train.recipe import REPO_ROOT
-
-        res = subprocess.run(cmd, cwd=REPO_ROOT)
-        if res.returncode != 0:
-            raise RuntimeError(f"{stage.id}: {' '.join(cmd[:3])} exited with {res.returncode}")
-        return
-    if stage.stage == "train-guard":
-        from train.guard import train_guard
-
-        train_guard(recipe)
-    elif stage.stage == "train-judge":
-        from train.judge import train_judge
-
-        train_judge(recipe)
-    else:
-        from train.lm import train_lm
-
-        train_lm(recipe)
+    rc = run_training(stage.stage.removeprefix("train-"), recipe, stage.recipe_path, stage.overrides)
+    if rc != 0:
+        raise RuntimeError(f"{stage.id}: training exited with {rc}")
 
 
 def _run_fit(stage: Stage, recipe, monitors) -> None:

@@ -42,27 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if args.accelerate_config is not None:
         overrides.append(f"accelerate.config={'null' if args.accelerate_config == 'none' else args.accelerate_config}")
     recipe = load_recipe(args.recipe, overrides)  # validate before launching anything
-    from .launch import train_members_parallel, trains_in_parallel
+    from .launch import adapter_folders, run_training
 
-    if trains_in_parallel(recipe, args.kind):  # <kind>.parallel_members > 1: one process per member
-        print(train_members_parallel(args.kind, recipe, args.recipe, overrides, args.resume))
-        return 0
-    if recipe.accelerate.config is not None:
-        from .launch import relaunch
-
-        argv = ["--recipe", args.recipe, *(["--resume"] if args.resume else []), *overrides]
-        return relaunch(recipe.accelerate.config, f"train.{args.kind}", argv, recipe.accelerate.num_processes)
-    from .launch import end_distributed
-
-    if args.kind == "guard":
-        from .guard import train_guard as train_fn
-    elif args.kind == "judge":
-        from .judge import train_judge as train_fn
-    else:
-        from .lm import train_lm as train_fn
-    try:
-        out = train_fn(recipe, args.resume)
-    finally:
-        end_distributed()
-    print(out)
-    return 0
+    rc = run_training(args.kind, recipe, args.recipe, overrides, args.resume)
+    if rc == 0:
+        print("\n".join(str(p) for p in adapter_folders(recipe, args.kind)))
+    return rc

@@ -160,12 +160,47 @@ def train_members_parallel(kind: str, recipe: Recipe, recipe_path: str | os.Path
         seed, rc, log = failed[0]
         tail = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()][-1:]
         raise RuntimeError(f"{kind} member seed {seed} exited with {rc} (log: {log}){': ' + tail[0] if tail else ''}")
-    return [out_root / adapter_dirname(kind, seeds, s) for s in seeds]
+    return adapter_folders(recipe, kind)
 
 
 def trains_in_parallel(recipe: Recipe, kind: str) -> bool:
     sec = recipe.section(kind)
     return sec.parallel_members > 1 and len(sec.seeds) > 1
+
+
+def adapter_folders(recipe: Recipe, kind: str) -> list[Path]:
+    """The final adapter folders training ``kind`` writes (one per seed)."""
+    seeds = recipe.section(kind).seeds
+    return [Path(recipe.output_dir) / adapter_dirname(kind, seeds, s) for s in seeds]
+
+
+def train_in_process(kind: str, recipe: Recipe, resume: bool = False, only_seeds: Sequence[int] | None = None) -> Path:
+    """``train.guard`` / ``train.lm`` / ``train.judge`` in this process; the first adapter folder."""
+    if kind == "guard":
+        from .guard import train_guard as train_fn
+    elif kind == "judge":
+        from .judge import train_judge as train_fn
+    else:
+        from .lm import train_lm as train_fn
+    return train_fn(recipe, resume, only_seeds)
+
+
+def run_training(kind: str, recipe: Recipe, recipe_path: str | os.PathLike, overrides: Sequence[str],
+                 resume: bool = False) -> int:
+    """Train ``kind`` the way the recipe asks (what ``moodguard train`` and sweep stages run):
+    seed members in parallel processes (``<kind>.parallel_members > 1``), else re-executed under
+    ``accelerate launch`` (``accelerate.config``), else in this process. Returns the exit status."""
+    if trains_in_parallel(recipe, kind):
+        train_members_parallel(kind, recipe, recipe_path, overrides, resume)
+        return 0
+    if recipe.accelerate.config is not None:
+        argv = ["--recipe", str(recipe_path), *(["--resume"] if resume else []), *overrides]
+        return relaunch(recipe.accelerate.config, f"train.{kind}", argv, recipe.accelerate.num_processes)
+    try:
+        train_in_process(kind, recipe, resume)
+    finally:
+        end_distributed()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
