@@ -28,7 +28,7 @@ from benchmarks.common import REPO  # noqa: E402  (also sets the offline environ
 
 def child(argv: list[str]) -> int:
     """Run one moodguard command in this process; print its peak RSS (MiB) as JSON last."""
-    from mood_data.cli import main
+    from moodguard.cli import main
 
     code = main(argv)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

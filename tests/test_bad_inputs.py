@@ -3,7 +3,7 @@
 Each error case must: exit 2, print exactly ONE stderr line ``moodguard <cmd>: error: ...``
 naming file / row / field (the case's substrings), show no traceback, and leave no partial
 output (the working folder, the fitted run folder and the bundle are unchanged). A few cases
-also run in a subprocess (``python -m mood_data.cli``) to prove no traceback reaches the user.
+also run in a subprocess (``python -m moodguard.cli``) to prove no traceback reaches the user.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mood_data.cli import main as moodguard
+from moodguard.cli import main as moodguard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,7 +154,7 @@ def test_case_in_subprocess_has_no_traceback(case_env, tmp_path):
     case, subs, watched = case_env
     before = [snapshot(w) for w in watched]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "mood_data.cli", *fill(case["argv"], subs)], cwd=watched[0],
+    proc = subprocess.run([sys.executable, "-m", "moodguard.cli", *fill(case["argv"], subs)], cwd=watched[0],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     check_error_line(proc.stderr, case, case["argv"][0])

@@ -37,7 +37,7 @@ def test_export_layout_and_round_trip(bundle):
 
 
 def test_cli_score_messages_and_conversation_rows(bundle, tmp_path, capsys):
-    from mood_data.cli import main
+    from moodguard.cli import main
     from mood_data.render import render
 
     folder, _, _ = bundle
@@ -61,7 +61,7 @@ def test_tampered_or_missing_files_raise_bundle_error(bundle, tmp_path, capsys):
     import shutil
 
     from eval.bundle import Monitor
-    from mood_data.cli import main
+    from moodguard.cli import main
     from mood_data.errors import BundleError
 
     folder, _, _ = bundle

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_rows, write_jsonl
 
 import mood_data.embedded as embedded
-from mood_data.cli import main
+from moodguard.cli import main
 from mood_data.stats import ALL, StatRow, compute_stats, length_summary, token_lengths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "mood_data.cli", "data", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "moodguard.cli", "data", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=120)
 
 

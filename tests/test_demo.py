@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mood_data.cli import main as moodguard
+from moodguard.cli import main as moodguard
 from mood_data.domains import ID_DOMAINS, OOD_DOMAINS
 
 SIZES = ("tiny-s", "tiny-m", "tiny-l")

@@ -70,7 +70,7 @@ def test_monitor_names_parse():
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
     from eval.monitor import evaluate_recipe
-    from mood_data.cli import main as moodguard
+    from moodguard.cli import main as moodguard
     from train.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("ensemble_run")

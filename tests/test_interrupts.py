@@ -25,7 +25,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from mood_data.atomic import KILL_ENV
-from mood_data.cli import main as moodguard
+from moodguard.cli import main as moodguard
 from test_forward import make_adapters
 from test_monitor import write_recipe
 from test_train_distributed import env as subprocess_env
@@ -43,7 +43,7 @@ VOLATILE = {"seconds", "detector_seconds", "seconds_per_conversation", "latency_
 def killed(argv: list[str], at: str, cwd: Path) -> None:
     """Run ``moodguard argv`` in a subprocess that SIGKILLs itself at commit ``at``."""
     env = {**subprocess_env(), KILL_ENV: at, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mood_data.cli", *argv], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "moodguard.cli", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, f"not killed at {at}: rc={proc.returncode}\n{proc.stderr[-2000:]}"
 

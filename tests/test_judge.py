@@ -114,7 +114,7 @@ def test_shots_come_from_the_train_split_only(tiny_dataset_dir):
 @pytest.fixture(scope="module")
 def judge_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
     from eval.monitor import evaluate_recipe
-    from mood_data.cli import main as moodguard
+    from moodguard.cli import main as moodguard
     from test_forward import make_adapters
     from train.recipe import load_recipe
 
@@ -210,7 +210,7 @@ def test_smollm2_instruct_judge(tiny_dataset_dir):
 
 
 def test_sweep_plans_train_judge_and_accepts_new_monitors(tmp_path):
-    from eval.sweep import load_sweep, plan_sweep, stage_command
+    from moodguard.sweep import load_sweep, plan_sweep, stage_command
 
     sweep = tmp_path / "s.yaml"
     sweep.write_text("name: j\nmonitors: [guard, ensemble-disagreement, guard+judge-uncertainty]\n"

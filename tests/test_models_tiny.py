@@ -254,7 +254,7 @@ def test_build_family_is_deterministic_and_loadable(tmp_path):
 # --- CLI ------------------------------------------------------------------------------------
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from mood_data.cli import main
+    from moodguard.cli import main
 
     assert main(["models", "build-tiny", "--sizes", "zz", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -265,7 +265,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_list(capsys, tmp_path, monkeypatch):
-    from mood_data.cli import main
+    from moodguard.cli import main
 
     _shipped_or_skip()
     monkeypatch.setenv("MOODGUARD_CACHE", str(tmp_path))

@@ -171,7 +171,7 @@ def test_fusion_fits_on_id_train_rows_only(evaluated, run_setup, monkeypatch, ti
 
 
 def test_cli_evaluate_table_and_errors(evaluated, run_setup, capsys, tmp_path):
-    from mood_data.cli import main
+    from moodguard.cli import main
 
     recipe_path, run = run_setup
     assert main(["evaluate", "--recipe", str(recipe_path), "--monitors", "guard,guard+maha", "--no-plots", "--n-boot", "10"]) == 0

@@ -25,7 +25,7 @@ def offline_env() -> dict:
 
 def moodguard_offline(argv: list[str], cwd: Path, timeout: int = 240) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mood_data.cli", *argv], cwd=cwd, env=offline_env(),
+    proc = subprocess.run([sys.executable, "-m", "moodguard.cli", *argv], cwd=cwd, env=offline_env(),
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - t0
 

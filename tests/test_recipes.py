@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mood_data.cli import main as moodguard
+from moodguard.cli import main as moodguard
 from mood_data.errors import RecipeError
 from train.data import SeededLengthGroupedSampler, padding_fraction, train_validation_split
 from train.recipe import RECIPES_DIR, display_path, gradient_accumulation_steps, list_recipes, load_recipe

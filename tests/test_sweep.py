@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import sweep as sw
+from moodguard import sweep as sw
 from mood_data.errors import RecipeError
 from train.recipe import RECIPES_DIR
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mood_data.cli import main as moodguard
+from moodguard.cli import main as moodguard
 from test_train_guard import write_tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, tiny_dataset_
     one = write_tiny_recipe(tmp_path / "one.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "one", guard__max_steps=4)
     two = write_tiny_recipe(tmp_path / "two.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "two", guard__max_steps=4)
     assert moodguard(["train", "guard", "--recipe", str(one)]) == 0  # 1 process x 8
-    cmd = [sys.executable, "-m", "mood_data.cli", "train", "guard", "--recipe", str(two),
+    cmd = [sys.executable, "-m", "moodguard.cli", "train", "guard", "--recipe", str(two),
            "--accelerate-config", "cpu", "--num-processes", "2", "guard.per_device_batch_size=4",
            "lm.per_device_batch_size=4"]
     proc = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from mood_data.cli import main as moodguard
+from moodguard.cli import main as moodguard
 from train.recipe import RECIPES_DIR, load_recipe
 
 TINY_FAMILY = RECIPES_DIR / "tiny" / "_family.yaml"

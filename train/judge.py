@@ -40,7 +40,7 @@ def build_judge_model(recipe: Recipe, tokenizer):
 def sft_rows(rows, tokenizer, rubrics, shots, max_length: int, where: str = "judge") -> dict[str, list]:
     """input_ids / attention_mask / labels (-100 except the answer) / length for every
     (row, rubric); the prompt leaves one position for the answer token."""
-    from eval.judge import answer_token_ids, assemble, judge_view, prompt_parts
+    from .judge_prompts import answer_token_ids, assemble, judge_view, prompt_parts
 
     shot_ids = {s["id"] for s in shots}
     keep = [i for i, x in enumerate(rows["id"]) if x not in shot_ids]
@@ -64,7 +64,7 @@ def sft_rows(rows, tokenizer, rubrics, shots, max_length: int, where: str = "jud
 def build_judge_datasets(recipe: Recipe, tokenizer):
     import datasets
 
-    from eval.judge import recipe_rubrics, select_shots
+    from .judge_prompts import recipe_rubrics, select_shots
 
     from .data import load_train_split, train_validation_split
 

@@ -84,8 +84,8 @@ class JudgeSection(TrainSection):
     enabled: bool = False  # SFT training of a judge LoRA (moodguard train judge)
     model: str | None = None  # any instruct model (path / hub id); null = the recipe's model
     adapter: str | None = None  # a judge LoRA; null = <run>/judge when it exists
-    alignment_rubric: str | None = None  # YAML file; null = eval/rubrics/alignment.yaml
-    uncertainty_rubric: str | None = None  # YAML file; null = eval/rubrics/uncertainty.yaml
+    alignment_rubric: str | None = None  # YAML file; null = train/rubrics/alignment.yaml
+    uncertainty_rubric: str | None = None  # YAML file; null = train/rubrics/uncertainty.yaml
     train_rubrics: list[str] = field(default_factory=lambda: ["alignment", "uncertainty"])
     n_shots: int = 2  # few-shot examples from the ID train slice
     shot_seed: int = 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_fit import add_recipe_arguments, recipe_from_args
+from .cli_common import add_recipe_arguments, recipe_from_args
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args) -> int:
-    from .bundle import export_bundle
+    from eval.bundle import export_bundle
 
     out = export_bundle(recipe_from_args(args), args.out, args.monitor, source=args.source,
                         predict_safe=args.predict_safe)
@@ -34,7 +34,7 @@ def run_score(args) -> int:
     import json
     import sys
 
-    from .bundle import Monitor, read_conversations, score_file
+    from eval.bundle import Monitor, read_conversations, score_file
 
     rows_in = read_conversations(args.input)  # input errors before the (slow) model load
     monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from .recipe import load_recipe
+from train.recipe import load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.accelerate_config is not None:
         overrides.append(f"accelerate.config={'null' if args.accelerate_config == 'none' else args.accelerate_config}")
     recipe = load_recipe(args.recipe, overrides)  # validate before launching anything
-    from .launch import adapter_folders, run_training
+    from train.launch import adapter_folders, run_training
 
     rc = run_training(args.kind, recipe, args.recipe, overrides, args.resume)
     if rc == 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mood_data.errors import MoodguardError, RecipeError
 
-from .recipe import RECIPES_DIR, display_path, list_recipes, load_recipe
+from train.recipe import RECIPES_DIR, display_path, list_recipes, load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_fit import add_recipe_arguments, recipe_from_args
+from .cli_common import add_recipe_arguments, recipe_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:
     """Compact per-domain TPR@fpr table: one row per group, one column per monitor."""
-    from .metrics import per_domain_table
+    from eval.metrics import per_domain_table
 
     rows = {m: {r["group"]: r["tpr"] for r in per_domain_table(a, fpr)} for m, a in analyses.items()}
     groups = list(dict.fromkeys(g for r in rows.values() for g in r))
@@ -38,7 +38,7 @@ def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:
 def run(args) -> int:
     import json
 
-    from .monitor import evaluate_recipe
+    from eval.monitor import evaluate_recipe
 
     recipe = recipe_from_args(args)
     folders = evaluate_recipe(recipe, monitors=args.monitors.split(",") if args.monitors else None,

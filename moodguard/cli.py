@@ -1,5 +1,7 @@
 """``moodguard`` command line: a thin dispatcher.
 
+The top layer: it names train/eval modules, nothing below names it.
+
 Each subcommand lives in its own module that defines ``add_arguments(parser)`` and
 ``run(args) -> int``. Only the chosen subcommand's module is imported, so ``moodguard data
 stats`` does not pay for importing torch-heavy training code.
@@ -11,23 +13,23 @@ import importlib
 import os
 import sys
 
-from .errors import MoodguardError
+from mood_data.errors import MoodguardError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("mood_data.cli_data", "build, validate and inspect MOOD datasets"),
-    "models": ("train.cli_models", "build the embedded tiny backbones; convert SmolLM2"),
-    "train": ("train.cli_train", "train a guard or causal-LM LoRA adapter from a recipe"),
-    "recipes": ("train.cli_recipes", "validate and show recipes"),
-    "fit": ("eval.cli_fit", "fit OOD detector statistics on the train split"),
-    "evaluate": ("eval.cli_evaluate", "evaluate monitors; write mood-bench run folders"),
-    "export": ("eval.cli_bundle", "export a monitor bundle"),
-    "score": ("eval.cli_bundle", "score conversations with a monitor bundle"),
-    "sweep": ("eval.cli_sweep", "run a scaling sweep over recipes"),
-    "chart": ("eval.cli_sweep", "chart recall vs parameter count for a sweep"),
-    "report": ("eval.cli_sweep", "HTML + markdown report for a run or sweep"),
-    "compare": ("eval.cli_sweep", "per-domain recall deltas between two runs"),
-    "demo": ("eval.cli_sweep", "the embedded end-to-end demo"),
+    "data": ("moodguard.cli_data", "build, validate and inspect MOOD datasets"),
+    "models": ("moodguard.cli_models", "build the embedded tiny backbones; convert SmolLM2"),
+    "train": ("moodguard.cli_train", "train a guard or causal-LM LoRA adapter from a recipe"),
+    "recipes": ("moodguard.cli_recipes", "validate and show recipes"),
+    "fit": ("moodguard.cli_fit", "fit OOD detector statistics on the train split"),
+    "evaluate": ("moodguard.cli_evaluate", "evaluate monitors; write mood-bench run folders"),
+    "export": ("moodguard.cli_bundle", "export a monitor bundle"),
+    "score": ("moodguard.cli_bundle", "score conversations with a monitor bundle"),
+    "sweep": ("moodguard.cli_sweep", "run a scaling sweep over recipes"),
+    "chart": ("moodguard.cli_sweep", "chart recall vs parameter count for a sweep"),
+    "report": ("moodguard.cli_sweep", "HTML + markdown report for a run or sweep"),
+    "compare": ("moodguard.cli_sweep", "per-domain recall deltas between two runs"),
+    "demo": ("moodguard.cli_sweep", "the embedded end-to-end demo"),
 }
 
 

@@ -7,9 +7,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import DataError
-from .load import SPLITS, LeakageWarning, infer_split, load_split_file, load_splits
-from .stats import StatRow, compute_stats
+from mood_data.errors import DataError
+from mood_data.load import SPLITS, LeakageWarning, infer_split, load_split_file, load_splits
+from mood_data.stats import StatRow, compute_stats
 
 BUILD_MODULE = "mood_data.build.cli"
 
@@ -105,7 +105,7 @@ def format_table(rows: Sequence[StatRow]) -> str:
 
 
 def _stats_tokenizer(name: str | None):
-    from .embedded import default_tokenizer_path, model_path
+    from mood_data.embedded import default_tokenizer_path, model_path
 
     if name is not None and name.lower() == "none":
         return None
@@ -141,7 +141,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from .domains import load_registry
+    from mood_data.domains import load_registry
 
     splits, leakage = load_source(args.source, split=args.split, domains=args.domains, template=args.template,
                                   allow_leakage=True)

@@ -1,4 +1,4 @@
-"""``moodguard sweep | chart | report | compare | demo`` (thin wrappers; logic in eval.sweep,
+"""``moodguard sweep | chart | report | compare | demo`` (thin wrappers; logic in moodguard.sweep,
 eval.scaling, eval.report, eval.compare)."""
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _sweep_and_dir(path: str, out: str | None):
 def run_sweep_command(sweep_path: str, out: str | None = None, emit: str | None = None, only: str | None = None,
                       runs=None, mark_done: bool = False, fpr: float | None = None, wandb: bool = False) -> Path:
     from . import sweep as sw
-    from .scaling import wandb_enabled
+    from eval.scaling import wandb_enabled
 
     sweep, out_dir = _sweep_and_dir(sweep_path, out)
     stages = sw.select(sw.plan_sweep(sweep, out_dir), only, runs)
@@ -77,7 +77,7 @@ def add_chart_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_chart(args) -> int:
-    from .scaling import log_chart_to_wandb, make_chart, wandb_enabled
+    from eval.scaling import log_chart_to_wandb, make_chart, wandb_enabled
 
     chart = make_chart(args.sweep_dir, fpr=args.fpr, guard_monitor=args.guard, reference=args.reference)
     print(chart.match.sentence() if chart.match else "no guard-alone monitor in the sweep: nothing to match")
@@ -97,7 +97,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args) -> int:
-    from .report import DEFAULT_GPU_HOUR_COST, write_report
+    from eval.report import DEFAULT_GPU_HOUR_COST, write_report
 
     cost = DEFAULT_GPU_HOUR_COST if args.gpu_hour_cost is None else args.gpu_hour_cost
     files = write_report(args.root, fpr=args.fpr, gpu_hour_cost=cost, out_dir=args.out)
@@ -116,7 +116,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args) -> int:
-    from .compare import compare_roots, format_deltas
+    from eval.compare import compare_roots, format_deltas
 
     deltas = compare_roots(args.old, args.new, fpr=args.fpr, n_boot=args.n_boot, seed=args.seed)
     print(format_deltas(deltas, args.fpr), end="")
