@@ -6,7 +6,7 @@
 
 Both trainers train the guard LoRA (``AutoModelForSequenceClassification`` + peft SEQ_CLS) on
 the SAME ``steps * global_batch_size`` rows with the same ``TrainingArguments`` (from
-``train.launch.training_arguments``: bf16 on CUDA, the recipe's accumulation and gradient
+``train.loop.training_arguments``: bf16 on CUDA, the recipe's accumulation and gradient
 checkpointing) and the same model (sdpa attention). Only the data path differs:
 
 * plain: dataset order (sequential sampler), ``DataCollatorWithPadding`` (pad to the batch max);
@@ -121,7 +121,7 @@ def build_model(recipe, tokenizer, random_init: bool):
 
 def make_trainer(ours: bool, model, args, ds: RowDataset, collator, callbacks, steps: int,
                  max_tokens: int | None = None, multiple: int | None = None):
-    from train.launch import make_trainer_class
+    from train.loop import make_trainer_class
 
     common = dict(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=callbacks)
     if ours:
@@ -146,7 +146,7 @@ def run_one(label: str, recipe, tokenizer, ds: RowDataset, random_init: bool, st
     from transformers import DataCollatorWithPadding, set_seed
 
     from train.data import guard_collator
-    from train.launch import training_arguments
+    from train.loop import training_arguments
     from train.modeling import count_parameters
 
     sec = recipe.guard

@@ -38,10 +38,16 @@ from mood_data import atomic
 from mood_data.errors import BundleError, DataError
 from mood_data.readers import jsonl_rows, read_json
 
+from train.data import train_validation_cut
+from train.detector_table import DETECTORS, parse_monitor
+
 from .detectors.ensemble import member_names
-from .monitor import (FEATURE_DETECTORS, Loaded, ScoreSettings, adapter_dirs, evaluate_recipe, extra_detector_scores,
-                      fit_detectors, fit_fusion, load_backbone, load_stats, parse_monitor, read_calibration, run_root,
-                      score_rows, split_detectors)
+
+from .backbone import Loaded, adapter_dirs, load_backbone, run_root
+from .cache import read_calibration
+from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
+from .monitor import evaluate_recipe, fit_fusion, split_detectors
+from .scoring import ScoreSettings, score_rows
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -96,23 +102,25 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     detectors = parse_monitor(monitor)
     monitor = "+".join(detectors)
     guard_dir, lm_dir = adapter_dirs(recipe)
-    if "ppl" in detectors and lm_dir is None:
-        raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (monitor {monitor!r} uses 'ppl')")
+    uses_lm = [d for d in detectors if DETECTORS[d].forward == "lm"]
+    if uses_lm and lm_dir is None:
+        raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (monitor {monitor!r} uses {uses_lm[0]!r})")
     eval_dir = run_root(recipe) / "eval" / monitor
     apath = eval_dir / "analysis.json"
     meta_path = eval_dir / "meta.json"
     fresh = apath.is_file() and meta_path.is_file() and \
         read_json(meta_path, BundleError).get("predict_safe", False) == predict_safe
     loaded = load_backbone(recipe, guard_dir, lm_dir)  # once, for evaluate, fit and the extra detectors
+    cut = train_validation_cut(recipe, source)  # once, likewise
     if not fresh:
-        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe, loaded=loaded)
+        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe, loaded=loaded, cut=cut)
     analysis = read_json(apath, BundleError)
-    fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe)  # cache hits after evaluate
+    fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe, cut=cut)  # cache hits after evaluate
     calib, malign, domains = read_calibration(fitted["calibration"])
     from mood_data.domains import load_registry
 
     # ensemble / judge: ID-validation scores (cache hits after evaluate) and what they were scored with
-    extras = {e["group"]: e for e in extra_detector_scores(recipe, loaded, detectors, None, source, predict_safe)}
+    extras = {e["group"]: e for e in extra_detector_scores(recipe, loaded, detectors, None, source, predict_safe, cut=cut)}
     for e in extras.values():
         calib.update(e["calibration"])
     fusion = fit_fusion(recipe.eval.fusion, calib, malign, domains, detectors, load_registry(recipe.data.registry))
@@ -141,7 +149,7 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
                 "adapter": judge.adapter_dir is not None, "max_length": judge.max_length,
                 "rubrics": sorted(rubrics), "shots": list(judge.shots),
             }
-        for name, src in (("guard", guard_dir), ("lm", lm_dir if "ppl" in detectors else None)):
+        for name, src in (("guard", guard_dir), ("lm", lm_dir if uses_lm else None)):
             if src is not None:
                 _copy_adapter(src, tmp / name)
         loaded.tokenizer.save_pretrained(tmp / "tokenizer")  # the one the scores were computed with
@@ -227,7 +235,7 @@ class Monitor:
         thresholds = read_json(folder / "thresholds.json", BundleError).get("thresholds")
         if not isinstance(thresholds, dict):
             raise BundleError(f"{folder / 'thresholds.json'}: field 'thresholds': missing")
-        lm = folder / "lm" if "ppl" in names else None
+        lm = folder / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
         dtype = spec.get("dtype", "float32")
         backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), folder / "guard", lm,
                                                   dtype="float32" if dtype == "auto" else dtype,

@@ -21,6 +21,7 @@ Everything here is a small function over tensors; :mod:`eval.monitor` wires them
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -52,6 +53,14 @@ class Encoded:
         return len(self.truncated)
 
 
+ASSISTANT_SPAN = re.compile(r"<start_of_turn>model\n(.*?)(?:<end_of_turn>|$)", re.S)
+
+
+def assistant_char_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the assistant turns (closing marker included)."""
+    return [(m.start(1), m.end()) for m in ASSISTANT_SPAN.finditer(text)]
+
+
 ENCODE_CHUNK = 1024  # texts tokenised at a time: the tokenizer's Python lists never hold a whole split
 
 
@@ -68,8 +77,6 @@ def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistan
     out_ids: list[np.ndarray] = []
     truncated: list[int] = []
     mask: list[np.ndarray] | None = [] if assistant_only else None
-    if assistant_only:
-        from .perplexity import assistant_char_spans
     for start in range(0, len(texts), chunk):
         part = texts[start:start + chunk]
         enc = tokenizer(part, add_special_tokens=True, truncation=False,

@@ -38,11 +38,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mood_data.errors import BundleError
+from train.detector_table import names
 
-JUDGE_DETECTORS = ("judge", "judge-uncertainty")
 from train.judge_prompts import (  # noqa: F401 - re-exported: eval.judge is the scorer's public face
-    RUBRIC_OF, RUBRICS_DIR, SENTINEL, DIGIT_ANSWERS, MIN_CONVERSATION_TOKENS, Rubric, rubric_path, load_rubric, recipe_rubrics, judge_view, select_shots, user_text, render_prompt, PromptParts, answer_token_ids, prompt_parts, assemble,
+    DIGIT_ANSWERS, MIN_CONVERSATION_TOKENS, RUBRIC_OF, RUBRICS_DIR, SENTINEL, PromptParts, Rubric, answer_token_ids,
+    assemble, judge_view, load_rubric, prompt_parts, recipe_rubrics, render_prompt, rubric_path, select_shots, user_text,
 )
+
+JUDGE_DETECTORS = names(forward="judge")  # from the detector table
 
 
 def encode_prompts(tokenizer, parts: PromptParts, conversations: Sequence[str], max_length: int,
@@ -165,9 +168,9 @@ def load_judge(recipe, loaded=None, train_rows=None) -> Judge:
     tok_src = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else model
     tokenizer = load_tokenizer(tok_src, trust_remote_code=recipe.trust_remote_code)
     if train_rows is None:
-        from .monitor import load_train_slices
+        from train.data import train_validation_cut
 
-        train_rows, _ = load_train_slices(recipe)
+        train_rows, _ = train_validation_cut(recipe)
     shots = select_shots(train_rows, j.n_shots, seed=j.shot_seed, max_chars=j.shot_max_chars)
     return Judge(backbone, name, tokenizer, str(model), adapter_dir,
                  None if adapter_dir is None else adapter_hash(adapter_dir), shots, j.max_length)
@@ -189,7 +192,7 @@ def judge_scores(judge: Judge, rubrics: Mapping[str, Rubric], wanted: Sequence[s
 def calibration(recipe, judge: Judge, rubrics: Mapping[str, Rubric], wanted: Sequence[str], val_rows) -> dict[str, np.ndarray]:
     """The wanted judge detectors' scores on the ID validation slice (cached per judge model,
     adapter, rubric, shots and slice)."""
-    from .monitor import cached_scores, fingerprint
+    from .cache import cached_scores, fingerprint
 
     calib = {}
     for det in wanted:

@@ -10,22 +10,13 @@ Token log-likelihoods come from the final hidden states through ``lm_head`` on c
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .forward import Encoded, SharedBackbone, collate, length_batches, pad_id
-
-ASSISTANT_SPAN = re.compile(r"<start_of_turn>model\n(.*?)(?:<end_of_turn>|$)", re.S)
-
-
-def assistant_char_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of the assistant turns (closing marker included)."""
-    return [(m.start(1), m.end()) for m in ASSISTANT_SPAN.finditer(text)]
-
+from .forward import Encoded, SharedBackbone, assistant_char_spans, collate, length_batches, pad_id
 
 def target_mask(attention_mask: torch.Tensor, lm_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Which positions count as NLL targets: real tokens (optionally inside ``lm_mask``) whose

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 
+from train.detector_table import NAMES
+
 from .cli_common import add_recipe_arguments, recipe_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
     p.add_argument("--monitors", default=None,
-                   help="comma-separated monitors (detectors guard, maha, ppl, knn, energy, maxlogit joined "
-                        "by '+', first = anchor); default: the recipe's eval.monitors")
+                   help="comma-separated monitors: detectors joined by '+', first = anchor "
+                        f"({', '.join(NAMES)}); checked like the recipe's eval.monitors (it replaces them)")
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     p.add_argument("--no-plots", action="store_true", help="skip the per-group histogram / ROC plots")
@@ -40,8 +42,10 @@ def run(args) -> int:
 
     from eval.monitor import evaluate_recipe
 
+    if args.monitors:  # through the recipe's own check: eval.monitors=[...] as one more override
+        args.overrides = [*args.overrides, "eval.monitors=" + json.dumps([m for m in args.monitors.split(",") if m.strip()])]
     recipe = recipe_from_args(args)
-    folders = evaluate_recipe(recipe, monitors=args.monitors.split(",") if args.monitors else None,
+    folders = evaluate_recipe(recipe, monitors=None,
                               source=args.source, predict_safe=args.predict_safe, n_boot=args.n_boot,
                               plots=not args.no_plots)
     analyses = {m: json.loads((d / "analysis.json").read_text(encoding="utf-8")) for m, d in folders.items()}

@@ -23,11 +23,12 @@ from typing import Any, Callable, Iterable, Mapping
 from mood_data import atomic
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
+from train.recipe import EvalSection
 
 STAGES: tuple[str, ...] = ("train-guard", "train-lm", "fit", "evaluate")
 # train-judge (judge SFT LoRA) is planned only for recipes with judge.enabled: true
 ALL_STAGES: tuple[str, ...] = ("train-guard", "train-lm", "train-judge", "fit", "evaluate")
-DEFAULT_MONITORS: tuple[str, ...] = ("guard", "guard+maha", "guard+ppl", "guard+maha+ppl")
+DEFAULT_MONITORS: tuple[str, ...] = tuple(EvalSection().monitors)  # the recipe default, one place
 STATE_FILE = "state.json"
 _SWEEP_KEYS = {"base", "name", "recipes", "monitors", "overrides", "chart", "slurm", "wandb", "description"}
 _ENTRY_KEYS = {"path", "name", "overrides", "seeds"}

@@ -67,7 +67,7 @@ def test_chunked_training_step_gives_the_same_gradient(tiny_model_dir, tiny_toke
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-    from train.launch import make_trainer_class
+    from train.loop import make_trainer_class
 
     tok = tiny_tokenizer
     tok.padding_side = "left"

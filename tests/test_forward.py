@@ -164,15 +164,15 @@ def test_score_rows_assistant_only_tokenises_once_and_matches_separate_passes(ti
                                                                               tiny_tokenizer, monkeypatch):
     """guard + ppl with assistant-only perplexity: ONE tokenisation serves both passes, and the
     scores equal a guard pass on plain ids and a perplexity pass on masked ids."""
-    from eval import monitor
+    from eval import scoring
     from eval.monitor import Loaded, ScoreSettings, guard_scores, score_rows
 
     guard_dir, lm_dir = tiny_adapters
     loaded = Loaded(backbone, tiny_tokenizer, guard_dir, lm_dir, "g", "l")
     settings = ScoreSettings(max_length=64, batch_size=4, assistant_only=True)
     calls = []
-    real_encode = monitor.encode
-    monkeypatch.setattr(monitor, "encode", lambda *a, **k: calls.append(k) or real_encode(*a, **k))
+    real_encode = scoring.encode
+    monkeypatch.setattr(scoring, "encode", lambda *a, **k: calls.append(k) or real_encode(*a, **k))
     got, _ = score_rows(loaded, CONVS, {}, ["guard", "ppl"], settings)
     assert calls == [{"assistant_only": True}]
     ref_guard = guard_scores(guard_pass(backbone, encode(tiny_tokenizer, CONVS, 64), batch_size=4))

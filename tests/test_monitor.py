@@ -134,8 +134,13 @@ def test_second_fit_is_a_cache_hit(evaluated, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("forward pass on a cache hit")
 
-    monkeypatch.setattr(monitor, "guard_pass", boom)
-    monkeypatch.setattr(monitor, "perplexity_pass", boom)
+    import eval.fitting
+    import eval.perplexity
+    import eval.scoring
+
+    for mod in (eval.fitting, eval.scoring):
+        monkeypatch.setattr(mod, "guard_pass", boom)
+    monkeypatch.setattr(eval.perplexity, "perplexity_pass", boom)  # the table's lm scorer, resolved by name
     second = monitor.fit_detectors(recipe)
     assert second == first
     # a different estimator is a different key -> a miss -> needs the forward

@@ -31,7 +31,7 @@ def moodguard_offline(argv: list[str], cwd: Path, timeout: int = 240) -> tuple[s
 
 
 def test_hub_offline_flag(monkeypatch):
-    from train.launch import hub_offline
+    from train.loop import hub_offline
 
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(k, raising=False)

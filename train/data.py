@@ -8,9 +8,6 @@ run replays the same order.
 """
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -21,42 +18,15 @@ from mood_data.errors import DataError
 
 def load_train_split(source: str | None, template: str = "mood", registry: str | None = None):
     """The restricted (ID-only) train split as a ``datasets.Dataset`` (id, conversation,
-    domain, malign). Uses ``mood_data.load.load_splits``; a plain local reader is the fallback
-    while that module is not installed."""
-    try:
-        from mood_data.load import load_splits
-    except ImportError:
-        return _fallback_train(source)
+    domain, malign), read by ``mood_data.load.load_splits``."""
+    from mood_data.load import load_splits
+
     kwargs = {"splits": ("train",), "template": template}
     if registry is not None:
         from mood_data.domains import load_registry
 
         kwargs["registry"] = load_registry(registry)
     return load_splits(source, **kwargs)["train"]
-
-
-def _fallback_train(source: str | None):  # pragma: no cover - only until mood_data.load exists
-    import datasets
-
-    from mood_data.domains import ID_DOMAINS
-
-    path = Path(source or "")
-    if path.is_dir():
-        cands = [p for p in sorted(path.iterdir()) if p.name.startswith("train.") and ".jsonl" in p.name]
-        if not cands:
-            raise DataError(f"{path}: no train.jsonl[.gz] file")
-        path = cands[0]
-    if not path.is_file():
-        raise DataError(f"{source}: data source not found (mood_data.load is not available)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    for i, r in enumerate(rows, 1):
-        if r.get("domain") not in ID_DOMAINS:
-            raise DataError(f"{path}: row {i}: field 'domain': {r.get('domain')!r} is not an ID domain")
-    return datasets.Dataset.from_list(
-        [{"id": str(r["id"]), "conversation": r["conversation"], "domain": r["domain"], "malign": int(r["malign"])} for r in rows]
-    )
 
 
 def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | None = None):
@@ -84,6 +54,17 @@ def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | N
     if not train_idx or not val_idx:
         raise DataError(f"train split: {len(ds)} rows are too few for a validation fraction of {fraction}")
     return datasets.DatasetDict(train=ds.select(sorted(train_idx)), validation=ds.select(sorted(val_idx)))
+
+
+def train_validation_cut(recipe, source: str | None = None):
+    """THE seeded train / validation cut of a recipe's ID train split: ``(train, validation)``
+    (``datasets.Dataset`` each; seed 0, ``data.validation_fraction``, ``data.max_train_rows``).
+    Guard, LM and judge training, fitting, evaluate and export all use this one function; a
+    process computes it once and passes it along. ``source`` overrides ``data.source``."""
+    d = recipe.data
+    raw = load_train_split(source or d.source, d.template, d.registry)
+    parts = train_validation_split(raw, d.validation_fraction, seed=0, max_rows=d.max_train_rows)
+    return parts["train"], parts["validation"]
 
 
 def tokenize_guard(ds, tokenizer, max_length: int):

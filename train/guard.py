@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .launch import AdapterJob, module_main, train_adapter
+from .entry import module_main
+from .loop import AdapterJob, train_adapter
 from .recipe import Recipe
 
 
@@ -59,11 +60,13 @@ def build_guard_model(recipe: Recipe, tokenizer):
 
 
 def build_guard_datasets(recipe: Recipe, tokenizer):
-    from .data import load_train_split, tokenize_guard, train_validation_split
+    import datasets
 
-    raw = load_train_split(recipe.data.source, recipe.data.template, recipe.data.registry)
-    split = train_validation_split(raw, recipe.data.validation_fraction, seed=0, max_rows=recipe.data.max_train_rows)
-    return type(split)({k: tokenize_guard(v, tokenizer, recipe.guard.max_length) for k, v in split.items()})
+    from .data import tokenize_guard, train_validation_cut
+
+    train, validation = train_validation_cut(recipe)
+    return datasets.DatasetDict(train=tokenize_guard(train, tokenizer, recipe.guard.max_length),
+                                validation=tokenize_guard(validation, tokenizer, recipe.guard.max_length))
 
 
 def guard_collator(recipe: Recipe, tokenizer):

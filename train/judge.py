@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .launch import AdapterJob, module_main, train_adapter
+from .entry import module_main
+from .loop import AdapterJob, train_adapter
 from .lm import build_lm_model
 from .recipe import Recipe
 
@@ -64,12 +65,11 @@ def sft_rows(rows, tokenizer, rubrics, shots, max_length: int, where: str = "jud
 def build_judge_datasets(recipe: Recipe, tokenizer):
     import datasets
 
+    from .data import train_validation_cut
     from .judge_prompts import recipe_rubrics, select_shots
 
-    from .data import load_train_split, train_validation_split
-
-    raw = load_train_split(recipe.data.source, recipe.data.template, recipe.data.registry)
-    split = train_validation_split(raw, recipe.data.validation_fraction, seed=0, max_rows=recipe.data.max_train_rows)
+    train, validation = train_validation_cut(recipe)
+    split = {"train": train, "validation": validation}
     j = recipe.judge
     shots = select_shots(split["train"], j.n_shots, seed=j.shot_seed, max_chars=j.shot_max_chars)
     rubrics = list(recipe_rubrics(recipe, j.train_rubrics).values())

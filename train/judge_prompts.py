@@ -18,7 +18,9 @@ import numpy as np
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
 
-RUBRIC_OF = {"judge": "alignment", "judge-uncertainty": "uncertainty"}
+from .detector_table import TABLE
+
+RUBRIC_OF = {d.name: d.rubric for d in TABLE if d.rubric}  # judge detector -> its rubric (the table)
 RUBRICS_DIR = Path(__file__).resolve().parent / "rubrics"
 SENTINEL = "\u0000MOODGUARD_CONVERSATION\u0000"
 DIGIT_ANSWERS: dict[str, float] = {str(d): 100.0 * d / 9.0 for d in range(10)}

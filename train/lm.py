@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .guard import lora_config
-from .launch import AdapterJob, module_main, train_adapter
+from .entry import module_main
+from .loop import AdapterJob, train_adapter
 from .recipe import Recipe
 
 
@@ -31,11 +32,13 @@ def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
 
 
 def build_lm_datasets(recipe: Recipe, tokenizer):
-    from .data import load_train_split, tokenize_lm, train_validation_split
+    import datasets
 
-    raw = load_train_split(recipe.data.source, recipe.data.template, recipe.data.registry)
-    split = train_validation_split(raw, recipe.data.validation_fraction, seed=0, max_rows=recipe.data.max_train_rows)
-    return type(split)({k: tokenize_lm(v, tokenizer, recipe.lm.max_length) for k, v in split.items()})
+    from .data import tokenize_lm, train_validation_cut
+
+    train, validation = train_validation_cut(recipe)
+    return datasets.DatasetDict(train=tokenize_lm(train, tokenizer, recipe.lm.max_length),
+                                validation=tokenize_lm(validation, tokenizer, recipe.lm.max_length))
 
 
 def lm_collator(recipe: Recipe, tokenizer):

@@ -27,6 +27,8 @@ import yaml
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
 
+from .detector_table import NAMES, parse_monitor
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 ACCELERATE_CONFIGS_DIR = REPO_ROOT / "accelerate_configs"
@@ -131,13 +133,10 @@ class KnnSection:
     max_ref: int = 5000
 
 
-# ensemble-* need guard.seeds with >= 2 seeds; judge* need a judge (judge.model or a trained <run>/judge)
-MONITORS = ("guard", "maha", "ppl", "knn", "energy", "maxlogit", "ensemble-mean", "ensemble-min",
-            "ensemble-disagreement", "judge", "judge-uncertainty")
-
-
 @dataclass
 class EvalSection:
+    # monitors: detectors of train/detector_table.py joined by '+'. ensemble-* need guard.seeds
+    # with >= 2 seeds; judge* need a judge (judge.model or a trained <run>/judge)
     mahalanobis: MahalanobisSection = field(default_factory=MahalanobisSection)
     perplexity: PerplexitySection = field(default_factory=PerplexitySection)
     knn: KnnSection = field(default_factory=KnnSection)
@@ -504,9 +503,10 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
     if not ev.monitors:
         fail("eval.monitors", "needs at least one monitor")
     for i, mon in enumerate(ev.monitors):
-        parts = mon.split("+")
-        if any(p not in MONITORS for p in parts) or len(set(parts)) != len(parts):
-            fail(f"eval.monitors[{i}]", f"unknown monitor {mon!r}; combine {list(MONITORS)} with '+'")
+        try:
+            parse_monitor(mon)
+        except RecipeError:
+            fail(f"eval.monitors[{i}]", f"unknown monitor {mon!r}; combine {list(NAMES)} with '+'")
     if not ev.mahalanobis.layers:
         fail("eval.mahalanobis.layers", "needs at least one layer")
     if ev.mahalanobis.ridge < 0:

@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from mood_data.errors import BundleError
+from train.detector_table import names
 
-ENSEMBLE_DETECTORS = ("ensemble-mean", "ensemble-min", "ensemble-disagreement")
+ENSEMBLE_DETECTORS = names(forward="ensemble")  # from the detector table (train/detector_table.py)
 MEMBER_PREFIX = "guard-seed"
 
 
@@ -61,13 +62,11 @@ def ensemble_disagreement(member_scores) -> np.ndarray:
     return sigmoid(_matrix(member_scores)).std(axis=1, ddof=0)
 
 
-FUNCTIONS = {"ensemble-mean": ensemble_mean, "ensemble-min": ensemble_min,
-             "ensemble-disagreement": ensemble_disagreement}
-
-
 def ensemble_scores(member_scores, wanted: Sequence[str] = ENSEMBLE_DETECTORS) -> dict[str, np.ndarray]:
     """``{detector: scores}`` for every wanted ensemble detector."""
-    return {name: FUNCTIONS[name](member_scores) for name in wanted}
+    from ..scoring import resolve_scorer  # each detector's function, as the table names it
+
+    return {name: resolve_scorer(name)(member_scores) for name in wanted}
 
 
 def member_dirs(run_root: str | Path, seeds: Sequence[int]) -> list[Path]:
@@ -106,7 +105,7 @@ def adapter_scores(loaded, names: Sequence[str], conversations: Sequence[str], *
     """``[n_rows, n_members]`` guard log-odds of the named member adapters already on
     ``loaded.backbone``: one logits-only guard forward per member."""
     from ..forward import encode, guard_pass
-    from ..monitor import guard_scores
+    from ..scoring import guard_scores
 
     enc = encode(loaded.tokenizer, conversations, max_length)
     cols = [guard_scores(guard_pass(loaded.backbone, enc, batch_size=batch_size, adapter=name,
@@ -125,7 +124,7 @@ def member_scores(loaded, recipe, conversations: Sequence[str], predict_safe: bo
 def calibration(recipe, loaded, val_rows, predict_safe: bool = False) -> dict[str, np.ndarray]:
     """Every ensemble detector's scores on the ID validation slice (cached per member set)."""
     from ..forward import adapter_hash
-    from ..monitor import cached_scores, fingerprint
+    from ..cache import cached_scores, fingerprint
 
     dirs = member_dirs(recipe.output_dir, recipe.guard.seeds)
     parts = {"members": [adapter_hash(d) for d in dirs], "predict_safe": predict_safe,
@@ -151,6 +150,6 @@ def score_for_eval(recipe, loaded, wanted: Sequence[str], conversations: Sequenc
     return out
 
 
-__all__ = ["ENSEMBLE_DETECTORS", "FUNCTIONS", "MEMBER_PREFIX", "adapter_scores", "calibration",
+__all__ = ["ENSEMBLE_DETECTORS", "MEMBER_PREFIX", "adapter_scores", "calibration",
            "ensemble_disagreement", "ensemble_mean", "ensemble_min", "ensemble_scores", "member_adapters",
            "member_dirs", "member_names", "member_scores", "score_for_eval", "sigmoid"]

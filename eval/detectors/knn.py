@@ -50,6 +50,11 @@ class KNNDetector:
                 "n_ref": int(x.shape[0]), "d": int(x.shape[1]), "metadata": dict(metadata or {})}
         return cls(l2_normalize(x), k, meta)
 
+    @classmethod
+    def stream_fitter(cls, ev) -> "KNNStreamFit":
+        """Fitting fed batch by batch from the one guard forward (``ev``: a recipe's eval section)."""
+        return KNNStreamFit(ev.knn.k, ev.knn.max_ref)
+
     def score(self, features, batch_size: int = 2048) -> np.ndarray:
         """k-th nearest-neighbour distance of each (normalised) row to the reference set."""
         x = as_f64(features)
@@ -83,3 +88,18 @@ class KNNDetector:
         check_shape(path, "reference", ref, (meta.get("n_ref"), meta.get("d")))
         meta = {k: v for k, v in meta.items() if k not in ("detector", "tensors", "sha256", "format_version")}
         return cls(ref, int(meta["k"]), meta)
+
+
+class KNNStreamFit:
+    """Collects the SAFE rows' features batch by batch; ``finalize`` fits the reference set
+    (``k`` capped at the number of rows)."""
+
+    def __init__(self, k: int, max_ref: int):
+        self.k, self.max_ref, self.parts = int(k), int(max_ref), []
+
+    def update(self, features, malign) -> None:
+        self.parts.append(features[np.asarray(malign) == 0].float().numpy())
+
+    def finalize(self, metadata: dict | None = None) -> KNNDetector:
+        x = np.concatenate(self.parts) if self.parts else np.zeros((0, 1))
+        return KNNDetector.fit(x, k=min(self.k, max(len(x), 1)), max_ref=self.max_ref, metadata=metadata)

@@ -291,6 +291,12 @@ class MahalanobisDetector:
         self.meta = meta
         self.store_covariance = store_covariance
 
+    @classmethod
+    def stream_fitter(cls, ev) -> "MahalanobisStreamFit":
+        """Fitting fed batch by batch from the one guard forward (``ev``: a recipe's eval section)."""
+        return MahalanobisStreamFit(MahalanobisFitter(ev.mahalanobis.variant), ev.mahalanobis.estimator,
+                                    ev.mahalanobis.ridge)
+
     variant = property(lambda self: self.meta["variant"])
     mean = property(lambda self: self.gaussians[""].mean)
     precision = property(lambda self: self.gaussians[""].precision)
@@ -360,3 +366,18 @@ def raise_bad(path: Path, key: str, what: str):
     from mood_data.errors import BundleError
 
     raise BundleError(f"{path}: field '{key}': invalid ({what})")
+
+
+@dataclass
+class MahalanobisStreamFit:
+    """A :class:`MahalanobisFitter` with the recipe's estimator and ridge bound for ``finalize``."""
+
+    fitter: "MahalanobisFitter"
+    estimator: str
+    ridge: float
+
+    def update(self, features, malign) -> None:
+        self.fitter.update(features, malign)
+
+    def finalize(self, metadata: dict | None = None) -> "MahalanobisDetector":
+        return self.fitter.finalize(self.estimator, self.ridge, metadata=metadata)

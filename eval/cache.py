@@ -1,0 +1,61 @@
+"""Cache keys and the score caches under ``<run>/stats/``: a slice's fingerprint, the key of a
+set of parts, and reading / writing cached ID-validation (calibration) scores."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mood_data import atomic
+from mood_data.errors import BundleError
+from mood_data.readers import read_json
+
+from .backbone import run_root
+
+STATS_VERSION = 1
+
+
+def fingerprint(ids: Sequence[str], conversations: Sequence[str]) -> str:
+    """sha256 over the (id, conversation) pairs of a slice, in order."""
+    h = hashlib.sha256()
+    for i, c in zip(ids, conversations):
+        h.update(str(i).encode())
+        h.update(b"\0")
+        h.update(c.encode())
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def cache_key(**parts) -> str:
+    blob = json.dumps({"version": STATS_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def read_calibration(d: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    from safetensors.numpy import load_file
+
+    t = load_file(str(d / "scores.safetensors"))
+    meta = read_json(d / "meta.json", BundleError)
+    malign = t.pop("malign").astype(np.int64)
+    return t, malign, meta["domains"]
+
+
+def cached_scores(recipe, kind: str, parts: dict, compute) -> dict[str, np.ndarray]:
+    """Extra detectors' scores on the ID validation slice (``compute() -> {name: scores}``),
+    cached under ``<run>/stats/calibration-<kind>-<key>/`` like :func:`calibration_scores`."""
+    from safetensors.numpy import load_file, save_file
+
+    d = run_root(recipe) / "stats" / f"calibration-{kind}-{cache_key(kind=kind, **parts)}"
+    if (d / "scores.safetensors").is_file():
+        return {k: v.astype(np.float64) for k, v in load_file(str(d / "scores.safetensors")).items()}
+    scores = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in compute().items()}
+    with atomic.atomic_dir(d) as tmp:
+        save_file(scores, str(tmp / "scores.safetensors"))
+        atomic.write_json(tmp / "meta.json", {"kind": kind, "parts": parts})
+    return scores
+
+
+__all__ = ["STATS_VERSION", "cache_key", "cached_scores", "fingerprint", "read_calibration"]

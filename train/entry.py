@@ -1,0 +1,69 @@
+"""The ONE parser of a training command, shared by ``moodguard train <kind>`` and
+``python -m train.<kind>`` (what ``accelerate launch`` and parallel members re-execute).
+
+Both read the same arguments (:func:`add_train_arguments`) and turn the flags into the same
+recipe overrides (:func:`recipe_overrides`), so the recipe a re-executed process loads is the
+one the parent loaded and validated: it is loaded once per process and the child gets the
+parent's override list verbatim. The module form adds ``--member`` (one seed member).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+KIND_HELP = {"guard": "the guard classifier (sequence classification)", "lm": "the causal-LM adapter",
+             "judge": "the judge SFT LoRA (rubric prompts -> one answer token; needs judge.enabled=true)"}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, *, member: bool = False) -> None:
+    """The arguments of one training kind; ``member``: also ``--member SEED`` (the module form)."""
+    parser.add_argument("--recipe", required=True, help="recipes/<family>/<size>.yaml")
+    parser.add_argument("--accelerate-config", default=None, metavar="NAME",
+                        help="accelerate_configs/<NAME>.yaml (default: the recipe's accelerate.config; 'none' = in-process)")
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="override the config's num_processes")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--parallel-members", type=int, default=None, metavar="N",
+                        help="train N seed members at once, one process each (the section's parallel_members)")
+    if member:
+        parser.add_argument("--member", type=int, default=None, metavar="SEED",
+                            help="train only this seed member of the seed list (what --parallel members run)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, e.g. guard.learning_rate=1e-4")
+
+
+def recipe_overrides(kind: str, args: argparse.Namespace) -> list[str]:
+    """The recipe overrides the arguments stand for (the flags become dotted overrides)."""
+    overrides = list(args.overrides)
+    if args.num_processes is not None:
+        overrides.append(f"accelerate.num_processes={args.num_processes}")
+    if args.parallel_members is not None:
+        overrides.append(f"{kind}.parallel_members={args.parallel_members}")
+    if args.accelerate_config is not None:
+        overrides.append(f"accelerate.config={'null' if args.accelerate_config == 'none' else args.accelerate_config}")
+    return overrides
+
+
+def module_parser(kind: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m train.{kind}", description=f"train {KIND_HELP[kind]}")
+    add_train_arguments(p, member=True)
+    return p
+
+
+def module_main(kind: str, train_fn: Callable[..., Any], argv: Sequence[str] | None = None) -> int:
+    """``python -m train.<kind>``: parse, load the recipe once, train in this process (a launched
+    rank or a parallel member; it never re-launches)."""
+    from mood_data.errors import MoodguardError
+
+    from .loop import end_distributed
+    from .recipe import load_recipe
+
+    args = module_parser(kind).parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, recipe_overrides(kind, args))
+        train_fn(recipe, args.resume, None if args.member is None else [args.member])
+    except MoodguardError as err:
+        print(f"moodguard train {kind}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        end_distributed()
+    return 0
