@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import argparse
 
-from train.entry import KIND_HELP, add_train_arguments, recipe_overrides
+from train import entry  # the one parser shared with python -m train.<kind>
 from train.recipe import load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for kind, help_ in KIND_HELP.items():
-        add_train_arguments(sub.add_parser(kind, help=help_, description=help_))
+    for kind, help_ in entry.KIND_HELP.items():
+        entry.add_train_arguments(sub.add_parser(kind, help=help_, description=help_))
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = recipe_overrides(args.kind, args)
+    overrides = entry.recipe_overrides(args.kind, args)
     recipe = load_recipe(args.recipe, overrides)  # loaded and validated once; passed along from here
     from train.launch import adapter_folders, run_training
 

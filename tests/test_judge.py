@@ -137,7 +137,7 @@ def test_judge_trains_and_scores_like_a_plain_forward(judge_run, tiny_model_dir)
     from transformers import AutoModelForCausalLM
 
     from eval.judge import load_judge, recipe_rubrics
-    from eval.monitor import load_train_slices
+    from train.data import train_validation_cut
 
     run, recipe, folders = judge_run
     metrics = json.loads((run / "judge" / "metrics.json").read_text())
@@ -149,7 +149,7 @@ def test_judge_trains_and_scores_like_a_plain_forward(judge_run, tiny_model_dir)
     assert set(meta["detector_seconds"]) == {"guard", "judge"}
     assert meta["seconds"] == pytest.approx(meta["detector_seconds"]["judge"])
     # reference: plain AutoModelForCausalLM + PeftModel, unpadded prompt, full logits
-    train_rows, _ = load_train_slices(recipe)
+    train_rows, _ = train_validation_cut(recipe)
     judge = load_judge(recipe, None, train_rows)
     assert {s["id"] for s in judge.shots} <= set(train_rows["id"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "judge")).eval()
