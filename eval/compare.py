@@ -18,11 +18,10 @@ import numpy as np
 from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import MoodguardError
 
-from .metrics import tpr_at_fpr
+from .metrics import OVERALL, tpr_at_fpr, value_at_fpr
 from .runfolder import read_results
-from .scaling import EvalFolder, _lookup, find_eval_folders
+from .scaling import EvalFolder, find_eval_folders
 
-OVERALL = "overall"
 
 
 @dataclass(frozen=True)
@@ -129,12 +128,12 @@ def recall_deltas(old: ScoreSet, new: ScoreSet, fpr: float = 0.01, n_boot: int =
 
 def analysis_deltas(old: Mapping, new: Mapping, fpr: float = 0.01, monitor: str = "") -> list[Delta]:
     """Deltas from two analysis.json dicts; interval = [new_lo - old_hi, new_hi - old_lo]."""
-    og = {**(old.get("groups") or {}), OVERALL: old.get("overall") or {}}
-    ng = {**(new.get("groups") or {}), OVERALL: new.get("overall") or {}}
+    og = {**(old.get("groups") or {}), OVERALL: old.get(OVERALL) or {}}
+    ng = {**(new.get("groups") or {}), OVERALL: new.get(OVERALL) or {}}
     out = []
     for g in [g for g in og if g in ng]:
-        o, n = _lookup(og[g].get("tpr", {}), fpr), _lookup(ng[g].get("tpr", {}), fpr)
-        oc, nc = _lookup(og[g].get("tpr_ci", {}), fpr), _lookup(ng[g].get("tpr_ci", {}), fpr)
+        o, n = value_at_fpr(og[g].get("tpr", {}), fpr), value_at_fpr(ng[g].get("tpr", {}), fpr)
+        oc, nc = value_at_fpr(og[g].get("tpr_ci", {}), fpr), value_at_fpr(ng[g].get("tpr_ci", {}), fpr)
         d = None if o is None or n is None else n - o
         lo = hi = None
         if oc and nc and None not in (*oc, *nc):

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mood_data.errors import BundleError
+from train.data import padding_fraction  # noqa: F401 - the one padding measure, re-exported
 
 POOLINGS = ("last", "mean")
 
@@ -100,16 +101,6 @@ def length_batches(lengths: Sequence[int], batch_size: int, *, sort: bool = True
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(lengths))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def padding_fraction(lengths: Sequence[int], batches: Iterable[np.ndarray]) -> float:
-    """Share of the computed positions that are padding."""
-    lengths = np.asarray(lengths)
-    real = total = 0
-    for b in batches:
-        real += int(lengths[b].sum())
-        total += int(lengths[b].max()) * len(b)
-    return 0.0 if total == 0 else 1.0 - real / total
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:

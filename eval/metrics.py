@@ -36,6 +36,23 @@ __all__ = [
 ]
 
 
+OVERALL = "overall"  # the analysis key / group name of the mean over the OOD domains (one meaning everywhere)
+
+
+def value_at_fpr(table: dict, fpr: float):
+    """``table[k]`` for the key ``k`` (an FPR written as text, e.g. ``"0.01"``) equal to ``fpr``;
+    None when absent or ``table`` is not a mapping."""
+    if not isinstance(table, dict):
+        return None
+    for key, value in table.items():
+        try:
+            if math.isclose(float(key), float(fpr), rel_tol=0, abs_tol=1e-12):
+                return value
+        except ValueError:
+            continue
+    return None
+
+
 def fpr_key(fpr: float) -> str:
     """The JSON key of an FPR: ``0.01 -> "0.01"``, ``0.005 -> "0.005"``."""
     return format(float(fpr), "g")
@@ -259,7 +276,7 @@ def analyze(
         "seed": int(seed),
         "thresholds": thresholds,
         "groups": groups,
-        "overall": overall,
+        OVERALL: overall,
     })
 
 
@@ -277,10 +294,10 @@ def per_domain_table(analysis: dict, fpr: float = 0.01) -> list[dict]:
         rows.append({"group": name, "kind": g["kind"], "n_unsafe": g["n_unsafe"], "tpr": g["tpr"].get(key),
                      "tpr_lo": lo, "tpr_hi": hi, "auroc": g["auroc"], "auroc_lo": alo, "auroc_hi": ahi})
     rows.sort(key=lambda r: r["kind"] == "id")
-    o = analysis["overall"]
+    o = analysis[OVERALL]
     lo, hi = o["tpr_ci"].get(key, [None, None])
     alo, ahi = o.get("auroc_ci", [None, None])
-    rows.append({"group": "overall", "kind": "overall", "n_unsafe": None, "n_domains": o["n_domains"],
+    rows.append({"group": OVERALL, "kind": OVERALL, "n_unsafe": None, "n_domains": o["n_domains"],
                  "tpr": o["tpr"].get(key), "tpr_lo": lo, "tpr_hi": hi, "auroc": o["auroc"],
                  "auroc_lo": alo, "auroc_hi": ahi})
     return rows

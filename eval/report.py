@@ -14,7 +14,8 @@ from typing import Sequence
 from mood_data import atomic
 from mood_data.errors import MoodguardError
 
-from .scaling import EvalFolder, _lookup, find_eval_folders, make_chart
+from .metrics import OVERALL, value_at_fpr
+from .scaling import EvalFolder, find_eval_folders, make_chart
 
 DEFAULT_GPU_HOUR_COST = 2.0  # USD per accelerator-hour, for the cost column
 
@@ -42,12 +43,12 @@ def domain_rows(analysis: dict) -> tuple[list[str], list[list[str]]]:
     header = ["group", "kind", "n unsafe"] + [f"TPR@{float(f):g}" for f in fprs] + ["AUROC"]
     groups = dict(analysis.get("groups") or {})
     items = sorted(groups.items(), key=lambda kv: (kv[1].get("kind") != "ood", kv[0]))
-    items.append(("overall", {**(analysis.get("overall") or {}), "kind": "mean of OOD"}))
+    items.append((OVERALL, {**(analysis.get(OVERALL) or {}), "kind": "mean of OOD"}))
     rows = []
     for name, g in items:
         cells = [name, str(g.get("kind", "")), _f(g.get("n_unsafe", g.get("n_domains")))]
         for f in fprs:
-            cells.append(f"{_f(_lookup(g.get('tpr', {}), f))} {_ci(_lookup(g.get('tpr_ci', {}), f))}".strip())
+            cells.append(f"{_f(value_at_fpr(g.get('tpr', {}), f))} {_ci(value_at_fpr(g.get('tpr_ci', {}), f))}".strip())
         cells.append(f"{_f(g.get('auroc'))} {_ci(g.get('auroc_ci'))}".strip())
         rows.append(cells)
     return header, rows
@@ -67,8 +68,8 @@ def cost_rows(folders: Sequence[EvalFolder], fpr: float, gpu_hour_cost: float) -
         s = f.meta.get("seconds_per_conversation")
         g = guard_s.get(f.run)
         rows.append([
-            f.run, f.monitor, f"{f.params:,}", _f(_lookup(f.analysis.get("thresholds", {}), fpr), 4),
-            _f(_lookup((f.analysis.get("overall") or {}).get("tpr", {}), fpr)),
+            f.run, f.monitor, f"{f.params:,}", _f(value_at_fpr(f.analysis.get("thresholds", {}), fpr), 4),
+            _f(value_at_fpr((f.analysis.get(OVERALL) or {}).get("tpr", {}), fpr)),
             _f(s, 4), _f(s - g, 4) if s is not None and g is not None else "–",
             f"{3600 / s:,.0f}" if s else "–", f"{s * 1e6 / 3600 * gpu_hour_cost:,.2f}" if s is not None else "–",
         ])

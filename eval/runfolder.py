@@ -19,7 +19,7 @@ from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import DataError, where
 from mood_data.readers import jsonl_rows
 
-from .metrics import DEFAULT_FPRS, analyze, fpr_key, per_domain_table
+from .metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain_table
 
 RESULTS, ANALYSIS, SUMMARY, META = "results.jsonl", "analysis.json", "summary.md", "meta.json"
 
@@ -137,14 +137,14 @@ def summary_markdown(analysis: dict) -> str:
     by_fpr = {f: {r["group"]: r for r in per_domain_table(analysis, f)} for f in fprs}
     for group in by_fpr[fprs[0]] if fprs else []:
         r0 = by_fpr[fprs[0]][group]
-        n = r0["n_unsafe"] if group != "overall" else f"{r0['n_domains']} domains"
+        n = r0["n_unsafe"] if group != OVERALL else f"{r0['n_domains']} domains"
         tprs = [_fmt(by_fpr[f][group]["tpr"], (by_fpr[f][group]["tpr_lo"], by_fpr[f][group]["tpr_hi"])) for f in fprs]
-        name = f"**{group}**" if group == "overall" else group
+        name = f"**{group}**" if group == OVERALL else group
         lines.append(f"| {name} | {r0['kind']} | {n} | " + " | ".join(tprs)
                      + f" | {_fmt(r0['auroc'], (r0['auroc_lo'], r0['auroc_hi']))} |")
     trunc = analysis.get("truncated")
     if trunc is not None:
-        per = ", ".join(f"{g}={trunc['groups'].get(g, 0)}" for g in ["id_safe", *by_fpr[fprs[0]]] if g != "overall") \
+        per = ", ".join(f"{g}={trunc['groups'].get(g, 0)}" for g in ["id_safe", *by_fpr[fprs[0]]] if g != OVERALL) \
             if fprs else ""
         lines += ["", f"Left-truncated to the model's context (start cut, end kept): {trunc['rows']} rows"
                   + (f" ({per})" if per else "") + "."]

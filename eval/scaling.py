@@ -17,7 +17,8 @@ from mood_data import atomic
 from mood_data.errors import MoodguardError
 from mood_data.readers import read_json
 
-OVERALL = "overall"
+from .metrics import OVERALL, value_at_fpr
+
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -56,18 +57,6 @@ def find_eval_folders(root: str | os.PathLike) -> list[EvalFolder]:
     return out
 
 
-def _lookup(table: dict, fpr: float):
-    if not isinstance(table, dict):
-        return None
-    for key, value in table.items():
-        try:
-            if math.isclose(float(key), float(fpr), rel_tol=0, abs_tol=1e-12):
-                return value
-        except ValueError:
-            continue
-    return None
-
-
 # --------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Point:
@@ -88,12 +77,12 @@ def recall_points(folders: Iterable[EvalFolder], fpr: float = 0.01) -> list[Poin
     rows = []
     for f in folders:
         groups = dict(f.analysis.get("groups") or {})
-        groups[OVERALL] = {**(f.analysis.get("overall") or {}), "kind": OVERALL}
+        groups[OVERALL] = {**(f.analysis.get(OVERALL) or {}), "kind": OVERALL}
         for name, g in groups.items():
-            ci = _lookup(g.get("tpr_ci", {}), fpr) or (None, None)
+            ci = value_at_fpr(g.get("tpr_ci", {}), fpr) or (None, None)
             rows.append(Point(
                 run=f.run, monitor=f.monitor, params=f.params, group=name, kind=str(g.get("kind", "")),
-                n_unsafe=g.get("n_unsafe"), tpr=_lookup(g.get("tpr", {}), fpr),
+                n_unsafe=g.get("n_unsafe"), tpr=value_at_fpr(g.get("tpr", {}), fpr),
                 tpr_lo=ci[0], tpr_hi=ci[1], auroc=g.get("auroc"),
             ))
     rows.sort(key=lambda p: (p.group != OVERALL, p.kind != "ood", p.group, p.monitor, p.params, p.run))

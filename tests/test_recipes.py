@@ -8,7 +8,7 @@ import yaml
 
 from moodguard.cli import main as moodguard
 from mood_data.errors import RecipeError
-from train.data import SeededLengthGroupedSampler, padding_fraction, train_validation_split
+from train.data import SeededLengthGroupedSampler, batches_of, padding_fraction, train_validation_split
 from train.recipe import RECIPES_DIR, display_path, gradient_accumulation_steps, list_recipes, load_recipe
 
 TINY_FAMILY = RECIPES_DIR / "tiny" / "_family.yaml"
@@ -192,16 +192,16 @@ def test_sampler_seeded_grouped_and_independent_of_processes():
     assert a == b and sorted(a) == list(range(64))
     s.set_epoch(1)
     assert list(s) != a and sorted(s) == list(range(64))
-    grouped = padding_fraction(lengths, a, 4)
-    plain = padding_fraction(lengths, list(SeededLengthGroupedSampler(lengths, 4, 3, group_by_length=False)), 4)
+    grouped = padding_fraction(lengths, batches_of(a, 4))
+    plain = padding_fraction(lengths, batches_of(list(SeededLengthGroupedSampler(lengths, 4, 3, group_by_length=False)), 4))
     assert grouped < plain
 
 
 def test_padding_fraction_hand_computed():
     # batches [2, 4] -> width 4, [6] -> width 6: real 12 of 14 padded slots
-    assert padding_fraction([2, 4, 6], [0, 1, 2], 2) == pytest.approx(1 - 12 / 14)
+    assert padding_fraction([2, 4, 6], batches_of([0, 1, 2], 2)) == pytest.approx(1 - 12 / 14)
     # pad to multiple of 8: widths 8 and 8 -> 12 / 24
-    assert padding_fraction([2, 4, 6], [0, 1, 2], 2, multiple=8) == pytest.approx(0.5)
+    assert padding_fraction([2, 4, 6], batches_of([0, 1, 2], 2), multiple=8) == pytest.approx(0.5)
 
 
 def test_validation_split_stratified_and_id_only():

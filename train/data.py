@@ -8,7 +8,7 @@ run replays the same order.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -184,15 +184,23 @@ def split_micro_batch(batch: dict, max_tokens: int, multiple: int | None = None)
     return chunks
 
 
-def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int, multiple: int | None = None) -> float:
-    """Fraction of pad tokens when ``order`` is cut into batches of ``batch_size`` and each
-    batch is padded to its longest row (rounded up to ``multiple``)."""
+def batches_of(order: Sequence[int], batch_size: int) -> list[Sequence[int]]:
+    """``order`` cut into consecutive batches of ``batch_size`` row indices."""
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_fraction(lengths: Sequence[int], batches: Iterable[Sequence[int]], multiple: int | None = None) -> float:
+    """THE padding measure (training sampler and scoring batches alike): the share of computed
+    positions that are padding when each batch (row indices into ``lengths``) is padded to its
+    longest row, rounded up to ``multiple`` when given."""
     real = padded = 0
-    for i in range(0, len(order), batch_size):
-        batch = [lengths[j] for j in order[i:i + batch_size]]
-        width = max(batch)
+    for batch in batches:
+        rows = [int(lengths[j]) for j in batch]
+        if not rows:
+            continue
+        width = max(rows)
         if multiple:
             width = -(-width // multiple) * multiple
-        real += sum(batch)
-        padded += width * len(batch)
+        real += sum(rows)
+        padded += width * len(rows)
     return 0.0 if padded == 0 else 1.0 - real / padded

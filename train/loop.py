@@ -118,7 +118,9 @@ def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, 
         learning_rate=sec.learning_rate,
         num_train_epochs=sec.num_epochs,
         max_steps=sec.max_steps,
-        warmup_steps=sec.warmup_ratio,
+        # transformers 5: warmup_ratio is deprecated; warmup_steps takes a float in [0, 1) as a
+        # ratio of the total steps (recipe validation keeps warmup_ratio in [0, 1))
+        warmup_steps=float(sec.warmup_ratio),
         lr_scheduler_type=sec.lr_scheduler,
         weight_decay=sec.weight_decay,
         max_grad_norm=sec.max_grad_norm,

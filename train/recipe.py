@@ -463,6 +463,8 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
                 fail(f"{kind}.{key}", "must be >= 1")
         if sec.learning_rate <= 0:
             fail(f"{kind}.learning_rate", "must be > 0")
+        if not 0.0 <= sec.warmup_ratio < 1.0:  # TrainingArguments.warmup_steps reads a float in [0, 1) as a ratio
+            fail(f"{kind}.warmup_ratio", "must be in [0, 1)")
         if sec.max_steps == 0 or sec.max_steps < -1:
             fail(f"{kind}.max_steps", "must be -1 (use num_epochs) or >= 1")
         if not sec.seeds:
