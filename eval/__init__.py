@@ -1,1 +1,26 @@
-"""Evaluation: OOD detectors, fusion, metrics, run folders, reports and scaling."""
+"""Evaluation: OOD detectors, fusion, metrics, run folders, bundles, reports and scaling.
+
+Public API (imported lazily so ``import eval`` stays light)::
+
+    from eval import fit_detectors, evaluate_recipe, export_bundle, Monitor
+    fit_detectors(recipe)                       # <run>/stats/ (cached)
+    folders = evaluate_recipe(recipe, ["guard+maha"])   # {monitor: <run>/eval/<monitor>/}
+    export_bundle(recipe, "bundle/", "guard+maha")
+    Monitor.load("bundle/").score(["<start_of_turn>user\\nhi<end_of_turn>"])
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "fit_detectors": "eval.fitting", "evaluate_recipe": "eval.monitor", "load_backbone": "eval.backbone",
+    "score_rows": "eval.scoring", "export_bundle": "eval.bundle", "Monitor": "eval.bundle",
+    "score_file": "eval.bundle", "analyze": "eval.metrics", "tpr_at_fpr": "eval.metrics",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -107,3 +107,78 @@ def test_cycle_finder_finds_a_planted_cycle():
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycle(g) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _detector_names() -> set[str]:
+    """Detector names that name nothing else ("guard" and "judge" are also the adapters, the
+    training kinds and the forward passes, so those strings are everywhere for other reasons)."""
+    from train.detector_table import FORWARDS, NAMES
+
+    return set(NAMES) - set(FORWARDS)
+
+
+def test_detector_names_only_in_the_table():
+    """No list / tuple / set / dict literal holding two or more detector names, and no comparison
+    against a detector name, outside train/detector_table.py: everything else asks the table
+    (by field: forward pass, fitted, ...)."""
+    det = _detector_names()
+    bad = []
+    for name, path in project_modules().items():
+        if name == "train.detector_table":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                elts = node.keys if isinstance(node, ast.Dict) else node.elts
+                hits = [e.value for e in elts if isinstance(e, ast.Constant) and e.value in det]
+                if len(hits) >= 2:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {hits}")
+            elif isinstance(node, ast.Compare):
+                consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                hits = [c for c in consts if c in det]
+                if hits:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: compares with {hits}")
+    assert not bad, "detector names outside the table:\n" + "\n".join(bad)
+
+
+def test_table_drives_parsing_recipes_and_help():
+    from mood_data.errors import RecipeError
+    from train.detector_table import NAMES, help_text, names, needed, parse_monitor, parse_monitors
+
+    assert parse_monitors("guard + maha,ppl") == ["guard+maha", "ppl"]
+    assert needed(["ppl+guard", "knn"]) == [n for n in NAMES if n in {"ppl", "guard", "knn"}]
+    assert set(names(fitted=True)) == {"maha", "knn"}
+    for bad in ("guard+nope", "guard+guard", ""):
+        try:
+            parse_monitor(bad)
+        except RecipeError:
+            continue
+        raise AssertionError(f"{bad!r} accepted")
+    assert all(n in help_text() for n in NAMES)
+
+
+def test_monitors_flag_goes_through_the_recipe_check(tmp_path, capsys):
+    from moodguard.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: embedded:tiny-s\noutput_dir: {tmp_path / 'run'}\n", encoding="utf-8")
+    assert main(["evaluate", "--recipe", str(recipe), "--monitors", "guard+nope"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.monitors[0]" in err and "guard+nope" in err and "Traceback" not in err
+
+
+def test_adding_a_detector_is_one_entry(monkeypatch):
+    """docs/architecture.md's worked example: one table entry (its module exists) and the
+    monitor parser and the one guard pass score it."""
+    import numpy as np
+
+    from eval.detectors.logits import guard_logprob
+    from eval.scoring import logit_detectors
+    from train import detector_table as dt
+
+    entry = dt.Detector("logprob", "guard", False, (), "eval.detectors.logits:guard_logprob")
+    monkeypatch.setitem(dt.DETECTORS, entry.name, entry)
+    assert dt.parse_monitor("guard+logprob") == ("guard", "logprob")
+    logits = np.array([[0.5, -1.0], [2.0, 0.1], [-0.3, 0.3]])
+    out = logit_detectors(logits, ["guard", "logprob"])
+    assert list(out) == ["guard", "logprob"]
+    assert np.allclose(out["logprob"], guard_logprob(logits))
