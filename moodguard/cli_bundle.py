@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from train.detector_table import NAMES
+
 from .cli_common import add_recipe_arguments, recipe_from_args
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
-    p.add_argument("--monitor", default="guard+maha+ppl", help="the monitor to export (default guard+maha+ppl)")
+    p.add_argument("--monitor", default="guard+maha+ppl",
+                   help=f"the monitor to export: detectors joined by '+' ({', '.join(NAMES)}; default guard+maha+ppl)")
     p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 from mood_data import atomic
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
+from train.detector_table import parse_monitors
 from train.recipe import EvalSection
 
 STAGES: tuple[str, ...] = ("train-guard", "train-lm", "fit", "evaluate")
@@ -151,6 +152,10 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     monitors = doc.get("monitors", list(DEFAULT_MONITORS))
     if not isinstance(monitors, list) or not monitors or not all(isinstance(m, str) and m for m in monitors):
         raise RecipeError(f"{path}: key 'monitors': expected a non-empty list of monitor names")
+    try:
+        monitors = parse_monitors(monitors)  # the detector table's one parser
+    except RecipeError as err:
+        raise RecipeError(f"{path}: key 'monitors': {err}") from None
     chart = doc.get("chart") or {}
     fpr = chart.get("fpr", 0.01) if isinstance(chart, dict) else None
     if not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
@@ -423,6 +428,7 @@ def run_stages(stages: list[Stage], out_dir: str | os.PathLike, load: Callable =
     out_dir = Path(out_dir).resolve()
     state = read_state(out_dir)
     result = SweepResult(out_dir)
+    recipes: dict[tuple, Any] = {}
     for i, s in enumerate(stages, 1):
         if is_done(state, s):
             result.skipped.append(s.id)
@@ -439,7 +445,10 @@ def run_stages(stages: list[Stage], out_dir: str | os.PathLike, load: Callable =
         progress(f"[{i}/{len(stages)}] {s.id}: {'restarting' if prev else 'running'} (key {s.key})")
         _mark(out_dir, state, s, "running")
         t0 = time.perf_counter()
-        recipe = load(s.recipe_path, s.overrides)
+        key = (str(s.recipe_path), tuple(s.overrides))
+        if key not in recipes:  # a run's stages share one recipe: loaded and validated once
+            recipes[key] = load(s.recipe_path, s.overrides)
+        recipe = recipes[key]
         try:
             STAGE_FUNCTIONS[s.stage](s, recipe, s.monitors)
         except BaseException as exc:
