@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = entry.recipe_overrides(args.kind, args)
     recipe = load_recipe(args.recipe, overrides)  # loaded and validated once; passed along from here
+    entry.apply_device(args.device, recipe)
     from train.launch import adapter_folders, run_training
 
     rc = run_training(args.kind, recipe, args.recipe, overrides, args.resume)

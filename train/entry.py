@@ -23,6 +23,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, member: bool = False
                         help="accelerate_configs/<NAME>.yaml (default: the recipe's accelerate.config; 'none' = in-process)")
     parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="override the config's num_processes")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--device", default=None, metavar="cpu|cuda|cuda:N",
+                        help="where to train (default: the GPUs when present, else the CPU)")
     parser.add_argument("--parallel-members", type=int, default=None, metavar="N",
                         help="train N seed members at once, one process each (the section's parallel_members)")
     if member:
@@ -43,6 +45,21 @@ def recipe_overrides(kind: str, args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def apply_device(requested: str | None, recipe) -> None:
+    """``--device``: set the environment that makes it hold here and in every launched rank
+    (``train.distributed.training_device_environment``; a missing device is a RecipeError)."""
+    if requested is None:
+        return
+    import os
+
+    import torch
+
+    from .distributed import training_device_environment
+
+    procs = recipe.accelerate.num_processes if recipe.accelerate.config else 1
+    os.environ.update(training_device_environment(requested, procs, torch.cuda.device_count()))
+
+
 def module_parser(kind: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m train.{kind}", description=f"train {KIND_HELP[kind]}")
     add_train_arguments(p, member=True)
@@ -54,16 +71,24 @@ def module_main(kind: str, train_fn: Callable[..., Any], argv: Sequence[str] | N
     rank or a parallel member; it never re-launches)."""
     from mood_data.errors import MoodguardError
 
+    from .distributed import EXIT_STOPPED, TrainingStopped
     from .loop import end_distributed
     from .recipe import load_recipe
 
     args = module_parser(kind).parse_args(argv)
+    ok = False
     try:
         recipe = load_recipe(args.recipe, recipe_overrides(kind, args))
+        apply_device(args.device, recipe)
         train_fn(recipe, args.resume, None if args.member is None else [args.member])
+        ok = True
     except MoodguardError as err:
         print(f"moodguard train {kind}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:
+        ok = True  # every rank stopped at the same step: a clean teardown
+        print(f"moodguard train {kind}: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     finally:
-        end_distributed()
+        end_distributed(ok)
     return 0

@@ -190,8 +190,16 @@ def run_training(kind: str, recipe: Recipe, recipe_path: str | os.PathLike, over
     if recipe.accelerate.config is not None:
         argv = ["--recipe", str(recipe_path), *(["--resume"] if resume else []), *overrides]
         return relaunch(recipe.accelerate.config, f"train.{kind}", argv, recipe.accelerate.num_processes)
+    from .distributed import EXIT_STOPPED, TrainingStopped
+
+    ok = False
     try:
         train_in_process(kind, recipe, resume)
+        ok = True
+    except TrainingStopped as stop:
+        ok = True
+        print(f"moodguard train {kind}: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     finally:
-        end_distributed()
+        end_distributed(ok)
     return 0

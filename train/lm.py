@@ -21,6 +21,7 @@ def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
     ``section`` (``lm`` here; the judge reuses it with ``judge``)."""
     from peft import TaskType, get_peft_model
 
+    from .distributed import peft_model_kwargs
     from .modeling import load_causal_lm
 
     kwargs = {"attn_implementation": recipe.attn_implementation} if recipe.attn_implementation else {}
@@ -28,7 +29,8 @@ def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
     model.config.use_cache = False
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return get_peft_model(model, lora_config(recipe, section, TaskType.CAUSAL_LM))
+    # under ZeRO-3: autocast_adapter_dtype=False (DeepSpeed issue 8072)
+    return get_peft_model(model, lora_config(recipe, section, TaskType.CAUSAL_LM), **peft_model_kwargs())
 
 
 def build_lm_datasets(recipe: Recipe, tokenizer):

@@ -102,8 +102,14 @@ def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, 
     from accelerate import PartialState
     from transformers import TrainingArguments
 
+    from .distributed import accelerate_placement, check_engine_available, enter_cpu_engine
+
     cpu = on_cpu()
-    world = PartialState(cpu=cpu).num_processes
+    enter_cpu_engine(cpu)
+    place = accelerate_placement(cpu, int(os.environ.get("WORLD_SIZE", "1") or 1))  # WORLD_SIZE: set by the launcher
+    state = PartialState(cpu=place.cpu, **({"backend": place.backend} if place.backend else {}))
+    check_engine_available(state.distributed_type)
+    world = state.num_processes
     accum = gradient_accumulation_steps(
         sec.global_batch_size, sec.per_device_batch_size, world, where=f"{recipe.source_file}: key '{kind}.global_batch_size'"
     )
@@ -135,8 +141,8 @@ def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, 
         gradient_checkpointing_kwargs={"use_reentrant": False} if sec.gradient_checkpointing else None,
         report_to=[] if recipe.report_to == "none" else [recipe.report_to],
         bf16=(recipe.dtype == "bfloat16" and not cpu),
-        use_cpu=cpu,
-        ddp_backend="gloo" if cpu and world > 1 else None,
+        use_cpu=place.cpu,
+        ddp_backend=place.backend,
         ddp_find_unused_parameters=False,
         label_names=["labels"],
         dataloader_num_workers=0,
@@ -177,6 +183,7 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
 
     from mood_data.atomic import atomic_dir, write_text
 
+    from .distributed import TrainingStopped, engine_record, make_stop_callback, save_full_adapter, stop_file
     from .modeling import load_tokenizer
 
     sec = recipe.section(job.kind)
@@ -216,14 +223,24 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
             group_by_length=sec.group_by_length,
             mean_loss=job.mean_loss,
         )
+        stop_path = stop_file()
+        stopper = make_stop_callback(stop_path, trainer.accelerator) if stop_path else None
+        if stopper is not None:
+            trainer.add_callback(stopper)
         last = last_complete_checkpoint(ckpt_dir) if resume else None
         train_out = trainer.train(resume_from_checkpoint=last)
+        if stopper is not None and stopper.stopped:
+            trainer.accelerator.wait_for_everyone()
+            raise TrainingStopped(str(ckpt_dir / f"checkpoint-{trainer.state.global_step}"))
         val = trainer.evaluate()
         staging = out_root / f".{name}.staging"
-        trainer.save_model(str(staging))
+        save_full_adapter(trainer, staging)
         trainer.accelerator.wait_for_everyone()
         final = out_root / name
         if trainer.is_world_process_zero():
+            if not (staging / "adapter_model.safetensors").is_file():
+                raise RuntimeError(f"{staging}: no adapter_model.safetensors after saving the {job.kind} adapter "
+                                   f"(engine {engine_record(trainer.accelerator)}); nothing written to {final}")
             metrics = {
                 "kind": job.kind,
                 "seed": seed,
@@ -235,6 +252,10 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
                 "global_batch_size": sec.global_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "resumed_from": last,
+                "engine": engine_record(trainer.accelerator),
+                # where the model actually trained (--device / accelerate), and its parameter dtype
+                "device": str(trainer.args.device),
+                "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
             }
             with atomic_dir(final) as tmp:
                 for f in staging.iterdir():
@@ -255,10 +276,12 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
     return finals
 
 
-def end_distributed() -> None:
-    """Tear down the process group at the end of a launched run."""
+def end_distributed(ok: bool = True) -> None:
+    """Tear down the process group at the end of a launched run. After a failure (``ok=False``)
+    there is no barrier: the other ranks may be inside another collective, and a barrier there
+    deadlocks the job instead of letting the launcher stop it (the fsdp "hang" of issue 16)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if ok and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
