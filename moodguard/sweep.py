@@ -185,6 +185,7 @@ class Stage:
     monitors: tuple[str, ...]
     accelerate_config: str | None = None
     num_processes: int = 1
+    num_machines: int = 1
 
     @property
     def id(self) -> str:
@@ -251,7 +252,8 @@ def plan_sweep(sweep: Sweep, out_dir: str | os.PathLike, load: Callable = _load_
             keys[name] = stage_key(name, rd, [keys[d] for d in deps], monitors)
             stages.append(Stage(run, name, keys[name], entry.recipe, tuple(overrides), run_dir,
                                 tuple(f"{run}/{d}" for d in deps), tuple(sweep.monitors),
-                                acc.get("config"), int(acc.get("num_processes") or 1)))
+                                acc.get("config"), int(acc.get("num_processes") or 1),
+                                int(acc.get("num_machines") or 1)))
     return stages
 
 
@@ -320,14 +322,37 @@ def _jid(stage_id: str) -> str:
     return "JID_" + re.sub(r"[^A-Za-z0-9_]", "_", stage_id)
 
 
-def _sbatch_header(job: str, log_dir: Path, gpus: int, options: Mapping[str, Any]) -> list[str]:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --output={log_dir}/%x-%j.out",
-             "#SBATCH --nodes=1", "#SBATCH --ntasks=1"]
-    if gpus:
-        lines.append(f"#SBATCH --gpus-per-node={gpus}")
+def _sbatch_header(job: str, log_dir: Path, gpus: int, options: Mapping[str, Any],
+                   train: Stage | None = None) -> list[str]:
+    """``#SBATCH`` lines; a training stage with an accelerate config gets its nodes, GPUs per
+    node and requeue-on-preemption lines from ``train.slurm``."""
+    from train.slurm import sbatch_train_lines
+
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --output={log_dir}/%x-%j.out"]
+    if train is not None:
+        lines += sbatch_train_lines(train.num_machines, train.num_processes)
+    else:
+        lines += ["#SBATCH --nodes=1", "#SBATCH --ntasks=1"]
+        if gpus:
+            lines.append(f"#SBATCH --gpus-per-node={gpus}")
     for k, v in options.items():
         lines.append(f"#SBATCH --{k}={v}")
     return lines
+
+
+def _launched_train(stage: Stage) -> bool:
+    return stage.stage.startswith("train") and bool(stage.accelerate_config)
+
+
+def _train_job_lines(stage: Stage) -> list[str]:
+    """A training stage under Slurm: ``accelerate launch`` on every node through srun, with
+    ``--resume`` and the USR1 checkpoint-and-requeue wrapper (``train.slurm``)."""
+    from train.slurm import accelerate_srun_command, requeue_wrapped
+
+    argv = ["--recipe", str(stage.recipe_path), "--resume", *stage.overrides]
+    srun = accelerate_srun_command(f"accelerate_configs/{stage.accelerate_config}.yaml", _py_module(stage.stage),
+                                   argv, stage.num_machines, stage.num_processes)
+    return requeue_wrapped(srun)
 
 
 def emit_slurm(sweep: Sweep, stages: list[Stage], out_dir: Path, workdir: Path | None = None) -> Path:
@@ -344,10 +369,11 @@ def emit_slurm(sweep: Sweep, stages: list[Stage], out_dir: Path, workdir: Path |
               "set -euo pipefail", 'cd "$(dirname "$0")"', f"mkdir -p {shlex.quote(str(log_dir))}"]
     for i, s in enumerate(stages):
         fname = f"{i:02d}-{s.run}-{s.stage}.sbatch"
-        gpus = s.num_processes if s.stage.startswith("train") and s.accelerate_config else gpus_default
-        body = _sbatch_header(f"{sweep.name}-{s.run}-{s.stage}", log_dir, gpus, options) + [
+        launched = _launched_train(s)
+        body = _sbatch_header(f"{sweep.name}-{s.run}-{s.stage}", log_dir, gpus_default, options,
+                              train=s if launched else None) + [
             "set -euo pipefail", f"cd {shlex.quote(str(workdir))}",
-            f"# stage key {s.key}", _q(stage_command(s)),
+            f"# stage key {s.key}", *(_train_job_lines(s) if launched else [_q(stage_command(s))]),
             _q(_sweep_command(sweep, out_dir, "--only", s.stage, "--run", s.run, "--mark-done")), ""]
         atomic.write_text(slurm_dir / fname, "\n".join(body))
         dep = ":".join(f"${_jid(d)}" for d in s.deps)

@@ -134,8 +134,10 @@ def test_emit_slurm_valid_bash_and_dependencies(tmp_path):
     for f in files:
         assert f.read_text().startswith("#!/bin/bash\n#SBATCH --job-name=")
     m_guard = (submit.parent / "04-tiny-m-train-guard.sbatch").read_text()
-    assert "accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 2 -m train.guard --recipe" in m_guard
-    assert "#SBATCH --gpus-per-node=2" in m_guard
+    assert ("python -m accelerate.commands.launch --config_file accelerate_configs/ddp.yaml --num_machines 1 "
+            '--machine_rank "$SLURM_NODEID" --num_processes 2') in m_guard
+    assert "-m train.guard --recipe" in m_guard and " --resume " in m_guard
+    assert "#SBATCH --gpus-per-node=2" in m_guard and "#SBATCH --nodes=1" in m_guard and "#SBATCH --requeue" in m_guard
     assert "moodguard fit --recipe" in (submit.parent / "02-tiny-s-fit.sbatch").read_text()
     assert "python -m train.lm --recipe" in (submit.parent / "01-tiny-s-train-lm.sbatch").read_text()
 

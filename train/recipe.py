@@ -110,7 +110,9 @@ class DataSection:
 class AccelerateSection:
     # name of accelerate_configs/<config>.yaml, or null to run in-process
     config: str | None = None
-    num_processes: int = 1
+    num_processes: int = 1  # all processes (GPUs) of the job, over every machine
+    # nodes of a multi-node job (`sweep --emit slurm`, recipes/launch.slurm); num_processes / num_machines per node
+    num_machines: int = 1
 
 
 @dataclass
@@ -456,6 +458,13 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
         fail("accelerate.config", f"unknown accelerate config {acc.config!r}; choose from {accelerate_config_names()}")
     if acc.num_processes < 1:
         fail("accelerate.num_processes", "must be >= 1")
+    if acc.num_machines < 1:
+        fail("accelerate.num_machines", "must be >= 1")
+    elif acc.num_processes % acc.num_machines:
+        fail("accelerate.num_machines", f"accelerate.num_processes {acc.num_processes} is not a multiple of "
+                                        f"num_machines {acc.num_machines} (processes per node must be equal)")
+    elif acc.num_machines > 1 and acc.config is None:
+        fail("accelerate.num_machines", "a multi-node job needs accelerate.config (ddp, zero2, zero3 or fsdp)")
     for kind in ("guard", "lm", "judge"):
         sec: TrainSection = getattr(recipe, kind)
         for key in ("global_batch_size", "per_device_batch_size", "max_length", "save_steps", "logging_steps"):
