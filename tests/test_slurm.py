@@ -50,7 +50,7 @@ def test_sweep_emits_multi_node_training_jobs(tmp_path):
                  "--num_processes 16", '--main_process_ip "$MAIN_IP"', "--main_process_port 29500",
                  "--rdzv_backend c10d", "-m train.guard", "--resume", "accelerate.num_machines=2"):
         assert flag in srun, flag
-    assert 'MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in guard
+    assert 'MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)' in guard  # head: SIGPIPE + pipefail
     # fit / evaluate stay single-node jobs without the requeue wrapper
     fit = files["02-tiny-s-fit.sbatch"]
     assert "#SBATCH --nodes=1" in fit and "--requeue" not in fit and "srun" not in fit

@@ -54,7 +54,7 @@ def requeue_wrapped(command: str, stop_dir: str = "${SLURM_SUBMIT_DIR:-$PWD}") -
     USR1 into a checkpoint-and-stop request, and requeue the job after such a stop. The script
     ends with the command's status otherwise (``set -e`` scripts: the final ``exit`` decides)."""
     return [
-        'MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail',
         "export MAIN_IP",
         f'export MOODGUARD_STOP_FILE="{stop_dir}/.moodguard-stop-$SLURM_JOB_ID"',
         'rm -f "$MOODGUARD_STOP_FILE"',
