@@ -7,6 +7,7 @@ Public API (imported lazily so ``import eval`` stays light)::
     folders = evaluate_recipe(recipe, ["guard+maha"])   # {monitor: <run>/eval/<monitor>/}
     export_bundle(recipe, "bundle/", "guard+maha")
     Monitor.load("bundle/").score(["<start_of_turn>user\\nhi<end_of_turn>"])
+    score_stream(Monitor.load("bundle/"), scan_input("in.jsonl"), "out.jsonl")  # chunked, resumable
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import importlib
 _EXPORTS = {
     "fit_detectors": "eval.fitting", "evaluate_recipe": "eval.monitor", "load_backbone": "eval.backbone",
     "score_rows": "eval.scoring", "export_bundle": "eval.bundle", "Monitor": "eval.bundle",
-    "score_file": "eval.bundle", "analyze": "eval.metrics", "tpr_at_fpr": "eval.metrics",
+    "score_stream": "eval.streaming", "scan_input": "eval.streaming", "analyze": "eval.metrics", "tpr_at_fpr": "eval.metrics",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -35,8 +35,11 @@ class Loaded:
     lm_hash: str | None
 
 
-def load_backbone(recipe, guard_dir: Path | None = None, lm_dir: Path | None = None) -> Loaded:
-    """Load the base ONCE with both adapters (see :class:`eval.forward.SharedBackbone`)."""
+def load_backbone(recipe, guard_dir: Path | None = None, lm_dir: Path | None = None,
+                  device: str | None = None) -> Loaded:
+    """Load the base ONCE with both adapters (see :class:`eval.forward.SharedBackbone`) where
+    the device policy puts it (:func:`train.device.placement`: ``device`` = ``--device``)."""
+    from train import device as device_policy
     from train.modeling import load_tokenizer, resolve_model
 
     if guard_dir is None:
@@ -44,8 +47,8 @@ def load_backbone(recipe, guard_dir: Path | None = None, lm_dir: Path | None = N
     base = resolve_model(recipe.model)
     tok_src = recipe.tokenizer or (guard_dir if (Path(guard_dir) / "tokenizer_config.json").is_file() else base)
     tokenizer = load_tokenizer(tok_src, trust_remote_code=recipe.trust_remote_code)
-    dtype = "float32" if recipe.dtype == "auto" else recipe.dtype
-    backbone = SharedBackbone.from_pretrained(base, guard_dir, lm_dir, dtype=dtype,
+    where = device_policy.placement(recipe.dtype, device, recipe.eval.device_map)
+    backbone = SharedBackbone.from_pretrained(base, guard_dir, lm_dir, placement=where,
                                               trust_remote_code=recipe.trust_remote_code)
     return Loaded(backbone, tokenizer, Path(guard_dir), None if lm_dir is None else Path(lm_dir),
                   adapter_hash(guard_dir), None if lm_dir is None else adapter_hash(lm_dir))

@@ -26,7 +26,6 @@ Loading verifies the manifest first: a missing or modified file is a one-line Bu
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -35,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from mood_data import atomic
-from mood_data.errors import BundleError, DataError
-from mood_data.readers import jsonl_rows, read_json
+from mood_data.errors import BundleError
+from mood_data.readers import read_json
 
 from train.data import train_validation_cut
 from train.detector_table import DETECTORS, parse_monitor
@@ -97,7 +96,7 @@ def _copy_adapter(src: Path, dst: Path) -> None:
 
 
 def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
-                  predict_safe: bool = False) -> Path:
+                  predict_safe: bool = False, device: str | None = None) -> Path:
     """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed)."""
     detectors = parse_monitor(monitor)
     monitor = "+".join(detectors)
@@ -110,7 +109,7 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     meta_path = eval_dir / "meta.json"
     fresh = apath.is_file() and meta_path.is_file() and \
         read_json(meta_path, BundleError).get("predict_safe", False) == predict_safe
-    loaded = load_backbone(recipe, guard_dir, lm_dir)  # once, for evaluate, fit and the extra detectors
+    loaded = load_backbone(recipe, guard_dir, lm_dir, device)  # once, for evaluate, fit and the extra detectors
     cut = train_validation_cut(recipe, source)  # once, likewise
     if not fresh:
         evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe, loaded=loaded, cut=cut)
@@ -167,7 +166,8 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
         atomic.write_text(tmp / "recipe.yaml", recipe.to_yaml())
         atomic.write_json(tmp / "monitor.json", {
             "format": FORMAT, "monitor": monitor, "detectors": list(detectors), "base": str(recipe.model),
-            "dtype": recipe.dtype, "trust_remote_code": recipe.trust_remote_code, "stats": stats,
+            "dtype": recipe.dtype, "device_map": recipe.eval.device_map,
+            "trust_remote_code": recipe.trust_remote_code, "stats": stats,
             "settings": {"max_length": settings.max_length, "batch_size": settings.batch_size,
                          "pooling": settings.pooling, "assistant_only": settings.assistant_only,
                          "predict_safe": settings.predict_safe},
@@ -210,8 +210,12 @@ class Monitor:
         return self.spec["monitor"]
 
     @classmethod
-    def load(cls, folder: str | Path, *, base: str | None = None, batch_size: int | None = None) -> "Monitor":
-        """Verify the manifest, then load base (+ adapters), detectors, fusion and thresholds."""
+    def load(cls, folder: str | Path, *, base: str | None = None, batch_size: int | None = None,
+             device: str | None = None) -> "Monitor":
+        """Verify the manifest, then load base (+ adapters), detectors, fusion and thresholds;
+        the base goes where the device policy puts it (``device`` = ``--device``; the bundle's
+        dtype and ``device_map``)."""
+        from train import device as device_policy
         from train.modeling import load_tokenizer, resolve_model
 
         from .forward import SharedBackbone, adapter_hash
@@ -236,9 +240,9 @@ class Monitor:
         if not isinstance(thresholds, dict):
             raise BundleError(f"{folder / 'thresholds.json'}: field 'thresholds': missing")
         lm = folder / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
-        dtype = spec.get("dtype", "float32")
+        where = device_policy.placement(spec.get("dtype", "float32"), device, spec.get("device_map"))
         backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), folder / "guard", lm,
-                                                  dtype="float32" if dtype == "auto" else dtype,
+                                                  placement=where,
                                                   trust_remote_code=bool(spec.get("trust_remote_code", False)))
         check_feature_dims(folder, spec, dets, backbone)
         tok = load_tokenizer(folder / "tokenizer")
@@ -326,9 +330,8 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None):
         if key not in js:
             raise BundleError(f"{folder / 'monitor.json'}: field 'judge.{key}': missing")
     jb = backbone
-    if js["model"] is not None:
-        dtype = spec.get("dtype", "float32")
-        jb = SharedBackbone.from_pretrained(resolve_model(js["model"]), dtype="float32" if dtype == "auto" else dtype,
+    if js["model"] is not None:  # its own base, where the guard's went
+        jb = SharedBackbone.from_pretrained(resolve_model(js["model"]), placement=backbone.placement,
                                             trust_remote_code=bool(spec.get("trust_remote_code", False)))
     adapter_dir = jdir / "adapter" if js["adapter"] else None
     if adapter_dir is not None:
@@ -340,59 +343,5 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None):
     return judge, rubrics
 
 
-def read_conversations(path: str | Path, template: str = "mood") -> tuple[list[str], list[Any]]:
-    """Rows of a jsonl file with ``conversation`` (str) or ``messages`` (list); returns the
-    rendered conversations and each row's ``id`` (or its 1-based row number)."""
-    from mood_data.render import render
-
-    path = Path(path)
-    convs, ids = [], []
-    for n, row in jsonl_rows(path, DataError):
-        if isinstance(row.get("conversation"), str):
-            convs.append(row["conversation"])
-        elif isinstance(row.get("messages"), list):
-            try:
-                convs.append(render(row["messages"], template))
-            except (ValueError, AttributeError, TypeError) as exc:
-                raise DataError(f"{path}: row {n}: field 'messages': {exc}") from None
-        else:
-            raise DataError(f"{path}: row {n}: field 'conversation': expected a string "
-                            "(or a 'messages' list)")
-        ids.append(row.get("id", n))
-    if not convs:
-        raise DataError(f"{path}: empty file (no rows)")
-    return convs, ids
-
-
-SCORE_CHUNK = 512  # conversations tokenised + scored at a time (bounds memory)
-
-
-def iter_scores(monitor: Monitor, convs: Sequence[str], ids: Sequence[Any], chunk: int = SCORE_CHUNK):
-    """Score rows ``chunk`` at a time, yielding ``{"id", ...}`` in input order: token ids,
-    features and scores of only one chunk are ever held."""
-    for start in range(0, len(convs), chunk):
-        part = monitor.score(convs[start:start + chunk])
-        yield from ({"id": i, **r} for i, r in zip(ids[start:start + chunk], part))
-
-
-def score_file(monitor: Monitor, path: str | Path | None, out: str | Path | None = None,
-               rows_in: tuple[list[str], list[Any]] | None = None, *, keep: bool = True,
-               chunk: int = SCORE_CHUNK) -> list[dict]:
-    """Score a jsonl file (or already-read ``(conversations, ids)``) in chunks; optionally
-    write jsonl (atomically: a killed run leaves no partial file). ``keep=False`` (with
-    ``out``) keeps no row in memory and returns an empty list."""
-    convs, ids = rows_in if rows_in is not None else read_conversations(path)
-    rows = iter_scores(monitor, convs, ids, chunk)
-    if out is None:
-        return list(rows)
-    kept: list[dict] = []
-    with atomic.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            if keep:
-                kept.append(r)
-    return kept
-
-
-__all__ = ["Monitor", "export_bundle", "read_conversations", "score_file", "sha256_file", "verify_manifest",
+__all__ = ["Monitor", "export_bundle", "sha256_file", "verify_manifest",
            "write_manifest"]

@@ -86,12 +86,12 @@ def fit_feature_detectors(recipe, loaded: Loaded, rows, kinds: Sequence[str] = F
 
 
 def fit_detectors(recipe, *, source=None, loaded: Loaded | None = None, predict_safe: bool = False,
-                  cut=None) -> dict:
+                  cut=None, device: str | None = None) -> dict:
     """Fit the fitted detectors (Mahalanobis, kNN) on the safe train rows (cached) and score the
     ID validation slice with every one-pass detector (cached) for fusion. ``cut``: the
     ``(train, validation)`` slices when the caller already has them (loaded once per process).
-    Returns ``{"stats": {kind: {layer: dir}}, "calibration": path}``."""
-    loaded = loaded or load_backbone(recipe)
+    Returns ``{"stats": {kind: {layer: dir}}, "calibration": path}``; ``device``: ``--device``."""
+    loaded = loaded or load_backbone(recipe, device=device)
     train_rows, val_rows = cut or train_validation_cut(recipe, source)
     stat_dirs = fit_feature_detectors(recipe, loaded, train_rows)
     calib = calibration_scores(recipe, loaded, val_rows, stat_dirs, predict_safe=predict_safe)

@@ -28,7 +28,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mood_data.errors import BundleError
 from train.data import padding_fraction  # noqa: F401 - the one padding measure, re-exported
@@ -166,17 +165,23 @@ class SharedBackbone:
         self.has_lm = has_lm
         # classification heads by adapter name: the guard, plus ensemble members (add_adapter)
         self.heads: dict[str, torch.nn.Module] = {"guard": head} if head is not None else {}
+        self.placement = None  # the train.device.Placement it was loaded with
 
     @classmethod
     def from_pretrained(cls, base: str | Path, guard_dir: str | Path | None = None, lm_dir: str | Path | None = None,
                         *, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
-                        device: str | torch.device | None = None) -> "SharedBackbone":
+                        device: str | torch.device | None = None, placement=None) -> "SharedBackbone":
+        """Load the base straight onto its device (``placement``, a :class:`train.device.Placement`;
+        without one, the device policy resolves ``device`` and ``dtype``) with both adapters."""
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, trust_remote_code=trust_remote_code)
+        from train import device as device_policy
+
+        if placement is None:
+            placement = device_policy.placement(dtype, None if device is None else str(device))
+        model = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=trust_remote_code,
+                                                     **placement.load_kwargs())
         head = None
         adapters = [(n, Path(d)) for n, d in (("lm", lm_dir), ("guard", guard_dir)) if d is not None]
         for i, (name, d) in enumerate(adapters):
@@ -186,13 +191,13 @@ class SharedBackbone:
                 model = PeftModel.from_pretrained(model, str(d), adapter_name=name)
             else:  # the guard's score head is an unexpected key here; we load it ourselves
                 model.load_adapter(str(d), adapter_name=name)
-        if guard_dir is not None:
-            head = _head_from_adapter(Path(guard_dir)).to(dtype)
         model.eval()
-        if device is not None:
-            model.to(device)
-            head = head.to(device) if head is not None else None
-        return cls(model, head, has_lm=lm_dir is not None)
+        out = cls(model, None, has_lm=lm_dir is not None)
+        out.placement = placement
+        if guard_dir is not None:
+            out.head = _head_from_adapter(Path(guard_dir)).to(device=out.head_device, dtype=placement.dtype)
+            out.has_guard, out.heads["guard"] = True, out.head
+        return out
 
     def add_adapter(self, name: str, adapter_dir: str | Path, *, head: bool = False) -> None:
         """Load one more named adapter onto the SAME base (ensemble members with ``head=True``:
@@ -212,6 +217,8 @@ class SharedBackbone:
             h = _head_from_adapter(d)
             if ref is not None:
                 h = h.to(device=ref.weight.device, dtype=ref.weight.dtype)
+            elif self.placement is not None:
+                h = h.to(device=self.head_device, dtype=self.placement.dtype)
             self.heads[name] = h
 
     # -- plumbing
@@ -221,7 +228,13 @@ class SharedBackbone:
 
     @property
     def device(self) -> torch.device:
-        return next(self.causal_lm.parameters()).device
+        """Where inputs go (the embedding's device; the first shard under device_map=auto)."""
+        return self.causal_lm.get_input_embeddings().weight.device
+
+    @property
+    def head_device(self) -> torch.device:
+        """Where the final hidden state comes out (the last shard under device_map=auto)."""
+        return self.causal_lm.get_output_embeddings().weight.device
 
     def _adapter(self, name: str | None):
         """Context: activate adapter ``name``; ``None`` = base weights (adapters disabled)."""
@@ -249,7 +262,8 @@ class SharedBackbone:
             out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                                 output_hidden_states=bool(layers), use_cache=False)
         last = out.last_hidden_state
-        logits = self.heads[adapter](last[:, -1]).float()
+        head = self.heads[adapter]
+        logits = head(last[:, -1].to(head.weight.device)).float()
         feats = {int(layer): pool(out.hidden_states[layer], attention_mask, pooling) for layer in layers}
         return logits, feats
 
@@ -285,19 +299,27 @@ def guard_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, l
     ``on_batch`` receives each batch's features (e.g. to update a streaming Mahalanobis
     accumulator, or to score them); they are not kept here.
     """
+    from .parallel import run_batches
+
     pad = pad_id(backbone)
     n = len(encoded.input_ids)
     logits_out: np.ndarray | None = None
     device = backbone.device
-    for index in tqdm(length_batches(encoded.lengths, batch_size, sort=sort), desc=desc, unit="batch", disable=None):
+
+    def compute(index: np.ndarray):
         batch = collate(encoded, index, pad)
         logits, feats = backbone.guard_forward(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                                layers, pooling, adapter)
+        return logits.cpu(), {k: v.cpu() for k, v in feats.items()}
+
+    # data-parallel under a multi-process launch: every rank gets every batch's outputs, in order
+    for index, (logits, feats) in run_batches(length_batches(encoded.lengths, batch_size, sort=sort), compute,
+                                              desc=desc):
         if logits_out is None:
             logits_out = np.zeros((n, logits.shape[1]), dtype=np.float32)
-        logits_out[index] = logits.cpu().numpy()
+        logits_out[index] = logits.numpy()
         if on_batch is not None:
-            on_batch(GuardBatch(index, logits.cpu(), {k: v.cpu() for k, v in feats.items()}))
+            on_batch(GuardBatch(index, logits, feats))
     return logits_out if logits_out is not None else np.zeros((0, 1), dtype=np.float32)
 
 

@@ -86,22 +86,26 @@ def judge_pass(backbone, adapter: str | None, encoded, parts: PromptParts, *, ba
     so a row's answer does not depend on its batch); only the last position goes through
     ``lm_head``. Returns (scores, answer mass) in the original order."""
     import torch
-    from tqdm.auto import tqdm
-
     from train.data import positions_from_mask
 
     from .forward import collate, length_batches, pad_id
+    from .parallel import run_batches
 
     n = len(encoded.input_ids)
     scores, mass = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
     pad, device = pad_id(backbone), backbone.device
-    for index in tqdm(length_batches(encoded.lengths, batch_size), desc=desc, unit="batch", disable=None):
+
+    def compute(index: np.ndarray):
         batch = collate(encoded, index, pad)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with torch.no_grad():
             hidden = backbone.lm_hidden(ids, mask, adapter=adapter, position_ids=positions_from_mask(mask))
-            logits = backbone.lm_head(hidden[:, -1]).float()
-        scores[index], mass[index] = expected_score(logits.cpu(), parts.answer_ids, parts.values)
+            logits = backbone.lm_head(hidden[:, -1].to(backbone.head_device)).float()
+        return logits.cpu()
+
+    # data-parallel under a multi-process launch (eval.parallel): every rank gets every batch
+    for index, logits in run_batches(length_batches(encoded.lengths, batch_size), compute, desc=desc):
+        scores[index], mass[index] = expected_score(logits, parts.answer_ids, parts.values)
     return scores, mass
 
 
@@ -139,7 +143,7 @@ def judge_adapter_dir(recipe) -> Path | None:
     return None
 
 
-def load_judge(recipe, loaded=None, train_rows=None) -> Judge:
+def load_judge(recipe, loaded=None, train_rows=None, device: str | None = None) -> Judge:
     """The recipe's judge: ``judge.model`` (any instruct model; default the recipe's model) with
     the judge LoRA (``judge.adapter`` or ``<run>/judge``) if there is one. When the judge shares
     the guard's base, the LoRA is one more adapter on the already loaded base."""
@@ -157,8 +161,13 @@ def load_judge(recipe, loaded=None, train_rows=None) -> Judge:
     if same_base:
         backbone = loaded.backbone
     else:
-        dtype = "float32" if recipe.dtype == "auto" else recipe.dtype
-        backbone = SharedBackbone.from_pretrained(resolve_model(model), dtype=dtype,
+        # where the guard's base went (the one device policy), else resolved for this recipe
+        where = getattr(getattr(loaded, "backbone", None), "placement", None)
+        if where is None:
+            from train.device import placement
+
+            where = placement(recipe.dtype, device, recipe.eval.device_map)
+        backbone = SharedBackbone.from_pretrained(resolve_model(model), placement=where,
                                                   trust_remote_code=recipe.trust_remote_code)
     name = None
     if adapter_dir is not None:

@@ -32,6 +32,7 @@ from train.detector_table import needed as needed_detectors
 
 # the jobs this module used to do live in their own modules now; their names stay importable here
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root  # noqa: F401
+from .parallel import world
 from .cache import cache_key, cached_scores, fingerprint, read_calibration  # noqa: F401
 from .fitting import (FEATURE_DETECTORS, calibration_scores, extra_detector_scores, fit_detectors,  # noqa: F401
                       fit_feature_detectors, load_stats)
@@ -59,7 +60,8 @@ def fit_fusion(method: str, calib: dict[str, np.ndarray], malign: np.ndarray, do
 
 # ----------------------------------------------------------------------------- evaluate
 def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, *, predict_safe: bool = False,
-                    loaded: Loaded | None = None, n_boot: int = 1000, plots: bool = True, cut=None) -> dict[str, Path]:
+                    loaded: Loaded | None = None, n_boot: int = 1000, plots: bool = True, cut=None,
+                    device: str | None = None) -> dict[str, Path]:
     """Score the test split ONCE (one guard + one LM forward) and write ``<run>/eval/<monitor>/``
     for every monitor. Fits / reuses detector statistics first (see :func:`fit_detectors`)."""
     from mood_data.domains import load_registry
@@ -70,7 +72,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
 
     monitors = parse_monitors(monitors or recipe.eval.monitors)
     needed = needed_detectors(monitors)
-    loaded = loaded or load_backbone(recipe)
+    loaded = loaded or load_backbone(recipe, device=device)
     lm_needed = [d for d in needed if DETECTORS[d].forward == "lm"]
     if lm_needed and loaded.lm_dir is None:
         raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (needed for {lm_needed[0]!r} monitors)")
@@ -110,7 +112,8 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
         meta = {"monitor": name, "recipe": recipe.name, "model": recipe.model, "params": params,
                 "n_rows": n_rows, "seconds": seconds, "seconds_per_conversation": seconds / max(n_rows, 1),
                 "truncated_rows": n_trunc, "versions": save_versions(), "predict_safe": predict_safe,
-                "fusion": recipe.eval.fusion, "detector_seconds": detector_seconds}
+                "fusion": recipe.eval.fusion, "detector_seconds": detector_seconds,
+                "num_processes": world()[1], "device": str(loaded.backbone.device)}
         folder = run_root(recipe) / "eval" / name
         write_run(folder, monitor=name, ids=test["id"], conversations=test["conversation"],
                   domains=test["domain"], malign=np.asarray(test["malign"]), score=fused,

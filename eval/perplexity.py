@@ -14,7 +14,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .forward import Encoded, SharedBackbone, assistant_char_spans, collate, length_batches, pad_id
 
@@ -69,7 +68,9 @@ def lm_nll(backbone: SharedBackbone, input_ids: torch.Tensor, attention_mask: to
            lm_mask: torch.Tensor | None = None, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """One LM forward (adapter ``lm``) + chunked NLL for one padded batch."""
     hidden = backbone.lm_hidden(input_ids, attention_mask)
-    return chunked_token_nll(hidden, backbone.lm_head, input_ids, target_mask(attention_mask, lm_mask), chunk_size)
+    dev = backbone.head_device  # the last shard under device_map=auto (== the input device otherwise)
+    valid = target_mask(attention_mask, lm_mask)
+    return chunked_token_nll(hidden.to(dev), backbone.lm_head, input_ids.to(dev), valid.to(dev), chunk_size)
 
 
 def perplexity_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, chunk_size: int = 256,
@@ -78,13 +79,20 @@ def perplexity_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: i
     n = len(encoded.input_ids)
     nll = np.zeros(n, dtype=np.float64)
     cnt = np.zeros(n, dtype=np.float64)
+    from .parallel import run_batches
+
     pad, device = pad_id(backbone), backbone.device
-    for index in tqdm(length_batches(encoded.lengths, batch_size, sort=sort), desc=desc, unit="batch", disable=None):
+
+    def compute(index: np.ndarray):
         batch = collate(encoded, index, pad)
         m = batch.get("lm_mask")
         s, c = lm_nll(backbone, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                       None if m is None else m.to(device), chunk_size)
-        nll[index], cnt[index] = s.cpu().numpy(), c.cpu().numpy()
+        return s.cpu().numpy(), c.cpu().numpy()
+
+    # data-parallel under a multi-process launch (eval.parallel): every rank gets every batch
+    for index, (s, c) in run_batches(length_batches(encoded.lengths, batch_size, sort=sort), compute, desc=desc):
+        nll[index], cnt[index] = s, c
     return perplexity_from_nll(nll, cnt)
 
 

@@ -16,11 +16,35 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 KILL_ENV = "MOODGUARD_TEST_KILL_AFTER"
 _commits = 0
+
+# Data-parallel runs (eval.parallel): every rank runs the same program, only the writer renames
+# its temporaries into place, and every rank waits after each commit so that what rank 0 wrote
+# is what every rank reads next. Single-process default: write, no wait.
+_writer = True
+_after_commit: Callable[[], None] | None = None
+_open_dirs: list[Path] = []  # temporaries of atomic_dir blocks being built (private to this process)
+
+
+def set_commit_policy(writer: bool = True, after_commit: Callable[[], None] | None = None) -> None:
+    """``writer=False``: commits of this process are dropped (its temporary is removed);
+    ``after_commit`` runs after every commit, dropped or not (a barrier across ranks)."""
+    global _writer, _after_commit
+    _writer, _after_commit = bool(writer), after_commit
+
+
+def _private(path: Path) -> bool:
+    """Inside a temporary folder this process is building: written normally, never shared."""
+    return any(path.is_relative_to(d) for d in _open_dirs)
+
+
+def _committed(private: bool) -> None:
+    if _after_commit is not None and not private:
+        _after_commit()
 
 
 def _test_kill_hook(before: bool) -> None:
@@ -50,15 +74,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success it is renamed onto ``path``, on error removed."""
     path = Path(path)
     tmp = _tmp_sibling(path)
+    private = _private(path)
     try:
         yield tmp
         _test_kill_hook(before=True)
-        os.replace(tmp, path)
+        if _writer or private:
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
         _test_kill_hook(before=False)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    _committed(private)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -93,10 +122,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    private = _private(path)
     try:
-        yield tmp
+        _open_dirs.append(tmp)
+        try:
+            yield tmp
+        finally:
+            _open_dirs.remove(tmp)
         _test_kill_hook(before=True)
-        if path.exists():
+        if not (_writer or private):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
@@ -107,6 +143,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _committed(private)
 
 
 def _json_default(obj: Any):

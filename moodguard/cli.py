@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    args._argv = argv  # what a command re-executes under `accelerate launch` (--num-processes)
     runner = getattr(args._module, f"run_{args._name}", None) or args._module.run
     try:
         return int(runner(args) or 0)

@@ -5,7 +5,7 @@ import argparse
 
 from train.detector_table import NAMES
 
-from .cli_common import add_recipe_arguments, recipe_from_args
+from .cli_common import add_device_argument, add_parallel_argument, add_recipe_arguments, parallel_run, recipe_from_args
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def run_export(args) -> int:
     from eval.bundle import export_bundle
 
     out = export_bundle(recipe_from_args(args), args.out, args.monitor, source=args.source,
-                        predict_safe=args.predict_safe)
+                        predict_safe=args.predict_safe, device=args.device)
     print(f"bundle written: {out}")
     return 0
 
@@ -28,29 +28,42 @@ def run_export(args) -> int:
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--monitor", required=True, help="a bundle folder written by `moodguard export`")
     p.add_argument("input", help="jsonl file with a 'conversation' (string) or 'messages' (list) per row")
-    p.add_argument("--out", default=None, help="write one JSON row per conversation here (default: stdout)")
+    p.add_argument("--out", default=None,
+                   help="write one JSON row per conversation here, committed in chunks (default: stdout)")
     p.add_argument("--base", default=None, help="override the base model path/name recorded in the bundle")
     p.add_argument("--batch-size", type=int, default=None, help="override the bundle's batch size")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the chunks a killed run committed for --out and score only the rest")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="score only shard I of N (0-based, contiguous rows; e.g. $SLURM_ARRAY_TASK_ID/8)")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="ROWS",
+                   help="conversations scored and committed at a time (default 512; bounds memory)")
+    add_device_argument(p)
+    add_parallel_argument(p)
 
 
 def run_score(args) -> int:
-    import json
+    from eval.streaming import parse_shard, scan_input
+
+    shard = parse_shard(args.shard)
+    scan = scan_input(args.input)  # input errors before the (slow) model load
+    return parallel_run(args, lambda: _score(args, scan, shard))
+
+
+def _score(args, scan, shard) -> int:
     import sys
 
-    from eval.bundle import Monitor, read_conversations, score_file
+    from eval.bundle import Monitor
+    from eval.parallel import main_print
+    from eval.streaming import SCORE_CHUNK, score_stream
 
-    rows_in = read_conversations(args.input)  # input errors before the (slow) model load
-    monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size)
-    rows = score_file(monitor, None, args.out, rows_in=rows_in)
-    if args.out is None:
-        for r in rows:
-            sys.stdout.write(json.dumps(r) + "\n")
-    n_flag = {k: sum(r["flags"][k] for r in rows) for k in monitor.thresholds}
-    latency = rows[0]["latency_s"] if rows else 0.0
-    n_cut = sum(r["truncated"] for r in rows)
-    print(f"{monitor.name}: {len(rows)} conversations, {latency * 1000:.1f} ms per conversation; flagged "
-          + ", ".join(f"{n}/{len(rows)} at FPR {k}" for k, n in n_flag.items())
-          + f"; left-truncated to {monitor.settings.max_length} tokens: {n_cut}", file=sys.stderr)
+    monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device)
+    s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume, chunk=args.chunk_size or SCORE_CHUNK)
+    per = s.seconds / max(s.rows - s.resumed_rows, 1)
+    main_print(f"{monitor.name}: {s.rows} conversations ({s.rows - s.resumed_rows} scored now), "
+               f"{per * 1000:.1f} ms per conversation; flagged "
+               + ", ".join(f"{s.flagged.get(k, 0)}/{s.rows} at FPR {k}" for k in monitor.thresholds)
+               + f"; left-truncated to {monitor.settings.max_length} tokens: {s.truncated}", file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,11 @@
-"""Arguments shared by several commands (fit, evaluate, export): ``--recipe``,
-``--predict-safe`` and ``key=value`` overrides, and the one place they become a Recipe."""
+"""Arguments shared by several commands (fit, evaluate, export, score): ``--recipe``,
+``--predict-safe``, ``key=value`` overrides and ``--device`` (the one place they become a
+Recipe), ``--num-processes`` and the data-parallel wrapper of fit / evaluate / score."""
 from __future__ import annotations
 
 import argparse
+
+CLI_MODULE = "moodguard.cli"  # what `--num-processes N` re-executes under `accelerate launch -m`
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -11,6 +14,34 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predict-safe", action="store_true",
                    help="the guard head outputs a 'safe' score (mood-bench's released adapters): flip it")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. eval.batch_size=4")
+    add_device_argument(p)
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, metavar="D",
+                   help="cpu, cuda or cuda:N (default: the accelerator when there is one; under accelerate launch "
+                        "each rank's own GPU)")
+
+
+def add_parallel_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="data-parallel over N processes (re-executes under accelerate launch: one GPU a rank, "
+                        "gloo ranks on CPU); outputs equal one process's")
+
+
+def parallel_run(args, body) -> int:
+    """Run ``body()`` once per rank: re-execute under ``accelerate launch`` for
+    ``--num-processes N``; inside a launch, join its process group (rank 0 writes)."""
+    from eval import parallel
+
+    if parallel.wants_relaunch(getattr(args, "num_processes", None)):
+        return parallel.relaunch(CLI_MODULE, args._argv, args.num_processes, args.device)
+    parallel.start(args.device)
+    try:
+        return body()
+    finally:
+        if parallel.launched():
+            parallel.finish()
 
 
 def recipe_from_args(args):

@@ -5,11 +5,12 @@ import argparse
 
 from train.detector_table import NAMES
 
-from .cli_common import add_recipe_arguments, recipe_from_args
+from .cli_common import add_parallel_argument, add_recipe_arguments, parallel_run, recipe_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
+    add_parallel_argument(p)
     p.add_argument("--monitors", default=None,
                    help="comma-separated monitors: detectors joined by '+', first = anchor "
                         f"({', '.join(NAMES)}); checked like the recipe's eval.monitors (it replaces them)")
@@ -40,16 +41,23 @@ def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:
 def run(args) -> int:
     import json
 
-    from eval.monitor import evaluate_recipe
-
     if args.monitors:  # through the recipe's own check: eval.monitors=[...] as one more override
         args.overrides = [*args.overrides, "eval.monitors=" + json.dumps([m for m in args.monitors.split(",") if m.strip()])]
-    recipe = recipe_from_args(args)
+    recipe = recipe_from_args(args)  # validated before any launch
+    return parallel_run(args, lambda: _evaluate(args, recipe))
+
+
+def _evaluate(args, recipe) -> int:
+    import json
+
+    from eval.monitor import evaluate_recipe
+    from eval.parallel import main_print
+
     folders = evaluate_recipe(recipe, monitors=None,
                               source=args.source, predict_safe=args.predict_safe, n_boot=args.n_boot,
-                              plots=not args.no_plots)
+                              plots=not args.no_plots, device=args.device)
     analyses = {m: json.loads((d / "analysis.json").read_text(encoding="utf-8")) for m, d in folders.items()}
-    print(table(analyses, 0.01))
+    main_print(table(analyses, 0.01))
     for m, d in folders.items():
-        print(f"{m}: {d}")
+        main_print(f"{m}: {d}")
     return 0

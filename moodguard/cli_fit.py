@@ -1,23 +1,30 @@
-"""``moodguard fit --recipe R [k=v ...]``: fit detector statistics on the train split (cached)."""
+"""``moodguard fit --recipe R [--device D] [--num-processes N] [k=v ...]``: fit detector
+statistics on the train split (cached)."""
 from __future__ import annotations
 
 import argparse
 
-from .cli_common import add_recipe_arguments, recipe_from_args
+from .cli_common import add_parallel_argument, add_recipe_arguments, parallel_run, recipe_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
+    add_parallel_argument(p)
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
 
 
 def run(args) -> int:
-    from eval.monitor import fit_detectors
+    recipe = recipe_from_args(args)  # validated before any launch
+    return parallel_run(args, lambda: _fit(args, recipe))
 
-    recipe = recipe_from_args(args)
-    out = fit_detectors(recipe, source=args.source, predict_safe=args.predict_safe)
+
+def _fit(args, recipe) -> int:
+    from eval.monitor import fit_detectors
+    from eval.parallel import main_print
+
+    out = fit_detectors(recipe, source=args.source, predict_safe=args.predict_safe, device=args.device)
     for kind, per_layer in out["stats"].items():
         for layer, d in per_layer.items():
-            print(f"{kind:5s} layer {layer:>3}: {d}")
-    print(f"calibration (ID validation scores): {out['calibration']}")
+            main_print(f"{kind:5s} layer {layer:>3}: {d}")
+    main_print(f"calibration (ID validation scores): {out['calibration']}")
     return 0

@@ -147,6 +147,9 @@ class EvalSection:
     fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02])
     batch_size: int = 8
     max_length: int = 2048
+    # "auto": load the backbone with device_map="auto" over every visible GPU (27B/32B that do
+    # not fit one GPU; one process); null: the whole model on the resolved device
+    device_map: Literal["auto"] | None = None
 
 
 @dataclass
