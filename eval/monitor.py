@@ -32,10 +32,10 @@ from train.detector_table import needed as needed_detectors
 
 # the jobs this module used to do live in their own modules now; their names stay importable here
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root  # noqa: F401
-from .parallel import world
 from .cache import cache_key, cached_scores, fingerprint, read_calibration  # noqa: F401
 from .fitting import (FEATURE_DETECTORS, calibration_scores, extra_detector_scores, fit_detectors,  # noqa: F401
                       fit_feature_detectors, load_stats)
+from .parallel import world
 from .scoring import FeatureScorer, ScoreSettings, guard_scores, logit_detectors, score_rows  # noqa: F401
 
 
