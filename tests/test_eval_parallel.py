@@ -89,6 +89,13 @@ def test_evaluate_two_processes_equal_one(runs, tiny_dataset_dir):
     s1 = sorted(p.relative_to(one).as_posix() for p in (one / "stats").rglob("*.safetensors"))
     s2 = sorted(p.relative_to(two).as_posix() for p in (two / "stats").rglob("*.safetensors"))
     assert s1 == s2 and s1
+    from safetensors.numpy import load_file
+
+    for rel in s1:
+        t1, t2 = load_file(str(one / rel)), load_file(str(two / rel))
+        assert t1.keys() == t2.keys()
+        for k in t1:
+            np.testing.assert_allclose(t2[k], t1[k], rtol=1e-6, atol=1e-8, err_msg=f"{rel}:{k}")
     print(f"\n2-process evaluate: max |score diff| {worst:.3g}, analysis.json equal for 3 monitors")
 
 
