@@ -116,3 +116,28 @@ def test_benchmarks_import_without_datasets():
     assert out.returncode == 0, out.stderr[-2000:]
     n, has_unsafe = out.stdout.split()
     assert int(n) > 100 and has_unsafe == "True"
+
+
+def test_gpu_suite_smoke_runs_every_part(tmp_path):
+    """``SMOKE=1 bash benchmarks/gpu_suite.sh`` (the GPU suite's own script on CPU, tiny shapes):
+    the end-to-end part runs all six stages on the device the policy resolves (the CPU here)
+    and the throughput parts finish with equal scores. The zero2/fsdp part needs CUDA and says
+    it is skipped. (~60 s of CPU; the wall time depends on the machine's load.)"""
+    import json
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh")], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    e2e = json.loads((tmp_path / "e2e.json").read_text())
+    assert e2e["ok"] and e2e["evaluate_devices"] == ["cpu"] and e2e["scored_rows"] == 16
+    assert [s["stage"] for s in e2e["stages"]] == ["train guard", "train lm", "fit", "evaluate", "export", "score"]
+    assert all(s["rc"] == 0 and s["seconds"] > 0 for s in e2e["stages"])
+    score = json.loads((tmp_path / "score-tiny-s.json").read_text())
+    assert all(score["scores_equal"].values())
+    assert (tmp_path / "train-tiny-s.json").is_file()
+    assert "train-zero2-1proc, train-fsdp-1proc] skipped" in proc.stdout
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| e2e (" in summary and "all stages ok on cpu" in summary
