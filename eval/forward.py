@@ -182,7 +182,6 @@ class SharedBackbone:
             placement = device_policy.placement(dtype, None if device is None else str(device))
         model = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=trust_remote_code,
                                                      **placement.load_kwargs())
-        head = None
         adapters = [(n, Path(d)) for n, d in (("lm", lm_dir), ("guard", guard_dir)) if d is not None]
         for i, (name, d) in enumerate(adapters):
             if not (d / "adapter_config.json").is_file():
