@@ -96,19 +96,25 @@ else
 fi
 grep -E '^e2e ' "$OUT/e2e.log" | sed 's/^/  /'
 
-# 2. ---- HOOK (issue 16, training side, branch i16): the zero2 / fsdp runs with one process --------
-# The training engineer's runs (see /work/notes/i16-train.md) belong here; until they land,
-# this trains the e2e recipe's guard for 3 steps under accelerate_configs/zero2.yaml and
-# fsdp.yaml with one process. Needs CUDA (DeepSpeed, FSDP): skipped on CPU, where
-# tests/test_train_distributed.py covers the configs with gloo ranks.
-if [[ -z "${SMOKE:-}" && -f "$OUT/e2e-work/recipe-args.txt" ]] && "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
+# 2. ---- HOOK (issue 16, training side, branch i16): zero2 / fsdp training with ONE process ------
+# benchmarks/gpu_train_configs.sh (branch i16, /work/notes/i16-train.md) runs one zero2 and one
+# fsdp guard training, checks the engine, the full adapter (LoRA + score head), loads and scores
+# it, and writes $OUT/train-configs.json; it inherits SMOKE, OUT and PYTHON. Until that script is
+# merged, the fallback below trains the e2e backbone's guard for 3 steps under each config
+# (CUDA only). SKIP_TRAIN_CONFIGS=1 leaves the part out (the smoke test does: the training
+# side's own tests run those configs on CPU).
+if [[ -n "${SKIP_TRAIN_CONFIGS:-}" ]]; then
+  echo "[train-configs] skipped: SKIP_TRAIN_CONFIGS is set"
+elif [[ -f benchmarks/gpu_train_configs.sh ]]; then
+  PYTHON="$PY" run_cmd train-configs-run 200 bash benchmarks/gpu_train_configs.sh
+elif [[ -z "${SMOKE:-}" && -f "$OUT/e2e-work/recipe-args.txt" ]] && "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
   mapfile -t RARGS < "$OUT/e2e-work/recipe-args.txt"
   for cfg in zero2 fsdp; do
     run_cmd "train-$cfg-1proc" 90 "$PY" -m mood_data.cli train guard --recipe "${RARGS[0]}" --accelerate-config "$cfg" \
         --num-processes 1 "${RARGS[@]:1}" "output_dir=$OUT/e2e-work/run-$cfg" guard.max_steps=3
   done
 else
-  echo "[train-zero2-1proc, train-fsdp-1proc] skipped: need CUDA and the e2e backbone"
+  echo "[train-configs] skipped: benchmarks/gpu_train_configs.sh not merged yet and the fallback needs CUDA"
 fi
 
 # 3. throughput
@@ -151,6 +157,11 @@ for p in sorted(out.glob("*.json")):
                        + ("" if s.get("allocated_on_gpu", True) and s["rc"] == 0 else " FAILED") for s in r["stages"])
         lines.append(f"| e2e ({r['backbone']['params'] / 1e6:.0f}M, vocab {r['backbone']['vocab_size']}) | - | {st} | - | "
                      f"{'all stages ok' if r['ok'] else 'CHECK FAILED'} on {r['device']} |")
+        continue
+    if "runs" in r:  # benchmarks/gpu_train_configs.sh
+        for x in r["runs"]:
+            lines.append(f"| train-{x.get('config')} (1 process) | - | {x.get('seconds', 0):.0f} s, {x.get('steps', '?')} steps | - | "
+                         f"{'ok' if x.get('ok') else 'FAILED'} |")
         continue
     if "status" in r:  # run_cmd parts
         lines.append(f"| {p.stem} | - | {r['seconds']} s | - | rc {r['rc']} ({r['status']}) |")
