@@ -62,13 +62,15 @@ def start(device: str | None = None) -> None:
     atomic.set_commit_policy(writer=is_main(), after_commit=barrier)
 
 
-def finish() -> None:
-    """Back to single-process writing; tear the process group down."""
+def finish(ok: bool = True) -> None:
+    """Back to single-process writing; tear the process group down. After a failure there is
+    no barrier (the other ranks may sit in another collective: it would deadlock); the launcher
+    ends them when this rank exits non-zero."""
     from mood_data import atomic
 
     atomic.set_commit_policy()
     dist = _dist()
-    if dist is not None:
+    if dist is not None and ok:
         dist.barrier()
         dist.destroy_process_group()
 

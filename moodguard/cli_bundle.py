@@ -45,6 +45,10 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 def run_score(args) -> int:
     from eval.streaming import parse_shard, scan_input
 
+    if args.resume and args.out is None:
+        from mood_data.errors import MoodguardError
+
+        raise MoodguardError("--resume: needs --out (the chunks of a killed run are kept next to that file)")
     shard = parse_shard(args.shard)
     scan = scan_input(args.input)  # input errors before the (slow) model load
     return parallel_run(args, lambda: _score(args, scan, shard))

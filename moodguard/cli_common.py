@@ -37,11 +37,14 @@ def parallel_run(args, body) -> int:
     if parallel.wants_relaunch(getattr(args, "num_processes", None)):
         return parallel.relaunch(CLI_MODULE, args._argv, args.num_processes, args.device)
     parallel.start(args.device)
+    ok = False
     try:
-        return body()
+        rc = body()
+        ok = rc == 0
+        return rc
     finally:
         if parallel.launched():
-            parallel.finish()
+            parallel.finish(ok)
 
 
 def recipe_from_args(args):
