@@ -21,7 +21,7 @@
 # sees the machine's packages (--system-site-packages), so only what is missing comes from them.
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-./bench-out}"
+export OUT="${OUT:-./bench-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
        WANDB_DISABLED=true TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
