@@ -36,10 +36,8 @@ MONITORS = "guard,guard+maha,guard+ppl,guard+maha+ppl"
 
 
 def cli():
-    try:  # the dispatcher's home after the architecture split
-        from moodguard.cli import main
-    except ImportError:
-        from mood_data.cli import main
+    from moodguard.cli import main
+
     return main
 
 

@@ -110,7 +110,7 @@ elif [[ -f benchmarks/gpu_train_configs.sh ]]; then
 elif [[ -z "${SMOKE:-}" && -f "$OUT/e2e-work/recipe-args.txt" ]] && "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
   mapfile -t RARGS < "$OUT/e2e-work/recipe-args.txt"
   for cfg in zero2 fsdp; do
-    run_cmd "train-$cfg-1proc" 90 "$PY" -m mood_data.cli train guard --recipe "${RARGS[0]}" --accelerate-config "$cfg" \
+    run_cmd "train-$cfg-1proc" 90 "$PY" -m moodguard.cli train guard --recipe "${RARGS[0]}" --accelerate-config "$cfg" \
         --num-processes 1 "${RARGS[@]:1}" "output_dir=$OUT/e2e-work/run-$cfg" guard.max_steps=3
   done
 else

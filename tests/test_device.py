@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train.device as device_policy
-from mood_data.cli import main as moodguard
+from moodguard.cli import main as moodguard
 from mood_data.errors import RecipeError
 from test_interrupts import adapters, new_run  # noqa: F401 (fixture)
 
