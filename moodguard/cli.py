@@ -42,7 +42,11 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moodguard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="moodguard", description="moodguard: train, fit, evaluate and report guard monitors for LLM conversations.",
+        epilog="Quiet by default (no library progress bars or expected loader notices in logs); -v shows them.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library progress bars, loader reports and notices (hidden by default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in _available().items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -57,7 +61,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mood_data.console import configure
+
     command = next((a for a in argv if not a.startswith("-")), None)
+    head = argv[:argv.index(command)] if command else argv
+    configure("-v" in head or "--verbose" in head)  # before any library import of the subcommand
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

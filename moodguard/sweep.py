@@ -482,6 +482,7 @@ def run_stages(stages: list[Stage], out_dir: str | os.PathLike, load: Callable =
             raise
         secs = time.perf_counter() - t0
         _mark(out_dir, state, s, "done", seconds=round(secs, 3))
+        progress(f"[{i}/{len(stages)}] {s.id}: done in {secs:.1f}s")
         result.ran.append(s.id)
         result.seconds[s.id] = secs
     return result

@@ -69,12 +69,14 @@ def module_parser(kind: str) -> argparse.ArgumentParser:
 def module_main(kind: str, train_fn: Callable[..., Any], argv: Sequence[str] | None = None) -> int:
     """``python -m train.<kind>``: parse, load the recipe once, train in this process (a launched
     rank or a parallel member; it never re-launches)."""
+    from mood_data.console import configure
     from mood_data.errors import MoodguardError
 
     from .distributed import EXIT_STOPPED, TrainingStopped
     from .loop import end_distributed
     from .recipe import load_recipe
 
+    configure()  # the launching command's -v choice arrives through the environment
     args = module_parser(kind).parse_args(argv)
     ok = False
     try:

@@ -127,7 +127,7 @@ def train_members_parallel(kind: str, recipe: Recipe, recipe_path: str | os.Path
     logs.mkdir(parents=True, exist_ok=True)
     argv = ["--recipe", str(recipe_path), *(["--resume"] if resume else []), *overrides]
     queue, failed, lock = list(seeds), [], threading.Lock()
-    bar = tqdm(total=len(seeds), desc=f"{kind} members ({len(slots)} at a time)", unit="member")
+    bar = tqdm(total=len(seeds), desc=f"{kind} members ({len(slots)} at a time)", unit="member", disable=None)
 
     def worker(extra_env: dict[str, str]) -> None:
         while True:

@@ -113,6 +113,8 @@ def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, 
     accum = gradient_accumulation_steps(
         sec.global_batch_size, sec.per_device_batch_size, world, where=f"{recipe.source_file}: key '{kind}.global_batch_size'"
     )
+    from mood_data.console import show_progress
+
     return TrainingArguments(
         output_dir=str(ckpt_dir),
         run_name=run_name,
@@ -137,8 +139,9 @@ def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, 
         save_total_limit=sec.save_total_limit,
         eval_strategy="steps" if sec.eval_steps else "no",
         eval_steps=sec.eval_steps,
-        gradient_checkpointing=sec.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if sec.gradient_checkpointing else None,
+        activation_checkpointing=sec.gradient_checkpointing,  # the new name: no FutureWarning
+        activation_checkpointing_kwargs={"use_reentrant": False} if sec.gradient_checkpointing else None,
+        disable_tqdm=not show_progress(),  # a bar on a terminal, plain log lines in a log file
         report_to=[] if recipe.report_to == "none" else [recipe.report_to],
         bf16=(recipe.dtype == "bfloat16" and not cpu),
         use_cpu=place.cpu,
