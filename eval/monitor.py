@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mood_data.errors import BundleError
+from mood_data.readers import read_json
 from train.data import train_validation_cut
 from train.detector_table import DETECTORS, names, one_pass_names, parse_monitor, parse_monitors
 from train.detector_table import needed as needed_detectors
@@ -35,7 +36,7 @@ from .backbone import Loaded, adapter_dirs, load_backbone, run_root  # noqa: F40
 from .cache import cache_key, cached_scores, fingerprint, read_calibration  # noqa: F401
 from .fitting import (FEATURE_DETECTORS, calibration_scores, extra_detector_scores, fit_detectors,  # noqa: F401
                       fit_feature_detectors, load_stats)
-from .parallel import world
+from .parallel import is_main, world
 from .scoring import FeatureScorer, ScoreSettings, guard_scores, logit_detectors, score_rows  # noqa: F401
 
 
@@ -59,6 +60,34 @@ def fit_fusion(method: str, calib: dict[str, np.ndarray], malign: np.ndarray, do
 
 
 # ----------------------------------------------------------------------------- evaluate
+def run_hardware(model, device=None) -> dict:
+    """``{"device": "cpu" | "cuda:0 (<GPU name>)", "dtype": "float32"}`` of the scoring model
+    (``device``: where the backbone was placed; default: its first parameter's device)."""
+    import torch
+
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        return {"device": str(device)} if device is not None else {}
+    dev = torch.device(device) if device is not None else p.device
+    name = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
+    return {"device": name, "dtype": str(p.dtype).removeprefix("torch.")}
+
+
+def run_settings(recipe, loaded: Loaded, n_validation: int | None = None) -> dict:
+    """What a reader needs to weigh the figures: steps, context, data sizes (meta.json: settings)."""
+    trained = {}
+    metrics = loaded.guard_dir / "metrics.json"
+    if metrics.is_file():
+        trained = read_json(metrics)
+    return {"guard_steps": recipe.guard.max_steps if recipe.guard.max_steps and recipe.guard.max_steps > 0 else None,
+            "lm_steps": (recipe.lm.max_steps if loaded.lm_dir is not None and recipe.lm.max_steps
+                         and recipe.lm.max_steps > 0 else None),
+            "max_length": recipe.eval.max_length, "source": str(recipe.data.source or "embedded"),
+            "n_train": trained.get("n_train"), "n_validation": n_validation,
+            "max_test_unsafe_per_domain": recipe.data.max_test_unsafe_per_domain,
+            "max_test_safe_per_domain": recipe.data.max_test_safe_per_domain}
+
+
 def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, *, predict_safe: bool = False,
                     loaded: Loaded | None = None, n_boot: int = 1000, plots: bool = True, cut=None,
                     device: str | None = None) -> dict[str, Path]:
@@ -68,6 +97,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     from mood_data.load import cap_groups, load_splits
     from train.modeling import count_parameters, save_versions
 
+    from .caveats import print_warnings
     from .runfolder import write_run
 
     monitors = parse_monitors(monitors or recipe.eval.monitors)
@@ -101,11 +131,17 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
         pass_of.update({d: extra["group"] for d in extra["test"]})
     params = count_parameters(loaded.backbone.model)
     n_rows = len(test["id"])
+    hardware = run_hardware(loaded.backbone.model, loaded.backbone.device)
+    settings = run_settings(recipe, loaded, n_validation=len(cal_malign))
+    cal_is_id_safe = np.array([registry.is_id(d) for d in cal_domains], dtype=bool) & (cal_malign == 0)
     out: dict[str, Path] = {}
     for name in monitors:
         parts = parse_monitor(name)
         fz = fit_fusion(recipe.eval.fusion, calib, cal_malign, cal_domains, parts, registry)
         fused = np.asarray(fz.apply({k: scores[k] for k in parts}), dtype=np.float64)
+        negatives = None
+        if recipe.eval.calibration_split == "validation":  # thresholds from the held-out ID slice
+            negatives = np.asarray(fz.apply({k: calib[k] for k in parts}), dtype=np.float64)[cal_is_id_safe]
         # what this monitor alone costs: the passes its detectors need (guard pass = logits +
         # pooled features + every feature detector; ppl = the LM adapter's forward)
         seconds = sum(detector_seconds.get(p, 0.0) for p in {pass_of[d] for d in parts})
@@ -113,12 +149,18 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
                 "n_rows": n_rows, "seconds": seconds, "seconds_per_conversation": seconds / max(n_rows, 1),
                 "truncated_rows": n_trunc, "versions": save_versions(), "predict_safe": predict_safe,
                 "fusion": recipe.eval.fusion, "detector_seconds": detector_seconds,
-                "num_processes": world()[1], "device": str(loaded.backbone.device)}
+                "num_processes": world()[1], **hardware,
+                "settings": settings, "calibration_split": recipe.eval.calibration_split,
+                "fusion_fit": {k: fz.params.get(k) for k in ("method", "detectors", "n_fit", "n_fit_safe", "n_fit_unsafe",
+                                                              "lam") if k in fz.params}}
         folder = run_root(recipe) / "eval" / name
         write_run(folder, monitor=name, ids=test["id"], conversations=test["conversation"],
                   domains=test["domain"], malign=np.asarray(test["malign"]), score=fused,
                   detector_scores=scores, registry=registry,
-                  fprs=tuple(recipe.eval.fprs), meta=meta, n_boot=n_boot, plots=plots, truncated=truncated)
+                  fprs=tuple(recipe.eval.fprs), meta=meta, n_boot=n_boot, plots=plots, truncated=truncated,
+                  negatives=negatives)
+        if is_main():  # the rank that wrote the folder tells the caveats, once
+            print_warnings(read_json(folder / "analysis.json").get("warnings") or [], name)
         out[name] = folder
     return out
 

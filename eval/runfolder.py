@@ -22,6 +22,7 @@ from mood_data.readers import jsonl_rows
 from .metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain_table
 
 RESULTS, ANALYSIS, SUMMARY, META = "results.jsonl", "analysis.json", "summary.md", "meta.json"
+NEGATIVES = "negatives.json"  # only when thresholds come from a held-out ID slice
 
 
 def _col(x, n: int, name: str) -> list:
@@ -50,8 +51,14 @@ def write_run(
     seed: int = 0,
     plots: bool = True,
     truncated: Sequence[int] | None = None,
+    negatives=None,
+    negatives_split: str = "validation",
 ) -> dict:
     """Write the whole eval folder; returns the analysis dict.
+
+    ``negatives``: held-out ID-safe scores that set the thresholds instead of the test rows
+    (:func:`eval.metrics.analyze`); kept in ``negatives.json`` so :func:`reanalyze` reuses them.
+    ``analysis.json: warnings`` lists the caveats of :mod:`eval.caveats`.
 
     ``score`` is the monitor's fused score; ``detector_scores`` adds ``score_<name>`` columns.
     ``meta`` is merged into meta.json (``monitor`` and ``n_rows`` are filled in).
@@ -77,8 +84,12 @@ def write_run(
     with atomic.atomic_dir(out) as tmp:
         atomic.write_jsonl(tmp / RESULTS, ({k: cols[k][i] for k in keys} for i in range(n)))
         atomic.write_json(tmp / META, meta_doc)
+        neg = None
+        if negatives is not None:
+            neg = {"split": negatives_split, "scores": [float(v) for v in np.asarray(negatives, dtype=float).reshape(-1)]}
+            atomic.write_json(tmp / NEGATIVES, neg)
         analysis = _analyse_and_report(tmp, np.asarray(cols["score"]), cols["domain"], np.asarray(cols["malign"]),
-                                       monitor, registry, fprs, n_boot, seed, plots, trunc)
+                                       monitor, registry, fprs, n_boot, seed, plots, trunc, meta_doc, neg)
     return analysis
 
 
@@ -96,11 +107,15 @@ def truncation_counts(truncated: Sequence[int], domains: Sequence[str], malign: 
 
 
 def _analyse_and_report(out: Path, score, domains, malign, monitor, registry, fprs, n_boot, seed, plots,
-                        truncated: dict | None = None) -> dict:
+                        truncated: dict | None = None, meta: dict | None = None, negatives: dict | None = None) -> dict:
+    from .caveats import analysis_warnings
+
     analysis = analyze(score, domains, malign, registry=registry, fprs=fprs, n_boot=n_boot, seed=seed,
-                       monitor=monitor)
+                       monitor=monitor, negatives=None if negatives is None else negatives["scores"],
+                       negatives_split=(negatives or {}).get("split", "validation"))
     if truncated is not None:
         analysis["truncated"] = truncated
+    analysis["warnings"] = analysis_warnings(analysis, meta)
     atomic.write_json(out / ANALYSIS, analysis)
     atomic.write_text(out / SUMMARY, summary_markdown(analysis))
     if plots:
@@ -108,7 +123,7 @@ def _analyse_and_report(out: Path, score, domains, malign, monitor, registry, fp
 
         dom = np.asarray(domains, dtype=object)
         is_id = np.array([registry.is_id(d) for d in dom], dtype=bool)
-        safe = score[is_id & (malign == 0)]
+        safe = score[is_id & (malign == 0)] if negatives is None else np.asarray(negatives["scores"], dtype=float)
         for group in analysis["groups"]:
             sel = (is_id if group == "id" else dom == group) & (malign == 1)
             plot_hist(safe, score[sel], out / "plots" / f"{group}_hist.png", title=group, fprs=analysis["fprs"])
@@ -129,7 +144,10 @@ def summary_markdown(analysis: dict) -> str:
     """Per-group table: n, TPR at each FPR and AUROC, each with its 95 % bootstrap interval."""
     fprs = analysis["fprs"]
     lines = [f"# {analysis.get('monitor') or 'monitor'}", "",
-             f"Negatives: {analysis['n_id_safe']} pooled ID-safe rows. Thresholds: "
+             f"Negatives: {analysis['n_id_safe']} pooled ID-safe rows"
+             + (f" of the held-out {analysis['calibration']['split']} slice (realised test FPR: "
+                + ", ".join(f"{k} → {_fmt(v)}" for k, v in analysis["calibration"]["test_fpr"].items()) + ")"
+                if analysis.get("calibration") else "") + ". Thresholds: "
              + ", ".join(f"FPR {fpr_key(f)} → {_fmt(analysis['thresholds'][fpr_key(f)], digits=4)}" for f in fprs)
              + f". Intervals: 95 % bootstrap ({analysis.get('n_boot')} draws).", "",
              "| group | kind | n unsafe | " + " | ".join(f"TPR@{100 * f:g}%FPR" for f in fprs) + " | AUROC |",
@@ -148,6 +166,8 @@ def summary_markdown(analysis: dict) -> str:
             if fprs else ""
         lines += ["", f"Left-truncated to the model's context (start cut, end kept): {trunc['rows']} rows"
                   + (f" ({per})" if per else "") + "."]
+    if analysis.get("warnings"):
+        lines += ["", "Warnings:", *[f"- {w['message']}" for w in analysis["warnings"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +201,8 @@ def reanalyze(
     run = Path(run_dir)
     rows = read_results(run / RESULTS)
     old = {}
+    meta = json.loads((run / META).read_text(encoding="utf-8")) if (run / META).is_file() else {}
+    neg = json.loads((run / NEGATIVES).read_text(encoding="utf-8")) if (run / NEGATIVES).is_file() else None
     for name in (ANALYSIS, META):
         if (run / name).is_file():
             try:
@@ -193,4 +215,4 @@ def reanalyze(
         run, score, [r["domain"] for r in rows], malign, old.get("monitor") or run.name, registry,
         fprs if fprs is not None else old.get("fprs", DEFAULT_FPRS),
         n_boot if n_boot is not None else old.get("n_boot", 1000),
-        seed if seed is not None else old.get("seed", 0), plots, old.get("truncated"))
+        seed if seed is not None else old.get("seed", 0), plots, old.get("truncated"), meta, neg)

@@ -89,3 +89,14 @@ def load_registry(path: str | Path | None = None) -> DomainRegistry:
         opt_in=OPT_IN_DOMAINS + lists["opt_in"],
         source=str(path),
     )
+
+
+def registry_override(path: str | None) -> list[str]:
+    """``--domains FILE`` as the recipe override it means (``data.registry=FILE``): the same
+    registry for every command that reads data. Checked here so a typo fails before any work."""
+    if path is None:
+        return []
+    from pathlib import Path
+
+    load_registry(path)  # one-line DataError on a missing or malformed file
+    return [f"data.registry={Path(path).resolve()}"]

@@ -13,6 +13,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe YAML (recipes/<family>/<size>.yaml)")
     p.add_argument("--predict-safe", action="store_true",
                    help="the guard head outputs a 'safe' score (mood-bench's released adapters): flip it")
+    p.add_argument("--domains", metavar="YAML", default=None,
+                   help="domains YAML declaring custom ID/OOD domains (same as the override data.registry=YAML)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. eval.batch_size=4")
     add_device_argument(p)
 
@@ -49,6 +51,10 @@ def parallel_run(args, body) -> int:
 
 def recipe_from_args(args):
     """The recipe of ``--recipe`` + overrides, loaded and validated once for this command."""
+    from mood_data.domains import registry_override
     from train.recipe import load_recipe
 
-    return load_recipe(args.recipe, args.overrides)
+    extra = registry_override(getattr(args, "domains", None))
+    if getattr(args, "calibration_split", None):
+        extra.append(f"eval.calibration_split={args.calibration_split}")
+    return load_recipe(args.recipe, [*args.overrides, *extra])

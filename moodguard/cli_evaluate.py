@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     p.add_argument("--no-plots", action="store_true", help="skip the per-group histogram / ROC plots")
+    p.add_argument("--calibration-split", choices=("test", "validation"), default=None,
+                   help="where thresholds come from: 'test' = the test ID-safe rows (mood-bench's convention, the "
+                        "default) or 'validation' = the held-out ID validation slice the fusion is fitted on "
+                        "(recipe key eval.calibration_split)")
 
 
 def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:

@@ -29,21 +29,30 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mark-done", action="store_true", help="record the selected stages as finished (used by slurm jobs)")
     p.add_argument("--fpr", type=_fpr, help="FPR of the chart (default: the sweep's chart.fpr)")
     p.add_argument("--wandb", action="store_true", help="log the stage table and the chart to wandb")
+    p.add_argument("--domains", metavar="YAML", default=None,
+                   help="domains YAML declaring custom ID/OOD domains for every run (same as data.registry=YAML)")
 
 
-def _sweep_and_dir(path: str, out: str | None):
+def _sweep_and_dir(path: str, out: str | None, domains: str | None = None):
+    import dataclasses
+
+    from mood_data.domains import registry_override
+
     from .sweep import load_sweep
 
     sweep = load_sweep(path)
+    if domains:
+        sweep = dataclasses.replace(sweep, overrides=(*sweep.overrides, *registry_override(domains)))
     return sweep, Path(out or Path("runs") / "sweeps" / sweep.name).resolve()
 
 
 def run_sweep_command(sweep_path: str, out: str | None = None, emit: str | None = None, only: str | None = None,
-                      runs=None, mark_done: bool = False, fpr: float | None = None, wandb: bool = False) -> Path:
+                      runs=None, mark_done: bool = False, fpr: float | None = None, wandb: bool = False,
+                      domains: str | None = None) -> Path:
     from . import sweep as sw
     from eval.scaling import wandb_enabled
 
-    sweep, out_dir = _sweep_and_dir(sweep_path, out)
+    sweep, out_dir = _sweep_and_dir(sweep_path, out, domains)
     stages = sw.select(sw.plan_sweep(sweep, out_dir), only, runs)
     if emit == "shell":
         print(sw.emit_shell(sweep, stages, out_dir), end="")
@@ -63,7 +72,8 @@ def run_sweep_command(sweep_path: str, out: str | None = None, emit: str | None 
 
 
 def run_sweep(args) -> int:
-    run_sweep_command(args.sweep, args.out, args.emit, args.only, args.run, args.mark_done, args.fpr, args.wandb)
+    run_sweep_command(args.sweep, args.out, args.emit, args.only, args.run, args.mark_done, args.fpr, args.wandb,
+                      args.domains)
     return 0
 
 

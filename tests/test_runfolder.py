@@ -47,7 +47,13 @@ def test_write_run_writes_all_files(tmp_path):
         assert r["score"] == inp["score"][i] and r["score_maha"] == inp["detector_scores"]["maha"][i]
     on_disk = json.loads((out / "analysis.json").read_text())
     ref = analyze(inp["score"], inp["domains"], inp["malign"], fprs=(0.01, 0.05), n_boot=100, monitor="guard+maha")
-    assert on_disk == analysis == json.loads(json.dumps(ref))
+    assert on_disk == analysis
+    warnings = on_disk.pop("warnings")
+    assert on_disk == json.loads(json.dumps(ref))
+    # 60 negatives resolve neither FPR 0.01 (needs 1000) nor 0.05 (needs 200); 15 unsafe rows per domain
+    pool = next(w for w in warnings if w["kind"] == "small_negative_pool")
+    assert pool["fprs"] == [0.01, 0.05] and pool["n_id_safe"] == 60
+    assert next(w for w in warnings if w["kind"] == "small_groups")["groups"] == ["jailbroken", "scheming"]
     assert on_disk["groups"]["jailbroken"]["n_unsafe"] == 15 and on_disk["n_id_safe"] == 60
     meta = json.loads((out / "meta.json").read_text())
     assert meta == {"monitor": "guard+maha", "n_rows": 105, "model": "tiny", "params": 123}

@@ -30,12 +30,16 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, member: bool = False
     if member:
         parser.add_argument("--member", type=int, default=None, metavar="SEED",
                             help="train only this seed member of the seed list (what --parallel members run)")
+    parser.add_argument("--domains", metavar="YAML", default=None,
+                        help="domains YAML declaring custom ID/OOD domains (same as the override data.registry=YAML)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, e.g. guard.learning_rate=1e-4")
 
 
 def recipe_overrides(kind: str, args: argparse.Namespace) -> list[str]:
     """The recipe overrides the arguments stand for (the flags become dotted overrides)."""
-    overrides = list(args.overrides)
+    from mood_data.domains import registry_override
+
+    overrides = list(args.overrides) + registry_override(getattr(args, "domains", None))
     if args.num_processes is not None:
         overrides.append(f"accelerate.num_processes={args.num_processes}")
     if args.parallel_members is not None:

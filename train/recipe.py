@@ -150,6 +150,9 @@ class EvalSection:
     # "auto": load the backbone with device_map="auto" over every visible GPU (27B/32B that do
     # not fit one GPU; one process); null: the whole model on the resolved device
     device_map: Literal["auto"] | None = None
+    # where the thresholds come from: "test" = the test split's ID-safe rows (mood-bench), or
+    # "validation" = the held-out ID validation slice the fusion is fitted on (docs/metrics.md)
+    calibration_split: Literal["test", "validation"] = "test"
 
 
 @dataclass
