@@ -43,30 +43,31 @@ def analysis_warnings(analysis: dict, meta: dict | None = None) -> list[dict]:
         short = [float(f) for f in analysis.get("fprs") or [] if n_neg < min_negatives(float(f))]
         if short:
             out.append({"kind": "small_negative_pool", "fprs": short, "n_id_safe": n_neg,
+                        "short": f"{n_neg} ID-safe negatives (FPR {min(short):g} needs >= {min_negatives(min(short))})",
                         "message": f"{n_neg} ID-safe negatives ({neg_from} rows) cannot resolve FPR "
                                    + ", ".join(f"{f:g} (needs >= {min_negatives(f)})" for f in short)
                                    + "; treat TPR there as unresolved"})
     fusion = meta.get("fusion_fit") or {}
     n_fit = fusion.get("n_fit")
     if isinstance(n_fit, int) and len(fusion.get("detectors") or []) > 1 and n_fit < MIN_FUSION_ROWS:
-        out.append({"kind": "small_fusion_fit", "n_fit": n_fit,
+        out.append({"kind": "small_fusion_fit", "n_fit": n_fit, "short": f"fusion fitted on {n_fit} rows",
                     "message": f"fusion '{fusion.get('method')}' fitted on {n_fit} ID rows "
                                f"({fusion.get('n_fit_safe')} safe, {fusion.get('n_fit_unsafe')} unsafe; "
                                f"< {MIN_FUSION_ROWS}): its weights are noisy"})
     small = sorted(g for g, v in (analysis.get("groups") or {}).items()
                    if v.get("kind") == "ood" and isinstance(v.get("n_unsafe"), int) and 0 < v["n_unsafe"] < MIN_UNSAFE)
     if small:
-        out.append({"kind": "small_groups", "groups": small,
+        out.append({"kind": "small_groups", "groups": small, "short": f"< {MIN_UNSAFE} unsafe rows per OOD domain",
                     "message": f"{len(small)} OOD domain(s) with < {MIN_UNSAFE} unsafe rows ({', '.join(small)}): "
                                "one row moves their TPR by more than 3 points"})
     n_rows, n_cut = meta.get("n_rows"), meta.get("truncated_rows")
     if isinstance(n_rows, int) and n_rows > 0 and isinstance(n_cut, int) and n_cut / n_rows > MAX_TRUNCATED_SHARE:
-        out.append({"kind": "truncation", "share": n_cut / n_rows,
+        out.append({"kind": "truncation", "share": n_cut / n_rows, "short": f"{n_cut / n_rows:.0%} of rows truncated",
                     "message": f"{n_cut / n_rows:.0%} of the scored rows ({n_cut}/{n_rows}) were left-truncated "
                                "to the context window"})
     id_auc = ((analysis.get("groups") or {}).get("id") or {}).get("auroc")
     if isinstance(id_auc, (int, float)) and abs(id_auc - 0.5) <= CHANCE_BAND:
-        out.append({"kind": "id_auroc_chance", "auroc": id_auc,
+        out.append({"kind": "id_auroc_chance", "auroc": id_auc, "short": "ID AUROC near chance",
                     "message": f"ID AUROC {id_auc:.2f} is near chance: the monitor does not separate ID unsafe "
                                "from ID safe, so its OOD figures say little"})
     return out
@@ -110,3 +111,24 @@ def merged(warnings_per_monitor: Iterable[list[dict]]) -> list[str]:
         for w in ws:
             seen.setdefault(w["message"], None)
     return list(seen)
+
+
+def headline(warnings_per_monitor: list[list[dict]]) -> list[str]:
+    """Short caveats over many monitors, one per kind, with how many monitors it concerns."""
+    n = len(warnings_per_monitor)
+    kinds: dict[str, list[dict]] = {}
+    for ws in warnings_per_monitor:
+        for w in ws:
+            kinds.setdefault(w["kind"], []).append(w)
+    out = []
+    for ws in kinds.values():
+        text = ws[0].get("short") or ws[0]["message"]
+        out.append(text if len(ws) == n else f"{text} ({len(ws)} of {n} monitors)")
+    return out
+
+
+def common_settings(metas: list[dict], analyses: list[dict]) -> str:
+    """The settings line shared by every monitor of a sweep (model size and hardware left out)."""
+    lines = {settings_line({k: v for k, v in m.items() if k not in ("params", "device", "dtype")}, a)
+             for m, a in zip(metas, analyses)}
+    return lines.pop() if len(lines) == 1 else "settings differ between runs (see each run)"

@@ -19,6 +19,16 @@ from mood_data import atomic
 from .metrics import auroc, threshold_at_fpr, tpr_at_fpr
 
 
+_LINTHRESH = 1e-3
+_THRESHOLD_STYLES = ("--", "-.", ":")
+
+
+def chance_points(n: int = 200) -> np.ndarray:
+    """FPR values for the chance line TPR = FPR: linear below the symlog threshold, log-spaced
+    above, so the drawn polyline follows the diagonal on the symlog axis."""
+    return np.r_[np.linspace(0.0, _LINTHRESH, 20), np.logspace(np.log10(_LINTHRESH), 0.0, n)[1:]]
+
+
 def _save(fig: Figure, path: Path) -> Path:
     # fixed margins instead of bbox_inches="tight", which renders every figure twice
     FigureCanvasAgg(fig)
@@ -39,11 +49,12 @@ def plot_hist(safe, unsafe, path: str | Path, *, title: str, fprs: Sequence[floa
         if values.size:
             density, edges = np.histogram(values, bins=bins, density=True)
             ax.stairs(density, edges, fill=True, alpha=0.55, label=label)
-    for f in fprs:
+    # thresholds in the legend (one line style each), not as text at the line: neighbouring
+    # FPRs give nearly equal thresholds and their labels would sit on top of each other
+    for f, ls in zip(fprs, _THRESHOLD_STYLES * (len(fprs) // len(_THRESHOLD_STYLES) + 1)):
         thr = threshold_at_fpr(safe, f)
         if np.isfinite(thr):
-            ax.axvline(thr, color="k", lw=0.8, ls="--")
-            ax.text(thr, ax.get_ylim()[1] * 0.95, f"{f:g}", fontsize=7, rotation=90, va="top")
+            ax.axvline(thr, color="k", lw=0.9, ls=ls, label=f"threshold @ FPR {f:g}")
     ax.set_xlabel("score (higher = more unsafe)")
     ax.set_ylabel("density")
     ax.set_title(title)
@@ -64,8 +75,10 @@ def plot_roc(safe, unsafe, path: str | Path, *, title: str, fprs: Sequence[float
         for f in fprs:
             t = tpr_at_fpr(safe, unsafe, f)
             ax.plot([f], [t], "o", ms=4, label=f"TPR@{f:g} = {t:.3f}")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
-    ax.set_xscale("symlog", linthresh=1e-3)
+    # chance (TPR = FPR), sampled densely: on the symlog axis a two-point line is not the diagonal
+    chance = chance_points()
+    ax.plot(chance, chance, color="grey", lw=0.8, ls=":", label="chance (TPR = FPR)")
+    ax.set_xscale("symlog", linthresh=_LINTHRESH)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("FPR (ID safe)")

@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -195,7 +196,15 @@ def match_guard(points: Sequence[Point], guard_monitor: str = "guard", reference
 
 
 # --------------------------------------------------------------------------- the chart
-def draw_chart(points: Sequence[Point], fpr: float, match: MatchResult | None):
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def draw_chart(points: Sequence[Point], fpr: float, match: MatchResult | None, header: Sequence[str] = (),
+               guard_monitor: str = "guard"):
+    """``header``: lines for the figure title (settings, caveats). Monitors get distinct markers
+    and line styles and a small sideways offset, and the guard-alone line is drawn on top, so
+    coinciding curves (e.g. every monitor at 0) stay visible."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,16 +217,21 @@ def draw_chart(points: Sequence[Point], fpr: float, match: MatchResult | None):
     monitors = sorted({p.monitor for p in points}, key=lambda m: (m.count("+"), m))
     ncols = min(4, len(groups))
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False, sharey=True)
+    head_h = 0.22 * len(header) + (0.15 if header else 0.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + head_h), squeeze=False, sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, group in zip(axes.flat, groups):
         for i, m in enumerate(monitors):
             curve = _curve(points, m, group)
             if not curve:
                 continue
-            xs = [c[0] for c in curve]
+            dodge = 10 ** (0.025 * (i - (len(monitors) - 1) / 2))  # a few percent sideways on the log axis
+            xs = [c[0] * dodge for c in curve]
             c = colors[i % len(colors)]
-            ax.plot(xs, [c_[1] for c_ in curve], marker="o", color=c, label=m)
+            top = m == guard_monitor
+            ax.plot(xs, [c_[1] for c_ in curve], marker=_MARKERS[i % len(_MARKERS)], ls=_LINESTYLES[i % len(_LINESTYLES)],
+                    color=c, label=m, zorder=5 if top else 3, lw=2.0 if top else 1.3, ms=7 if top else 5,
+                    mfc="none" if top else c, mew=1.6 if top else 1.0)
             if all(c_[2] is not None for c_ in curve):
                 ax.fill_between(xs, [c_[2] for c_ in curve], [c_[3] for c_ in curve], color=c, alpha=0.15, lw=0)
         if group == OVERALL and match is not None:
@@ -241,9 +255,30 @@ def draw_chart(points: Sequence[Point], fpr: float, match: MatchResult | None):
     for row in axes:
         row[0].set_ylabel(f"recall @ {fpr:g} FPR")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.88, wspace=0.08, hspace=0.45)
+    total_h = 3.4 * nrows + head_h
+    if header:
+        fig.text(0.5, 1 - 0.08 / total_h, "\n".join(header), ha="center", va="top", fontsize=9)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, 1 - (head_h + 0.1) / total_h))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1 * 3.4 * nrows / total_h,
+                        top=1 - (head_h + 0.8) / total_h, wspace=0.08, hspace=0.45)
     return fig
+
+
+def chart_header(folders: Sequence[EvalFolder], fpr: float) -> list[str]:
+    """Title lines: what is plotted, the shared settings, and the caveats (eval.caveats)."""
+    from .caveats import analysis_warnings, common_settings, headline
+
+    metas, analyses = [f.meta for f in folders], [f.analysis for f in folders]
+    lines = [f"Recall at {fpr:g} FPR vs parameters ({len({f.run for f in folders})} runs, "
+             f"{len({f.monitor for f in folders})} monitors); bands: 95% bootstrap"]
+    settings = common_settings(metas, analyses)
+    if settings:
+        lines.append(settings)
+    caveats = headline([analysis_warnings(a, m) for a, m in zip(analyses, metas)])
+    if caveats:
+        lines.append("Caveats: " + "; ".join(caveats))
+    return [textwrap.fill(line, 190) for line in lines]
 
 
 def _short_count(x: float) -> str:
@@ -274,7 +309,7 @@ def make_chart(sweep_dir: str | os.PathLike, fpr: float = 0.01, out_dir: str | o
     match = match_guard(points, guard_monitor, reference)
     out = Path(out_dir) if out_dir else sweep_dir / "chart"
     files = {ext: out / f"recall_vs_params.{ext}" for ext in ("png", "svg", "csv", "md")}
-    fig = draw_chart(points, fpr, match)
+    fig = draw_chart(points, fpr, match, chart_header(folders, fpr), guard_monitor)
     for ext in ("png", "svg"):
         with atomic.atomic_path(files[ext]) as tmp:
             fig.savefig(tmp, format=ext, dpi=120)

@@ -102,15 +102,21 @@ def run_chart(args) -> int:
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="a run root, a sweep folder or one eval/<monitor> folder")
     p.add_argument("--fpr", type=_fpr, default=0.01, help="FPR of the chart and the cost table (default 0.01)")
-    p.add_argument("--gpu-hour-cost", type=float, default=None, help="USD per accelerator-hour (default 2.0)")
+    p.add_argument("--gpu-hour-cost", type=float, default=None, help="USD per GPU-hour, applied to GPU runs only (default 2.0)")
+    p.add_argument("--cpu-hour-cost", type=float, default=None,
+                   help="USD per CPU-hour to price CPU runs at (default: CPU runs are not priced)")
     p.add_argument("--out", help="folder for report.html/report.md (default: ROOT)")
+    p.add_argument("--embed-plots", action=argparse.BooleanOptionalAction, default=None,
+                   help="embed every per-group plot (a self-contained page) / link them; default: embed "
+                        "only while they total under 1 MB")
 
 
 def run_report(args) -> int:
     from eval.report import DEFAULT_GPU_HOUR_COST, write_report
 
     cost = DEFAULT_GPU_HOUR_COST if args.gpu_hour_cost is None else args.gpu_hour_cost
-    files = write_report(args.root, fpr=args.fpr, gpu_hour_cost=cost, out_dir=args.out)
+    files = write_report(args.root, fpr=args.fpr, gpu_hour_cost=cost, out_dir=args.out,
+                         cpu_hour_cost=args.cpu_hour_cost, embed_plots=args.embed_plots)
     print(f"report: {files['html']}\nmarkdown: {files['md']}")
     return 0
 

@@ -44,7 +44,36 @@ def test_report_numbers_and_cost(sweep_with_report):
     section = md.split("## tiny-s / guard\n")[1].split("## ")[0]
     assert "| jailbroken | ood | 43 | 0.090 [0.040, 0.140] | 0.100 [0.050, 0.150] | 0.120 [0.070, 0.170] |" in section
     # cost: guard+maha+ppl 0.021 s/conv -> 3600/0.021 = 171,429 conv/h; $2/h -> 1e6*0.021/3600*2 = 11.67 USD
-    assert re.search(r"\| tiny-s \| guard\+maha\+ppl \| 1,000,000 \| 0\.6000 \| 0\.400 \| 0\.0210 \| 0\.0110 \| 171,429 \| 11\.67 \|", md)
+    # only the GPU run is priced at the GPU rate; the CPU run is not priced; unknown hardware neither
+    assert re.search(r"\| tiny-s \| guard\+maha\+ppl \| 1,000,000 \| cuda \(NVIDIA H100\) / bfloat16 \| 0\.6000 \| 0\.400 "
+                     r"\| 0\.0210 \| 0\.0110 \| 171,429 \| 11\.67 \(GPU @ \$2/h\) \|", md)
+    assert re.search(r"\| tiny-m \| guard\+maha\+ppl \| [\d,]+ \| cpu / float32 \| .* \| – \(CPU run, not priced\) \|", md)
+    assert re.search(r"\| tiny-l \| guard\+maha\+ppl \| [\d,]+ \| not recorded \| .* \| – \(hardware not recorded\) \|", md)
+
+
+def test_report_prices_cpu_only_at_a_stated_cpu_rate(tmp_path):
+    root = make_sweep(tmp_path / "sw")
+    md = write_report(root, cpu_hour_cost=0.1)["md"].read_text()
+    # 1e6 * 0.021 s / 3600 * $0.1/h = 0.58
+    assert re.search(r"\| tiny-m \| guard\+maha\+ppl \| .* \| 0\.58 \(CPU @ \$0\.1/h\) \|", md)
+
+
+def test_report_header_caveats_and_folded_monitors(sweep_with_report):
+    root, files = sweep_with_report
+    page = files["html"].read_text()
+    head = page.split("<h2>")[0]
+    assert "Caveats" in head and "Settings:" in head  # before the first section
+    assert page.count("<details>") == 12 and page.count("<summary>") == 12
+
+
+def test_report_links_plots_when_not_embedded(tmp_path):
+    root = make_sweep(tmp_path / "sw")
+    page = write_report(root, embed_plots=False)["html"].read_text()
+    srcs = re.findall(r"<img loading='lazy'[^>]* src='([^']+)'", page)
+    assert len(srcs) == 12 * 4 and not any(s.startswith("data:") for s in srcs)
+    assert all((root / s).is_file() for s in srcs)  # relative to the report's folder
+    # the chart stays embedded
+    assert page.count("src='data:image/png") == 1
 
 
 def test_cli_chart_report_compare(tmp_path, capsys):

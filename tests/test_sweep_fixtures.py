@@ -69,13 +69,17 @@ def make_results(size_idx: int, monitor_idx: int, n_safe: int = 60, n_unsafe: in
     return rows
 
 
+# measured hardware per run: a GPU run, a CPU run, and one that predates the field
+DEVICES = {"tiny-s": {"device": "cuda (NVIDIA H100)", "dtype": "bfloat16"}, "tiny-m": {"device": "cpu", "dtype": "float32"}}
+
+
 def make_eval_folder(folder: Path, monitor: str, run: str, params: int, size_idx: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "analysis.json").write_text(json.dumps(make_analysis(monitor, size_idx)))
     (folder / "meta.json").write_text(json.dumps({
         "monitor": monitor, "recipe": f"recipes/tiny/{run}.yaml", "model": f"embedded:{run}",
         "params": params, "n_rows": 270, "seconds": 2.7, "seconds_per_conversation": SECONDS[monitor],
-        "truncated_rows": 0, "versions": {"moodguard": "0.1.0"},
+        "truncated_rows": 0, "versions": {"moodguard": "0.1.0"}, **DEVICES.get(run, {}),
     }))
     with open(folder / "results.jsonl", "w") as fh:
         for r in make_results(size_idx, MONITORS.index(monitor)):
