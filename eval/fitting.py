@@ -86,14 +86,19 @@ def fit_feature_detectors(recipe, loaded: Loaded, rows, kinds: Sequence[str] = F
 
 
 def fit_detectors(recipe, *, source=None, loaded: Loaded | None = None, predict_safe: bool = False,
-                  cut=None, device: str | None = None) -> dict:
-    """Fit the fitted detectors (Mahalanobis, kNN) on the safe train rows (cached) and score the
-    ID validation slice with every one-pass detector (cached) for fusion. ``cut``: the
-    ``(train, validation)`` slices when the caller already has them (loaded once per process).
-    Returns ``{"stats": {kind: {layer: dir}}, "calibration": path}``; ``device``: ``--device``."""
+                  cut=None, device: str | None = None, monitors: Sequence[str] | None = None) -> dict:
+    """Fit the fitted detectors (Mahalanobis, kNN) that the monitors use (default: the recipe's
+    ``eval.monitors``) on the safe train rows (cached) and score the ID validation slice with
+    every one-pass detector that can score (cached) for fusion; a fitted detector no monitor
+    uses is not fitted. ``cut``: the ``(train, validation)`` slices when the caller already has
+    them (loaded once per process). Returns ``{"stats": {kind: {layer: dir}}, "calibration": path}``;
+    ``device``: ``--device``."""
+    from train.detector_table import needed, parse_monitors
+
+    used = set(needed(parse_monitors(monitors or recipe.eval.monitors)))
     loaded = loaded or load_backbone(recipe, device=device)
     train_rows, val_rows = cut or train_validation_cut(recipe, source)
-    stat_dirs = fit_feature_detectors(recipe, loaded, train_rows)
+    stat_dirs = fit_feature_detectors(recipe, loaded, train_rows, [k for k in FEATURE_DETECTORS if k in used])
     calib = calibration_scores(recipe, loaded, val_rows, stat_dirs, predict_safe=predict_safe)
     return {"stats": stat_dirs, "calibration": calib}
 
@@ -110,7 +115,8 @@ def calibration_scores(recipe, loaded: Loaded, rows, stat_dirs, *, predict_safe:
     if (d / "scores.safetensors").is_file():
         return d
     dets = {k: {layer: load_stats(p, k) for layer, p in v.items()} for k, v in stat_dirs.items()}
-    scores, _ = score_rows(loaded, list(rows["conversation"]), dets, one_pass_names(),
+    wanted = [d for d in one_pass_names() if d not in FEATURE_DETECTORS or d in stat_dirs]  # fitted ones only
+    scores, _ = score_rows(loaded, list(rows["conversation"]), dets, wanted,
                            ScoreSettings.from_recipe(recipe, predict_safe), desc=" (ID validation)")
     scores["malign"] = np.asarray(rows["malign"], dtype=np.float64)
     with atomic.atomic_dir(d) as tmp:

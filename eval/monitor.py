@@ -107,7 +107,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     if lm_needed and loaded.lm_dir is None:
         raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (needed for {lm_needed[0]!r} monitors)")
     cut = cut or train_validation_cut(recipe, source)  # once: fitting, calibration and the extra detectors share it
-    fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe, cut=cut)
+    fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe, cut=cut, monitors=monitors)
     registry = load_registry(recipe.data.registry)
     test = load_splits(source or recipe.data.source, splits=("test",), registry=recipe.data.registry,
                        template=recipe.data.template)["test"]

@@ -11,9 +11,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
     add_parallel_argument(p)
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
+    p.add_argument("--monitors", default=None,
+                   help="comma-separated monitors to fit for (default: the recipe's eval.monitors, which it "
+                        "replaces); fitted detectors (maha, knn) no monitor uses are not fitted")
 
 
 def run(args) -> int:
+    import json
+
+    if args.monitors:  # through the recipe's own check, as evaluate does
+        args.overrides = [*args.overrides, "eval.monitors=" + json.dumps([m for m in args.monitors.split(",") if m.strip()])]
     recipe = recipe_from_args(args)  # validated before any launch
     return parallel_run(args, lambda: _fit(args, recipe))
 

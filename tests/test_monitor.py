@@ -189,3 +189,46 @@ def test_cli_evaluate_table_and_errors(evaluated, run_setup, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moodguard fit: error:") and "guard adapter not found" in err[0]
     shutil.rmtree(tmp_path / "none", ignore_errors=True)
+
+
+def test_fit_only_what_the_monitors_use(evaluated):
+    import eval.monitor as monitor
+
+    recipe, _ = evaluated
+    assert monitor.fit_detectors(recipe, monitors=["guard+ppl"])["stats"] == {}  # no maha, no kNN
+    out = monitor.fit_detectors(recipe, monitors=["guard+knn", "guard"])
+    assert set(out["stats"]) == {"knn"}
+    calib, _, _ = monitor.read_calibration(out["calibration"])
+    assert "knn" in calib and "maha" not in calib and "guard" in calib
+
+
+def test_evaluate_with_thresholds_from_the_validation_slice(evaluated, run_setup, tmp_path):
+    """eval.calibration_split=validation: thresholds = quantiles of the fused ID-safe validation
+    scores (the rows the fusion is fitted on), not of the test rows; default folders unchanged."""
+    import eval.monitor as monitor
+    from eval.runfolder import reanalyze
+    from mood_data.domains import DEFAULT_REGISTRY
+    from train.recipe import load_recipe
+
+    recipe, folders = evaluated
+    _, run = run_setup
+    assert "calibration" not in json.loads((folders["guard+maha"] / "analysis.json").read_text())
+    shutil.copytree(run, tmp_path / "run")  # cached statistics come along: no refit
+    held = load_recipe(recipe.source_file, [f"output_dir={tmp_path / 'run'}", "eval.calibration_split=validation"])
+    out = monitor.evaluate_recipe(held, monitors=["guard+maha"], n_boot=10, plots=False)
+    analysis = json.loads((out["guard+maha"] / "analysis.json").read_text())
+    calib, malign, domains = monitor.read_calibration(monitor.fit_detectors(held)["calibration"])
+    fz = monitor.fit_fusion(held.eval.fusion, calib, malign, domains, ["guard", "maha"])
+    fused = fz.apply({k: calib[k] for k in ("guard", "maha")})
+    safe = fused[(malign == 0) & np.array([DEFAULT_REGISTRY.is_id(d) for d in domains])]
+    assert analysis["n_id_safe"] == safe.size and analysis["calibration"]["split"] == "validation"
+    for f in held.eval.fprs:
+        assert analysis["thresholds"][str(f)] == pytest.approx(np.quantile(safe, 1 - f))
+    rows = [json.loads(line) for line in open(out["guard+maha"] / "results.jsonl")]
+    test_safe = np.array([r["score"] for r in rows if r["malign"] == 0 and DEFAULT_REGISTRY.is_id(r["domain"])])
+    thr = analysis["thresholds"]["0.01"]
+    assert analysis["calibration"]["test_fpr"]["0.01"] == pytest.approx(np.mean(test_safe > thr))
+    assert reanalyze(out["guard+maha"], plots=False)["thresholds"] == analysis["thresholds"]  # negatives.json kept
+    meta = json.loads((out["guard+maha"] / "meta.json").read_text())
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["calibration_split"] == "validation"
+    assert meta["fusion_fit"]["n_fit"] == len(malign)
