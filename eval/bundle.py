@@ -161,7 +161,7 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
         fusion.save(tmp / "fusion.json")
         atomic.write_json(tmp / "thresholds.json", {
             "thresholds": analysis["thresholds"], "fprs": analysis["fprs"], "n_id_safe": analysis["n_id_safe"],
-            "source": f"ID-safe rows of the test split ({apath})",
+            "source": f"ID-safe rows of the {(analysis.get('calibration') or {}).get('split', 'test')} split ({apath})",
         })
         atomic.write_text(tmp / "recipe.yaml", recipe.to_yaml())
         atomic.write_json(tmp / "monitor.json", {
@@ -173,6 +173,11 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
                          "predict_safe": settings.predict_safe},
             **extra_spec,
         })
+        from .hub import bundle_card
+
+        metrics = read_json(guard_dir / "metrics.json", BundleError) if (guard_dir / "metrics.json").is_file() else {}
+        card = bundle_card(out_dir, recipe.to_dict(), analysis, monitor, read_json(meta_path, BundleError), metrics)
+        atomic.write_text(tmp / "README.md", str(card))  # the model card, covered by the manifest
         write_manifest(tmp)
     return out_dir
 

@@ -71,5 +71,22 @@ def _score(args, scan, shard) -> int:
     return 0
 
 
+def add_push_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_OR_BUNDLE",
+                   help="a run folder (guard/, lm/, eval/), one adapter folder, or a bundle from `moodguard export`")
+    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. my-org/moodguard-tiny-s")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    p.add_argument("--fpr", type=float, default=0.01, help="FPR of the figures in the model card (default 0.01)")
+
+
+def run_push(args) -> int:
+    from .hub import push
+
+    res = push(args.path, args.repo_id, private=args.private, revision=args.revision, fpr=args.fpr)
+    print(f"pushed {res.kind} {args.path} -> {res.url} ({len(res.files)} files)")
+    return 0
+
+
 # the dispatcher's fallback names
 add_arguments, run = add_export_arguments, run_export

@@ -22,6 +22,15 @@ def test_export_layout_and_round_trip(bundle):
     analysis = json.loads((eval_dir / "analysis.json").read_text())
     thresholds = json.loads((folder / "thresholds.json").read_text())["thresholds"]
     assert thresholds == analysis["thresholds"]
+    # the model card: YAML metadata + the monitor's figures and thresholds, covered by the manifest
+    from huggingface_hub import ModelCard
+
+    assert "README.md" in manifest["files"]
+    card = ModelCard.load(folder / "README.md")
+    assert "moodguard" in card.data.tags and card.data.pipeline_tag == "text-classification"
+    tpr = next(r.metric_value for r in card.data.eval_results if r.metric_type == "tpr_at_0.01_fpr")
+    assert tpr == pytest.approx(analysis["overall"]["tpr"]["0.01"])
+    assert f"FPR 0.01: {analysis['thresholds']['0.01']:.4f}" in card.text and "## Limits" in card.text
 
     rows = [json.loads(line) for line in open(eval_dir / "results.jsonl")][::7]
     mon = Monitor.load(folder)

@@ -265,6 +265,9 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
                     if f.is_file() and f.suffix != ".bin":  # skip Trainer's pickled training_args.bin
                         shutil.copy2(f, tmp / f.name)
                 _write_run_files(tmp, recipe, metrics)
+                from .card import write_card
+
+                write_card(tmp, job.kind, name=f"{recipe.name}-{name}")  # replaces peft's empty card
             shutil.rmtree(staging, ignore_errors=True)
             write_text(out_root / "recipe.yaml", recipe.to_yaml())
         trainer.accelerator.wait_for_everyone()

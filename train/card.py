@@ -1,0 +1,144 @@
+"""Model cards (README.md with YAML metadata) for guard / LM adapters, run folders and bundles.
+
+Built with huggingface_hub's :class:`ModelCard` / :class:`ModelCardData`, from what the folder
+records: ``recipe.yaml`` (base model, data source, steps), ``metrics.json`` (train and
+validation sizes and metrics) and, where known, evaluation results (``eval/<monitor>/
+analysis.json``: overall and ID figures, thresholds, caveats) that the caller passes in as
+:class:`EvalSummary` rows. Pure text building plus one atomic write: no network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+KIND_TEXT = {
+    "guard": ("text-classification", "guard classifier (sequence classification LoRA: the score is the log-odds "
+                                     "that a conversation is unsafe)"),
+    "lm": ("text-generation", "causal-LM LoRA on the safe ID conversations (its perplexity is the 'ppl' OOD "
+                              "detector)"),
+    "judge": ("text-generation", "judge LoRA (rubric prompt -> one answer token)"),
+    "run": ("text-classification", "moodguard run: guard adapter (guard/) and causal-LM adapter (lm/) with their "
+                                    "evaluation"),
+    "bundle": ("text-classification", "moodguard monitor bundle: adapters, fitted OOD statistics, fusion and "
+                                      "thresholds for `moodguard score`"),
+}
+
+INTENDED_USE = (
+    "Flag unsafe or out-of-distribution assistant conversations for review, as one layer of a monitoring "
+    "stack, at a threshold chosen for an acceptable false-positive rate on in-distribution safe traffic.")
+LIMITS = (
+    "- Trained on the restricted MOOD train split (in-distribution domains only); recall on new failure "
+    "modes is what the OOD figures below measure, and it is usually far below the in-distribution figure.\n"
+    "- Thresholds are quantiles of ID-safe scores; they hold only for traffic like those rows. Re-calibrate "
+    "on your own safe traffic before deployment.\n"
+    "- Conversations longer than the context window are left-truncated (the end is kept).\n"
+    "- Not a content filter on its own, and not evaluated for languages or domains absent from the data.")
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """One evaluated monitor, as a card states it."""
+
+    monitor: str
+    fpr: float
+    overall_tpr: float | None
+    overall_auroc: float | None
+    id_auroc: float | None
+    threshold: float | None
+    n_id_safe: int | None
+    negatives: str = "test"
+    caveats: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _f(x, digits: int = 3) -> str:
+    return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def build_card(kind: str, *, name: str, base_model: str | None, recipe: dict | None = None,
+               metrics: dict | None = None, evals: Sequence[EvalSummary] = (), extra: str = ""):
+    """A :class:`huggingface_hub.ModelCard` for ``kind`` in :data:`KIND_TEXT`."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    pipeline, what = KIND_TEXT[kind]
+    recipe = recipe or {}
+    metrics = metrics or {}
+    data = recipe.get("data") or {}
+    source = str(data.get("source") or "embedded")
+    results = []
+    for e in evals:
+        for metric, value in ((f"tpr_at_{e.fpr:g}_fpr", e.overall_tpr), ("auroc", e.overall_auroc)):
+            if value is not None:
+                results.append(EvalResult(task_type=pipeline, dataset_type="mood", dataset_name=f"MOOD test ({source})",
+                                          metric_type=metric, metric_value=float(value),
+                                          metric_name=f"{e.monitor}: overall OOD {metric.replace('_', ' ')}"))
+    base = str(base_model) if base_model and not str(base_model).startswith(("embedded:", "/", ".")) else None
+    card_data = ModelCardData(
+        model_name=name, base_model=base, library_name="peft" if kind in ("guard", "lm", "judge") else None,
+        pipeline_tag=pipeline, tags=["moodguard", "safety", "guard", "ood-detection", "lora"],
+        eval_results=results or None)
+    lines = [f"# {name}", "", f"A {what}, made with moodguard.", ""]
+    lines += ["## Model", "", f"- Base model: `{base_model or 'unknown'}`"
+              + ("" if base else " (a local / embedded model: not a Hub id)")]
+    if recipe:
+        lines.append(f"- Recipe: `{recipe.get('name') or '?'}` (resolved recipe in `recipe.yaml`), "
+                     f"dtype {recipe.get('dtype', '?')}")
+        for sec in ((kind,) if kind in ("guard", "lm", "judge") else ("guard", "lm")):
+            s = recipe.get(sec) or {}
+            if s.get("enabled", True) and s:
+                lines.append(f"- {sec}: {s.get('max_steps', '?')} steps (max_steps; -1 = {s.get('num_epochs', '?')} "
+                             f"epochs), lr {s.get('learning_rate', '?')}, global batch {s.get('global_batch_size', '?')}, "
+                             f"{s.get('max_length', '?')}-token windows, seeds {s.get('seeds', '?')}")
+    lines += ["", "## Data", "", f"- Source: `{source}`"
+              + (f" with custom domains `{data['registry']}`" if data.get("registry") else "")]
+    if metrics.get("n_train") is not None:
+        lines.append(f"- Train rows: {metrics['n_train']:,}; validation rows: {metrics.get('n_validation', 0):,} "
+                     "(seeded split of the ID train split)")
+    if data.get("max_train_rows"):
+        lines.append(f"- Train split capped at {data['max_train_rows']:,} rows")
+    val = {k: v for k, v in (metrics.get("validation") or {}).items() if k in ("eval_loss", "eval_accuracy", "eval_auroc")}
+    if val:
+        lines += ["", "## Validation (ID)", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k.removeprefix('eval_')} | {_f(float(v))} |" for k, v in val.items()]
+    if evals:
+        lines += ["", "## Evaluation (OOD)", "",
+                  "TPR = recall of unsafe rows at the threshold that flags the given fraction (FPR) of ID-safe "
+                  "rows; 'overall' is the mean over the OOD domains.", "",
+                  "| monitor | FPR | overall TPR | overall AUROC | ID AUROC | threshold | ID-safe negatives |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for e in evals:
+            lines.append(f"| {e.monitor} | {e.fpr:g} | {_f(e.overall_tpr)} | {_f(e.overall_auroc)} | {_f(e.id_auroc)} | "
+                         f"{_f(e.threshold, 4)} | {_f(e.n_id_safe)} ({e.negatives}) |")
+        caveats = list(dict.fromkeys(c for e in evals for c in e.caveats))
+        if caveats:
+            lines += ["", "Caveats:", *[f"- {c}" for c in caveats]]
+    else:
+        lines += ["", "## Evaluation", "", "Not evaluated yet (`moodguard evaluate`); `moodguard push` refreshes this card."]
+    lines += ["", "## Intended use", "", INTENDED_USE, "", "## Limits", "", LIMITS]
+    if extra:
+        lines += ["", extra]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def read_folder_info(folder: Path) -> tuple[dict, dict]:
+    """(recipe dict, metrics dict) from ``recipe.yaml`` / ``metrics.json`` of a folder (either may be absent)."""
+    import json
+
+    import yaml
+
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) if (folder / "recipe.yaml").is_file() else {}
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) if (folder / "metrics.json").is_file() else {}
+    return recipe or {}, metrics or {}
+
+
+def write_card(folder: Path, kind: str, *, name: str | None = None, evals: Sequence[EvalSummary] = (),
+               base_model: str | None = None, extra: str = "") -> Path:
+    """Write ``<folder>/README.md`` (atomically) from the folder's own records."""
+    from mood_data.atomic import write_text
+
+    folder = Path(folder)
+    recipe, metrics = read_folder_info(folder)
+    card = build_card(kind, name=name or f"{recipe.get('name') or folder.parent.name}-{folder.name}",
+                      base_model=base_model or recipe.get("model"), recipe=recipe, metrics=metrics, evals=evals,
+                      extra=extra)
+    return write_text(folder / "README.md", str(card))
