@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -14,11 +17,28 @@ SIZES = ("tiny-s", "tiny-m", "tiny-l")
 MONITORS = ("guard", "guard+maha", "guard+ppl", "guard+maha+ppl")
 
 
+_LOGS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The smoke demo as a person runs it: its own process, output captured as a log file would."""
     out = tmp_path_factory.mktemp("demo") / "sweep"
-    assert moodguard(["demo", "--smoke", "--out", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "mood_data.cli", "demo", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _LOGS.update(stdout=proc.stdout, stderr=proc.stderr)
     return out
+
+
+def test_demo_output_is_quiet(demo):
+    """No FutureWarning caused by our arguments, no expected-but-alarming loader reports, no
+    DeepSpeed CPU notice, no carriage-return progress bars in a log; every stage's duration."""
+    err, out = _LOGS["stderr"], _LOGS["stdout"]
+    assert "FutureWarning" not in err, err[:2000]
+    assert "LOAD REPORT" not in err and "Setting accelerator to CPU" not in err
+    assert "\r" not in err and "it/s]" not in err, err[:2000]
+    assert len(re.findall(r"^\[\d+/12\] tiny-[sml]/[a-z-]+: done in \d+\.\ds$", out, re.M)) == 12
 
 
 def test_demo_writes_every_run_chart_and_report(demo, capsys):
