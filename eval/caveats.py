@@ -9,7 +9,8 @@ Rules (each a named constant, documented in docs/metrics.md):
 * an FPR ``f`` needs at least ``MIN_NEGATIVES_PER_FPR / f`` ID-safe negatives (10 negatives
   above the threshold); with fewer the threshold is an interpolation between a handful of
   scores and the reported TPR is not resolved at that FPR;
-* a fused monitor's fusion fitted on fewer than ``MIN_FUSION_ROWS`` ID rows;
+* a fused monitor's fusion fitted on fewer than ``MIN_FUSION_ROWS`` ID rows (for ``lambda`` /
+  ``logistic``, which use the labels, also fewer than ``MIN_UNSAFE`` ID-unsafe rows);
 * an OOD group with fewer than ``MIN_UNSAFE`` unsafe rows (one row moves TPR by > 3 points);
 * more than ``MAX_TRUNCATED_SHARE`` of the scored rows left-truncated to the context;
 * ID AUROC (ID unsafe vs ID safe) within ``CHANCE_BAND`` of 0.5: the guard has not learnt its
@@ -49,11 +50,14 @@ def analysis_warnings(analysis: dict, meta: dict | None = None) -> list[dict]:
                                    + "; treat TPR there as unresolved"})
     fusion = meta.get("fusion_fit") or {}
     n_fit = fusion.get("n_fit")
-    if isinstance(n_fit, int) and len(fusion.get("detectors") or []) > 1 and n_fit < MIN_FUSION_ROWS:
+    n_bad = fusion.get("n_fit_unsafe")
+    few_unsafe = fusion.get("method") in ("lambda", "logistic") and isinstance(n_bad, int) and n_bad < MIN_UNSAFE
+    if isinstance(n_fit, int) and len(fusion.get("detectors") or []) > 1 and (n_fit < MIN_FUSION_ROWS or few_unsafe):
         out.append({"kind": "small_fusion_fit", "n_fit": n_fit, "short": f"fusion fitted on {n_fit} rows",
                     "message": f"fusion '{fusion.get('method')}' fitted on {n_fit} ID rows "
-                               f"({fusion.get('n_fit_safe')} safe, {fusion.get('n_fit_unsafe')} unsafe; "
-                               f"< {MIN_FUSION_ROWS}): its weights are noisy"})
+                               f"({fusion.get('n_fit_safe')} safe, {fusion.get('n_fit_unsafe')} unsafe; wanted "
+                               f">= {MIN_FUSION_ROWS} rows" + (f", >= {MIN_UNSAFE} unsafe for '{fusion.get('method')}'"
+                                                               if few_unsafe else "") + "): its weights are noisy"})
     small = sorted(g for g, v in (analysis.get("groups") or {}).items()
                    if v.get("kind") == "ood" and isinstance(v.get("n_unsafe"), int) and 0 < v["n_unsafe"] < MIN_UNSAFE)
     if small:

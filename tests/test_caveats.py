@@ -37,6 +37,12 @@ def test_fusion_fit_truncation_and_chance_warnings():
     assert analysis_warnings(_analysis(n_id_safe=5000, id_auroc=0.56), meta) == []
     meta = {"fusion_fit": {"detectors": ["guard", "ppl"], "n_fit": MIN_FUSION_ROWS}}
     assert analysis_warnings(_analysis(n_id_safe=5000), meta) == []
+    # lambda reads the ID TPR on the unsafe fit rows: 7 of them is too few even among 500 rows
+    meta = {"fusion_fit": {"method": "lambda", "detectors": ["guard", "ppl"], "n_fit": 500, "n_fit_unsafe": 7}}
+    (w,) = analysis_warnings(_analysis(n_id_safe=5000), meta)
+    assert w["kind"] == "small_fusion_fit" and ">= 30 unsafe for 'lambda'" in w["message"]
+    meta["fusion_fit"]["method"] = "mean"  # mean uses only the safe rows' mean and spread
+    assert analysis_warnings(_analysis(n_id_safe=5000), meta) == []
 
 
 def test_headline_counts_monitors():
