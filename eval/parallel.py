@@ -80,13 +80,15 @@ def run_batches(batches: Sequence[np.ndarray], compute: Callable[[np.ndarray], A
     """``(batch index, compute(batch index))`` for every batch, in the given order, on every
     rank; with N ranks each computes one batch in N (round robin) and the rounds are gathered.
     ``compute`` must return CPU objects (they are pickled between ranks)."""
-    from tqdm.auto import tqdm
+    from mood_data.console import progress
 
     rank, size = world()
     dist = _dist() if size > 1 else None
-    bar = tqdm(total=len(batches), desc=desc + (f" ({size} processes)" if size > 1 else ""), unit=unit,
-               disable=None if rank == 0 else True)
-    for start_ in range(0, len(batches), size):
+    rounds = range(0, len(batches), size)
+    if rank == 0:  # a bar on a terminal, a plain line every 30 s in a log (one round = `size` batches)
+        rounds = progress(rounds, desc=desc + (f" ({size} processes)" if size > 1 else ""),
+                          unit=unit if size == 1 else f"x{size} {unit}")
+    for start_ in rounds:
         group = batches[start_:start_ + size]
         mine = compute(group[rank]) if rank < len(group) else None
         if dist is None:
@@ -96,8 +98,6 @@ def run_batches(batches: Sequence[np.ndarray], compute: Callable[[np.ndarray], A
             dist.all_gather_object(results, mine)
         for index, res in zip(group, results):
             yield index, res
-        bar.update(len(group))
-    bar.close()
 
 
 # ----------------------------------------------------------------------------- --num-processes

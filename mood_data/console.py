@@ -3,6 +3,8 @@
 :func:`configure` is called once by every entry point (the ``moodguard`` dispatcher and the
 ``python -m train.<kind>`` modules that ``accelerate launch`` starts). By default it
 
+* shows our own long loops (:func:`progress`) as a tqdm bar on a terminal and as a plain
+  ``desc: i/n batch (elapsed)`` line every ``LOG_EVERY_S`` seconds otherwise;
 * hides the progress bars of datasets / huggingface_hub / transformers when stderr is not a
   terminal (our own bars use ``tqdm(disable=None)``, which does the same) and Trainer's bar
   (see :func:`show_progress`; plain periodic log lines replace it);
@@ -21,7 +23,11 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 ENV = "MOODGUARD_VERBOSE"
 # a LOAD REPORT whose rows are all the classification head, MISSING (newly initialised)
@@ -85,3 +91,28 @@ def configure(verbose_flag: bool | None = None) -> None:
     logging.getLogger("transformers.modeling_utils").addFilter(_Drop(expected_load_report))
     logging.getLogger("DeepSpeed").addFilter(_Drop(lambda m: m.startswith("Setting accelerator to CPU")))
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+LOG_EVERY_S = 30.0
+
+
+def progress(iterable: Iterable[T], desc: str = "", unit: str = "it", total: int | None = None,
+             leave: bool = True, every_s: float | None = None, file=None) -> Iterator[T]:
+    """A tqdm bar on a terminal (or with -v); in a log, one plain line every ``every_s``
+    seconds (default :data:`LOG_EVERY_S`) and nothing for a loop that ends sooner."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    if show_progress():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(iterable, desc=desc, unit=unit, total=total, leave=leave, disable=False)
+        return
+    every = LOG_EVERY_S if every_s is None else every_s
+    t0 = last = time.monotonic()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            of = f"/{total}" if total else ""
+            print(f"{desc}: {i}{of} {unit} ({now - t0:.0f}s)", file=file or sys.stderr, flush=True)

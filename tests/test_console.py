@@ -46,3 +46,20 @@ def test_quiet_by_default_and_verbose_restores():
 def test_help_has_no_rst_markup_and_a_verbose_flag():
     text = build_parser().format_help()
     assert "``" not in text and "-v, --verbose" in text
+
+
+def test_progress_in_a_log_prints_plain_periodic_lines(capsys, monkeypatch):
+    from mood_data import console
+
+    monkeypatch.setattr(console, "is_tty", lambda: False)
+    monkeypatch.delenv(console.ENV, raising=False)
+    clock = iter(range(0, 1000, 10))  # every step takes 10 s
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    assert list(console.progress(range(7), desc="guard forward", unit="batch", every_s=25)) == list(range(7))
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["guard forward: 3/7 batch (30s)", "guard forward: 6/7 batch (60s)"]
+    assert "\r" not in err
+    clock = iter(range(0, 1000, 1))  # a short loop prints nothing
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    list(console.progress(range(5), desc="x", every_s=25))
+    assert capsys.readouterr().err == ""
