@@ -81,7 +81,7 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_push(args) -> int:
-    from .hub import push
+    from eval.hub import push
 
     res = push(args.path, args.repo_id, private=args.private, revision=args.revision, fpr=args.fpr)
     print(f"pushed {res.kind} {args.path} -> {res.url} ({len(res.files)} files)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from mood_data.cli import build_parser
+from moodguard.cli import build_parser
 from mood_data.console import expected_load_report
 
 HEAD_ONLY = ("\x1b[1mLlamaForSequenceClassification LOAD REPORT\x1b[0m from: tiny-s\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_rows, write_jsonl
-from mood_data.cli import main
+from moodguard.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "data.md"

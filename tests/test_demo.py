@@ -24,7 +24,7 @@ _LOGS: dict = {}
 def demo(tmp_path_factory):
     """The smoke demo as a person runs it: its own process, output captured as a log file would."""
     out = tmp_path_factory.mktemp("demo") / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "mood_data.cli", "demo", "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "moodguard.cli", "demo", "--smoke", "--out", str(out)],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _LOGS.update(stdout=proc.stdout, stderr=proc.stderr)

@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from eval.hub import files_to_upload, push, write_cards
-from mood_data.cli import main
+from moodguard.cli import main
 from test_sweep_fixtures import make_eval_folder
 
 BASE = "HuggingFaceTB/SmolLM2-135M"
