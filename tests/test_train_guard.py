@@ -54,6 +54,13 @@ def test_guard_folder_contents(guard_run):
     assert set(versions) == {"python", "torch", "transformers", "peft", "accelerate"}
     assert load_recipe(g / "recipe.yaml").guard.max_steps == 6
     assert sorted(p.name for p in (run / "checkpoints" / "guard").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    # a filled model card replaces peft's empty one: metadata + the run's own figures
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(g / "README.md")
+    assert card.data.library_name == "peft" and "moodguard" in card.data.tags
+    assert "More Information Needed" not in card.text and "Train rows: 66; validation rows: 6" in card.text
+    assert f"| auroc | {val['eval_auroc']:.3f} |" in card.text and "## Limits" in card.text
 
 
 def test_head_inside_adapter_and_mood_bench_loading(guard_run, tiny_model_dir, tiny_tokenizer):
