@@ -25,7 +25,6 @@ Loading verifies the manifest first: a missing or modified file is a one-line Bu
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -34,31 +33,24 @@ from typing import Any, Sequence
 import numpy as np
 
 from mood_data import atomic
-from mood_data.errors import BundleError
+from mood_data.errors import BundleError, DataError
 from mood_data.readers import read_json
 
 from train.data import train_validation_cut
 from train.detector_table import DETECTORS, parse_monitor
 
-from .detectors.ensemble import member_names
-
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
+from .bundle_check import sha256_file
+from .bundle_check import adapter_folders, check_adapter, check_manifest_coverage, check_monitor_spec, check_thresholds
 from .cache import read_calibration
+from .detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
 from .monitor import evaluate_recipe, fit_fusion, split_detectors
-from .scoring import ScoreSettings, score_rows
+from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_reason
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder: Path) -> Path:
@@ -78,6 +70,7 @@ def verify_manifest(folder: Path) -> dict:
     files = doc.get("files")
     if doc.get("format") != FORMAT or not isinstance(files, dict):
         raise BundleError(f"{mpath}: field 'format'/'files': not a format-{FORMAT} manifest")
+    check_manifest_coverage(folder, files, mpath)  # every file listed, nothing unlisted, no symlink
     for rel, digest in files.items():
         p = folder / rel
         if ".." in Path(rel).parts or not p.is_file():
@@ -206,9 +199,9 @@ class Monitor:
         self.detectors, self.fusion, self.thresholds = detectors, fusion, thresholds
         self.judge = None  # eval.judge.Judge, for judge-* monitors
         self.rubrics: dict = {}
-        s = spec["settings"]
-        self.settings = ScoreSettings(int(s["max_length"]), int(s["batch_size"]), s["pooling"],
-                                      bool(s["assistant_only"]), bool(s["predict_safe"]))
+        s = spec["settings"]  # checked by bundle_check.check_monitor_spec
+        self.settings = ScoreSettings(s["max_length"], s["batch_size"], s["pooling"], s["assistant_only"],
+                                      s["predict_safe"])
 
     @property
     def name(self) -> str:
@@ -216,10 +209,12 @@ class Monitor:
 
     @classmethod
     def load(cls, folder: str | Path, *, base: str | None = None, batch_size: int | None = None,
-             device: str | None = None) -> "Monitor":
-        """Verify the manifest, then load base (+ adapters), detectors, fusion and thresholds;
-        the base goes where the device policy puts it (``device`` = ``--device``; the bundle's
-        dtype and ``device_map``)."""
+             device: str | None = None, trust_remote_code: bool = False) -> "Monitor":
+        """Verify the manifest and every value (:mod:`eval.bundle_check`), then load base (+
+        adapters), detectors, fusion and thresholds; the base goes where the device policy puts
+        it (``device`` = ``--device``; the bundle's dtype and ``device_map``). A bundle whose
+        ``monitor.json`` asks for ``trust_remote_code`` is refused unless ``trust_remote_code=True``
+        (``--trust-remote-code``)."""
         from train import device as device_policy
         from train.modeling import load_tokenizer, resolve_model
 
@@ -229,10 +224,12 @@ class Monitor:
         folder = Path(folder)
         verify_manifest(folder)
         spec = read_json(folder / "monitor.json", BundleError)
-        for key in ("monitor", "detectors", "base", "settings", "stats"):
-            if key not in spec:
-                raise BundleError(f"{folder / 'monitor.json'}: field '{key}': missing")
-        names = parse_monitor(spec["monitor"])
+        names = check_monitor_spec(folder, spec, trust_remote_code=trust_remote_code)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise BundleError(f"--batch-size: must be >= 1, got {batch_size}")
+        for adapter in adapter_folders(folder, spec, names):
+            check_adapter(adapter)
+        remote = bool(spec.get("trust_remote_code", False)) and trust_remote_code  # both: checked above
         dets = {kind: {int(layer): load_stats(folder / "stats", kind, f"{kind}-layer{layer}")
                        for layer in spec["stats"].get(kind, [])} for kind in FEATURE_DETECTORS if kind in names}
         for kind, per in dets.items():
@@ -241,14 +238,12 @@ class Monitor:
         fusion = Fusion.load(folder / "fusion.json")
         if fusion.detectors != list(names):
             raise BundleError(f"{folder / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
-        thresholds = read_json(folder / "thresholds.json", BundleError).get("thresholds")
-        if not isinstance(thresholds, dict):
-            raise BundleError(f"{folder / 'thresholds.json'}: field 'thresholds': missing")
+        thresholds = check_thresholds(folder)
         lm = folder / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
         where = device_policy.placement(spec.get("dtype", "float32"), device, spec.get("device_map"))
         backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), folder / "guard", lm,
                                                   placement=where,
-                                                  trust_remote_code=bool(spec.get("trust_remote_code", False)))
+                                                  trust_remote_code=remote)
         check_feature_dims(folder, spec, dets, backbone)
         tok = load_tokenizer(folder / "tokenizer")
         loaded = Loaded(backbone, tok, folder / "guard", lm, adapter_hash(folder / "guard"),
@@ -258,7 +253,7 @@ class Monitor:
             if name != "guard":  # the anchor member is the guard adapter itself
                 backbone.add_adapter(name, folder / "members" / name, head=True)
         if spec.get("judge"):
-            mon.judge, mon.rubrics = _load_judge(folder, spec, backbone, base)
+            mon.judge, mon.rubrics = _load_judge(folder, spec, backbone, base, remote)
         if batch_size:
             mon.settings = ScoreSettings(mon.settings.max_length, batch_size, mon.settings.pooling,
                                          mon.settings.assistant_only, mon.settings.predict_safe)
@@ -307,6 +302,9 @@ class Monitor:
         raw = {n: raw[n] for n in names}
         cut = set(truncated)
         fused = np.asarray(self.fusion.apply(raw), dtype=np.float64)
+        hit = first_non_finite({**raw, "fused": fused})
+        if hit is not None:  # fail closed: NaN > threshold is False, i.e. a silent "not flagged"
+            raise UnscorableRow(*hit)
         contrib = self.contributions(raw)
         per_row = (time.perf_counter() - t0) / len(conversations)
         out = []
@@ -322,7 +320,17 @@ class Monitor:
         return out
 
 
-def _load_judge(folder: Path, spec: dict, backbone, base: str | None):
+class UnscorableRow(DataError):
+    """A conversation whose score cannot be computed (``index`` into the scored list)."""
+
+    def __init__(self, index: int, detector: str, value: float, n_rows: int = 1):
+        self.index, self.detector, self.value, self.n_rows = index, detector, value, n_rows
+        why = unscorable_reason(detector)
+        super().__init__(f"conversation {index + 1}: field 'conversation': detector '{detector}' score is {value} "
+                         f"({why}; {n_rows} such rows)")
+
+
+def _load_judge(folder: Path, spec: dict, backbone, base: str | None, remote: bool = False):
     """The bundle's judge: the guard's base (``judge.model`` null) or its own base, plus the
     judge LoRA, tokenizer, rubrics and few-shot examples stored in the bundle."""
     from train.modeling import load_tokenizer, resolve_model
@@ -337,7 +345,7 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None):
     jb = backbone
     if js["model"] is not None:  # its own base, where the guard's went
         jb = SharedBackbone.from_pretrained(resolve_model(js["model"]), placement=backbone.placement,
-                                            trust_remote_code=bool(spec.get("trust_remote_code", False)))
+                                            trust_remote_code=remote)
     adapter_dir = jdir / "adapter" if js["adapter"] else None
     if adapter_dir is not None:
         jb.add_adapter("judge", adapter_dir)

@@ -29,6 +29,29 @@ def fingerprint(ids: Sequence[str], conversations: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def cache_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a cache folder except its ``meta.json`` (which records them)."""
+    from .bundle_check import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "meta.json"}
+
+
+def cache_intact(folder: Path) -> bool:
+    """A cache folder whose files still have the sha256 its ``meta.json`` recorded (an edited,
+    truncated or missing file -> False, and the entry is recomputed rather than trusted). Only
+    the recorded files are hashed: nothing else in the folder is ever read."""
+    from .bundle_check import sha256_file
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        recorded = meta.get("sha256") if isinstance(meta, dict) else None
+        if not isinstance(recorded, dict) or not recorded:
+            return False
+        return all("/" not in name and sha256_file(folder / name) == digest for name, digest in recorded.items())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
 def cache_key(**parts) -> str:
     blob = json.dumps({"version": STATS_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -49,13 +72,14 @@ def cached_scores(recipe, kind: str, parts: dict, compute) -> dict[str, np.ndarr
     from safetensors.numpy import load_file, save_file
 
     d = run_root(recipe) / "stats" / f"calibration-{kind}-{cache_key(kind=kind, **parts)}"
-    if (d / "scores.safetensors").is_file():
+    if (d / "scores.safetensors").is_file() and cache_intact(d):
         return {k: v.astype(np.float64) for k, v in load_file(str(d / "scores.safetensors")).items()}
     scores = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in compute().items()}
     with atomic.atomic_dir(d) as tmp:
         save_file(scores, str(tmp / "scores.safetensors"))
-        atomic.write_json(tmp / "meta.json", {"kind": kind, "parts": parts})
+        atomic.write_json(tmp / "meta.json", {"kind": kind, "parts": parts, "sha256": cache_digests(tmp)})
     return scores
 
 
-__all__ = ["STATS_VERSION", "cache_key", "cached_scores", "fingerprint", "read_calibration"]
+__all__ = ["STATS_VERSION", "cache_digests", "cache_intact", "cache_key", "cached_scores", "fingerprint",
+           "read_calibration"]

@@ -14,9 +14,9 @@ from train.data import train_validation_cut
 from train.detector_table import DETECTORS, names, one_pass_names
 
 from .backbone import Loaded, load_backbone, run_root
-from .cache import cache_key, fingerprint
+from .cache import cache_digests, cache_intact, cache_key, fingerprint
 from .forward import GuardBatch, encode, guard_pass
-from .scoring import ScoreSettings, resolve_scorer, score_rows
+from .scoring import ScoreSettings, require_finite, resolve_scorer, score_rows
 
 FEATURE_DETECTORS = names(fitted=True)
 
@@ -56,7 +56,7 @@ def fit_feature_detectors(recipe, loaded: Loaded, rows, kinds: Sequence[str] = F
             parts = _stats_parts(recipe, loaded, kind, layer, fp)
             d = stats_root / cache_key(**parts)
             dirs[kind][layer] = d
-            if (d / "meta.json").is_file():
+            if (d / "meta.json").is_file() and cache_intact(d):  # an edited entry is refitted, not trusted
                 try:
                     load_stats(d, kind)
                     continue  # cache hit
@@ -81,7 +81,8 @@ def fit_feature_detectors(recipe, loaded: Loaded, rows, kinds: Sequence[str] = F
         with atomic.atomic_dir(d) as tmp:
             det.save(tmp, kind)
             atomic.write_json(tmp / "meta.json", {"kind": kind, "key": d.name, "parts": parts,
-                                                  "n_rows": len(enc.input_ids), "truncated_rows": enc.n_truncated})
+                                                  "n_rows": len(enc.input_ids), "truncated_rows": enc.n_truncated,
+                                                  "sha256": cache_digests(tmp)})
     return dirs
 
 
@@ -112,16 +113,18 @@ def calibration_scores(recipe, loaded: Loaded, rows, stat_dirs, *, predict_safe:
              "assistant_only": recipe.eval.perplexity.assistant_only, "max_length": recipe.eval.max_length,
              "data": fingerprint(rows["id"], rows["conversation"])}
     d = run_root(recipe) / "stats" / f"calibration-{cache_key(**parts)}"
-    if (d / "scores.safetensors").is_file():
+    if (d / "scores.safetensors").is_file() and cache_intact(d):
         return d
     dets = {k: {layer: load_stats(p, k) for layer, p in v.items()} for k, v in stat_dirs.items()}
     wanted = [d for d in one_pass_names() if d not in FEATURE_DETECTORS or d in stat_dirs]  # fitted ones only
     scores, _ = score_rows(loaded, list(rows["conversation"]), dets, wanted,
                            ScoreSettings.from_recipe(recipe, predict_safe), desc=" (ID validation)")
+    require_finite(scores, list(rows["id"]), f"{recipe.data.source} (ID validation slice of the train split)")
     scores["malign"] = np.asarray(rows["malign"], dtype=np.float64)
     with atomic.atomic_dir(d) as tmp:
         save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in scores.items()}, str(tmp / "scores.safetensors"))
-        atomic.write_json(tmp / "meta.json", {"parts": parts, "domains": list(rows["domain"]), "ids": list(rows["id"])})
+        atomic.write_json(tmp / "meta.json", {"parts": parts, "domains": list(rows["domain"]), "ids": list(rows["id"]),
+                                              "sha256": cache_digests(tmp)})
     return d
 
 

@@ -62,6 +62,16 @@ def assistant_char_spans(text: str) -> list[tuple[int, int]]:
 
 
 ENCODE_CHUNK = 1024  # texts tokenised at a time: the tokenizer's Python lists never hold a whole split
+# a row longer than CHARS_PER_TOKEN_CUT * max_length characters is cut to its last that many
+# characters BEFORE tokenising (a 5 MB conversation no longer costs its whole token list); the
+# cut is kept only if it still yields CUT_MARGIN more tokens than max_length (so the tokens kept
+# lie far from the cut and equal the full tokenisation's last max_length), else the full text is used
+CHARS_PER_TOKEN_CUT = 32
+CUT_MARGIN = 8
+
+
+def _tokenise(tokenizer, texts: list[str], offsets: bool):
+    return tokenizer(texts, add_special_tokens=True, truncation=False, return_offsets_mapping=offsets, verbose=False)
 
 
 def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistant_only: bool = False,
@@ -69,27 +79,37 @@ def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistan
     """Tokenise without padding; keep the LAST ``max_length`` tokens of longer rows.
 
     Rows are tokenised ``chunk`` texts at a time and kept as int32 arrays, so a split of N
-    rows costs ~4 bytes a token (not a Python int object per token). With ``assistant_only``
-    a per-token int8 mask marks the tokens whose start offset lies in an assistant span (see
-    :func:`assistant_char_spans`).
+    rows costs ~4 bytes a token (not a Python int object per token). Very long rows are cut
+    from the left in characters first (see ``CHARS_PER_TOKEN_CUT``): same kept tokens, same
+    ``truncated`` flag. With ``assistant_only`` a per-token int8 mask marks the tokens whose
+    start offset lies in an assistant span of the FULL text (see :func:`assistant_char_spans`).
     """
     texts = list(conversations)
     out_ids: list[np.ndarray] = []
     truncated: list[int] = []
     mask: list[np.ndarray] | None = [] if assistant_only else None
+    keep_chars = CHARS_PER_TOKEN_CUT * max_length
     for start in range(0, len(texts), chunk):
         part = texts[start:start + chunk]
-        enc = tokenizer(part, add_special_tokens=True, truncation=False,
-                        return_offsets_mapping=assistant_only, verbose=False)
-        for j, x in enumerate(enc["input_ids"]):
+        shift = [max(0, len(t) - keep_chars) for t in part]
+        enc = _tokenise(tokenizer, [t[c:] for t, c in zip(part, shift)], assistant_only)
+        ids, offs = list(enc["input_ids"]), (list(enc["offset_mapping"]) if assistant_only else None)
+        for j, c in enumerate(shift):
+            if c and len(ids[j]) < max_length + CUT_MARGIN:  # unusually long tokens: use the full text
+                full = _tokenise(tokenizer, [part[j]], assistant_only)
+                ids[j] = full["input_ids"][0]
+                if offs is not None:
+                    offs[j] = full["offset_mapping"][0]
+                shift[j] = 0
+        for j, x in enumerate(ids):
             if len(x) > max_length:
                 truncated.append(start + j)
             out_ids.append(np.asarray(x[-max_length:], dtype=np.int32))
         if mask is not None:
-            for text, offsets in zip(part, enc["offset_mapping"]):
+            for text, offsets, c in zip(part, offs, shift):
                 spans = assistant_char_spans(text)
-                row = [int(e > s and any(a <= s < b for a, b in spans)) for s, e in offsets]
-                mask.append(np.asarray(row[-max_length:], dtype=np.int8))
+                row = [int(e > s and any(a <= s + c < b for a, b in spans)) for s, e in offsets[-max_length:]]
+                mask.append(np.asarray(row, dtype=np.int8))
     return Encoded(out_ids, truncated, mask)
 
 

@@ -104,8 +104,10 @@ class Fusion:
             raise DataError(f"fusion: scores ({x.shape[0]}), malign ({y.shape[0]}) and domains ({len(domains)}) differ in length")
         rows = fit_rows(domains, registry, fit_mask)
         x, y = x[rows], y[rows]
-        if np.isnan(x).any():
-            raise DataError("fusion: NaN detector scores in the fit rows")
+        if not np.isfinite(x).all():
+            r, c = (int(v[0]) for v in np.nonzero(~np.isfinite(x)))
+            raise DataError(f"fusion: row {int(np.flatnonzero(rows)[r]) + 1} of the calibration rows: "
+                            f"field '{names[c]}': score is {x[r, c]} (NaN/inf detector scores cannot be fused)")
         safe = x[y == 0]
         if safe.shape[0] < 2:
             raise DataError(f"fusion: need at least 2 ID-safe fit rows, got {safe.shape[0]}")

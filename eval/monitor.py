@@ -37,7 +37,7 @@ from .cache import cache_key, cached_scores, fingerprint, read_calibration  # no
 from .fitting import (FEATURE_DETECTORS, calibration_scores, extra_detector_scores, fit_detectors,  # noqa: F401
                       fit_feature_detectors, load_stats)
 from .parallel import is_main, world
-from .scoring import FeatureScorer, ScoreSettings, guard_scores, logit_detectors, score_rows  # noqa: F401
+from .scoring import FeatureScorer, ScoreSettings, guard_scores, logit_detectors, require_finite, score_rows  # noqa: F401
 
 
 def split_detectors(detectors: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
@@ -129,6 +129,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
         calib.update(extra["calibration"])
         detector_seconds[extra["group"]] = extra["seconds"]
         pass_of.update({d: extra["group"] for d in extra["test"]})
+    require_finite(scores, test["id"], f"{source or recipe.data.source} (test split)")  # NaN fails closed
     params = count_parameters(loaded.backbone.model)
     n_rows = len(test["id"])
     hardware = run_hardware(loaded.backbone.model, loaded.backbone.device)

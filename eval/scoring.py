@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from mood_data.errors import DataError
 from train.detector_table import DETECTORS
 
 from .backbone import Loaded
@@ -75,6 +76,43 @@ class ScoreSettings:
         return cls(ev.max_length, ev.batch_size, ev.mahalanobis.pooling, ev.perplexity.assistant_only, predict_safe)
 
 
+# why a detector may have no score for a row (NaN), by its forward pass: said in the error
+# instead of a silent "not flagged"
+UNSCORABLE = {"lm": "no token to score: a one-token conversation, or no assistant token with "
+                    "eval.perplexity.assistant_only"}
+
+
+def unscorable_reason(name: str) -> str:
+    return UNSCORABLE.get(DETECTORS[name].forward if name in DETECTORS else "", "cannot be computed")
+
+
+def first_non_finite(scores: dict[str, np.ndarray]) -> tuple[int, str, float, int] | None:
+    """``(row index, detector, value, number of such rows)`` of the first NaN/inf score, or None."""
+    hit = None
+    n_bad = np.zeros(0, dtype=bool)
+    for name, v in scores.items():
+        v = np.asarray(v, dtype=np.float64)
+        bad = ~np.isfinite(v)
+        n_bad = bad if n_bad.size == 0 else (n_bad | bad)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            if hit is None or i < hit[0]:
+                hit = (i, name, float(v[i]))
+    return None if hit is None else (*hit, int(n_bad.sum()))
+
+
+def require_finite(scores: dict[str, np.ndarray], ids: Sequence[Any], where: str) -> None:
+    """Fail closed: a score that cannot be computed is an error naming the row, never a silent
+    'not flagged' (a NaN compares False with every threshold)."""
+    from mood_data.readers import short_repr
+
+    hit = first_non_finite(scores)
+    if hit is not None:
+        i, name, value, n = hit
+        raise DataError(f"{where}: row {i + 1} (id {short_repr(ids[i])}): field 'conversation': detector "
+                        f"'{name}' score is {value} ({unscorable_reason(name)}; {n} such rows)")
+
+
 def score_rows(loaded: Loaded, conversations: Sequence[str], detectors: dict[str, dict[int, object]],
                wanted: Iterable[str], settings: ScoreSettings, desc: str = "",
                truncated: list[int] | None = None,
@@ -113,4 +151,5 @@ def score_rows(loaded: Loaded, conversations: Sequence[str], detectors: dict[str
     return {w: out[w] for w in wanted}, enc.n_truncated
 
 
-__all__ = ["FeatureScorer", "ScoreSettings", "guard_scores", "logit_detectors", "resolve_scorer", "score_rows"]
+__all__ = ["UNSCORABLE", "unscorable_reason", "FeatureScorer", "ScoreSettings", "first_non_finite", "guard_scores", "logit_detectors",
+           "require_finite", "resolve_scorer", "score_rows"]

@@ -162,8 +162,22 @@ def _committed_chunks(parts: Path, meta: dict, resume: bool) -> set[int]:
     return set()
 
 
-def score_chunk(monitor, ids: list[Any], convs: list[str]) -> list[dict]:
-    return [{"id": i, **r} for i, r in zip(ids, monitor.score(convs))]
+def score_chunk(monitor, ids: list[Any], convs: list[str], label: str = "input", first_row: int = 1) -> list[dict]:
+    """``{"id", ...}`` per conversation. A row whose score cannot be computed (NaN/inf: e.g. a
+    one-token conversation for perplexity) fails the call naming ``label``, the row and its id:
+    fail closed, never a silent "not flagged"."""
+    from mood_data.readers import short_repr
+
+    from .bundle import UnscorableRow
+    from .scoring import unscorable_reason
+
+    try:
+        scored = monitor.score(convs)
+    except UnscorableRow as exc:
+        raise DataError(f"{label}: row {first_row + exc.index} (id {short_repr(ids[exc.index])}): field 'conversation': "
+                        f"detector '{exc.detector}' score is {exc.value} ({unscorable_reason(exc.detector)}); "
+                        "nothing was written") from None
+    return [{"id": i, **r} for i, r in zip(ids, scored)]
 
 
 def score_stream(monitor, scan: InputScan, out: str | Path | None = None, *, shard: tuple[int, int] = (0, 1),
@@ -197,15 +211,20 @@ def score_stream(monitor, scan: InputScan, out: str | Path | None = None, *, sha
             summary.resumed_rows += len(ids)
             bar.update(len(ids))
             continue
-        rows = score_chunk(monitor, ids, convs)
+        try:
+            rows = score_chunk(monitor, ids, convs, str(scan.path), lo + k * chunk + 1)
+        except DataError:
+            if parts is not None and parallel.is_main() and not any(_chunk_file(parts, j).exists() for j in range(k)):
+                shutil.rmtree(parts, ignore_errors=True)  # nothing committed yet: leave nothing behind
+            raise
         for r in rows:
             summary.add(r)
         if parts is not None:
             atomic.write_jsonl(_chunk_file(parts, k), rows)
         elif parallel.is_main():
             fh = stdout or sys.stdout
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            for n, r in enumerate(rows, lo + k * chunk + 1):
+                fh.write(atomic.dumps(r, "stdout", row=n, ensure_ascii=False) + "\n")  # NaN/inf refused
             fh.flush()
         bar.update(len(ids))
     bar.close()

@@ -6,17 +6,30 @@ This module is the one place that writes files for moodguard.
 Test hook (inert by default): with ``MOODGUARD_TEST_KILL_AFTER=N`` the process SIGKILLs itself
 right after its N-th atomic commit (a file rename or a folder swap); ``N:before`` kills it once
 the N-th temporary is complete but before its rename. ``tests/test_interrupts.py`` uses it to
-kill fit / evaluate / score / sweep at a deterministic point and check that a rerun resumes.
+kill fit / evaluate / score / sweep at a deterministic point and check that a rerun resumes;
+``N:term`` / ``N:int`` send SIGTERM / SIGINT instead at the ``before`` point (temporaries must
+then be removed).
+
+Files and folders are created with the process umask (0644 / 0755 by default), not the 0600 /
+0700 of ``tempfile``: a bundle written by one account can be read by the service scoring with
+it. JSON writers refuse NaN / inf (``allow_nan=False``): the error names the file and the key.
+An ``OSError`` when creating the temporary or renaming it into place (disk full, read-only
+folder, ...) becomes a one-line :class:`~mood_data.errors.OutputError` naming the file; the
+temporary is removed first. Any other OSError propagates (the CLI prints it on one line).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .errors import OutputError
 
 
 KILL_ENV = "MOODGUARD_TEST_KILL_AFTER"
@@ -56,35 +69,82 @@ def _test_kill_hook(before: bool) -> None:
     n, _, when = spec.partition(":")
     if before:
         _commits += 1
-    if _commits == int(n) and (when == "before") == before:
+    if _commits == int(n) and (when in ("before", "term", "int")) == before:
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = {"term": signal.SIGTERM, "int": signal.SIGINT}.get(when, signal.SIGKILL)
+        os.kill(os.getpid(), sig)
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def io_error(path: str | os.PathLike, exc: OSError, action: str = "cannot write") -> OutputError:
+    """One line for an ``OSError`` on ``path``: ``<path>: cannot write (No space left on device, ENOSPC)``."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    text = " ".join(str(exc).split())
+    why = exc.strerror or (text[:200] if text else type(exc).__name__)
+    return OutputError(f"{path}: {action} ({why}{', ' + code if code else ''})")
+
+
+def _mkdir_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise io_error(path.parent, exc, "cannot create the folder") from None
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: not a folder")
 
 
 def _tmp_sibling(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _mkdir_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask())
+    except OSError as exc:
+        raise io_error(path, exc) from None
     return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Move a finished temporary onto its final name (the one rename of every output)."""
+    os.replace(tmp, path)
+
+
+def _commit_or_fail(tmp: Path, path: Path) -> None:
+    """:func:`_commit`, an ``OSError`` (disk full, ...) becoming a one-line OutputError naming
+    ``path``. An OSError raised while the temporary is written propagates as it is (the CLI
+    prints it as one line naming its own file), so a read error elsewhere is never called a
+    failed write of ``path``."""
+    try:
+        _commit(tmp, path)
+    except OSError as exc:
+        raise io_error(path, exc) from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success it is renamed onto ``path``, on error removed."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder (expected a file path)")
     tmp = _tmp_sibling(path)
     private = _private(path)
     try:
         yield tmp
         _test_kill_hook(before=True)
         if _writer or private:
-            os.replace(tmp, path)
+            _commit_or_fail(tmp, path)
         else:
             tmp.unlink()
         _test_kill_hook(before=False)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     _committed(private)
@@ -102,14 +162,51 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def non_finite(obj: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first NaN / inf float in ``obj`` (None if every number is finite)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (prefix or "(value)")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            hit = non_finite(v, f"{prefix}.{k}" if prefix else str(k))
+            if hit:
+                return hit
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            hit = non_finite(v, f"{prefix}[{i}]")
+            if hit:
+                return hit
+    else:
+        try:
+            import numpy as np
+
+            if isinstance(obj, np.ndarray) and obj.dtype.kind == "f" and not np.isfinite(obj).all():
+                return f"{prefix}[{int(np.flatnonzero(~np.isfinite(obj.ravel()))[0])}]"
+            if isinstance(obj, np.floating) and not np.isfinite(obj):
+                return prefix or "(value)"
+        except ImportError:  # pragma: no cover
+            pass
+    return None
+
+
+def dumps(obj: Any, path: str | os.PathLike, *, row: int | None = None, **kwargs) -> str:
+    """``json.dumps`` that refuses NaN / inf with a one-line error naming ``path`` (and row) and the key."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=_json_default, **kwargs)
+    except ValueError:
+        key = non_finite(obj) or "?"
+        at = f"{path}: row {row}" if row is not None else f"{path}"
+        raise OutputError(f"{at}: field '{key}': not a finite number (NaN/inf is never written to JSON)") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    return write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+    return write_text(path, dumps(obj, path, indent=indent, sort_keys=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        for i, row in enumerate(rows, 1):
+            fh.write(dumps(row, path, row=i, ensure_ascii=False) + "\n")
     return Path(path)
 
 
@@ -120,8 +217,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing folder at ``path`` is replaced only once the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _mkdir_parent(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~umask())
+    except OSError as exc:
+        raise io_error(path, exc) from None
     private = _private(path)
     try:
         _open_dirs.append(tmp)
@@ -135,15 +236,39 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         elif path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
-            os.replace(tmp, path)
+            _commit_or_fail(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            _commit_or_fail(tmp, path)
         _test_kill_hook(before=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _committed(private)
+
+
+@contextlib.contextmanager
+def remove_temporaries_on_signal(command: str = "moodguard") -> Iterator[None]:
+    """While inside, SIGTERM (like Ctrl-C / SIGINT already does) unwinds the stack as
+    ``SystemExit(143)``: every ``atomic_path`` / ``atomic_dir`` removes its temporary on the way
+    out, so a terminated run leaves no hidden ``.X.*.tmp``. Main thread only (else inert)."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):  # noqa: ARG001
+        print(f"{command}: terminated", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _json_default(obj: Any):

@@ -26,6 +26,11 @@ class BundleError(MoodguardError):
     """Bad or tampered monitor bundle / fitted statistics."""
 
 
+class OutputError(MoodguardError):
+    """An output cannot be written: disk full, not a folder, locked by another process, or a
+    value (NaN / inf) that must never reach a JSON file."""
+
+
 def where(file: object, row: int | None = None, field: str | None = None) -> str:
     """Format the location prefix used by every data error: ``file:row: field 'x':``."""
     parts = [str(file)]

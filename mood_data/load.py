@@ -220,11 +220,22 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet
 
 def read_records(path: str | Path) -> Iterator[Record]:
     """Parsed rows of one local file, numbered from 1 (not validated)."""
+    from .readers import regular_file
+
     path = Path(path)
     fmt = file_format(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return _READERS[fmt](path, str(path))
+    regular_file(path, DataError)
+    return _no_lone_surrogates(_READERS[fmt](path, str(path)), str(path))
+
+
+def _no_lone_surrogates(records: Iterator[Record], label: str) -> Iterator[Record]:
+    """A JSON escape such as ``"\\ud800"`` decodes to a lone surrogate, which no encoder (Arrow,
+    the tokenizer, our writers) accepts: a one-line error naming the row and field."""
+    for n, row in records:
+        field = _bad_utf8_field(row)
+        if field is not None:
+            raise DataError(f"{where(label, n, field)}: not valid Unicode (a lone surrogate such as \\ud800)")
+        yield n, row
 
 
 def read_hub_records(source: str, split: str) -> Iterator[Record]:
@@ -437,6 +448,17 @@ def split_files(folder: str | Path, splits: Sequence[str] = SPLITS) -> dict[str,
     return out
 
 
+def has_local_test_split(source: str | os.PathLike | None) -> bool:
+    """True when ``source`` is the embedded benchmark or a local folder with one ``test.*`` file."""
+    from .embedded import benchmark_dir
+
+    folder = benchmark_dir() if source is None or str(source) == "embedded" else Path(source)
+    if not folder.is_dir():
+        return False
+    names = {f"test{suffix}" for suffix in SUFFIXES}
+    return sum(1 for p in folder.iterdir() if p.is_file() and p.name.lower() in names) == 1
+
+
 def _looks_like_local(source: str) -> bool:
     """A missing path the user surely meant as a file, not a hub id."""
     if os.path.isabs(source) or source.startswith((".", "~")):
@@ -555,6 +577,10 @@ def load_splits(source: str | os.PathLike | None = None, *, splits: Sequence[str
             raise DataError(f"{source}: a single file holds one split; name it (splits=('test',), --split test) "
                             "or give a folder with train.* and test.* files")
         sources[splits[0]] = (str(source), read_records(source))
+    elif Path(source).exists():  # a FIFO, socket or device: say what it is, never block reading it
+        from .readers import regular_file
+
+        regular_file(Path(source), DataError)
     elif _looks_like_local(str(source)):
         raise DataError(f"{source}: file not found")
     else:

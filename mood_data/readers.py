@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import reprlib
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,17 +19,104 @@ import yaml
 from .errors import DataError, MoodguardError, where
 
 
+# a YAML document may expand (through aliases) to at most this many nodes: an alias bomb is
+# refused after a walk of its node graph, before anything is constructed or printed
+MAX_YAML_NODES = 100_000
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxtuple, _SHORT.maxset = 2, 4, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` for error messages: never expands a big or alias-shared structure."""
+    return _SHORT.repr(value)
+
+
+def regular_file(path: Path, error: type[MoodguardError] = MoodguardError, *, what: str = "file") -> Path:
+    """``path`` if it is a regular file; else a one-line ``error``: not found, or what it is
+    instead (a FIFO would block the reader, a folder or device is never an input)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise error(f"{path}: is {kind}, not a regular {what}")
+    return path
+
+
+def _expanded_size(node, limit: int) -> int:
+    """Nodes in the document once every alias is expanded (shared nodes counted per use,
+    memoised, so the walk itself is linear in the file); stops early past ``limit``."""
+    memo: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(n) -> int:
+        key = id(n)
+        if key in memo:
+            return memo[key]
+        if key in busy:
+            raise yaml.YAMLError("recursive alias")
+        busy.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            for child in n.value:
+                total += size(child)
+                if total > limit:
+                    break
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                total += size(k) + size(v)
+                if total > limit:
+                    break
+        busy.discard(key)
+        memo[key] = total
+        return total
+
+    return size(node)
+
+
+class YamlTooLarge(ValueError):
+    pass
+
+
+def safe_load_bounded(text: str, limit: int = MAX_YAML_NODES) -> Any:
+    """``yaml.safe_load`` that refuses a document expanding to more than ``limit`` nodes
+    (:class:`YamlTooLarge`): the node graph is composed (aliases stay shared), measured, and
+    only then constructed."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            n = _expanded_size(node, limit)
+        except RecursionError:
+            raise YamlTooLarge("nested too deeply") from None
+        if n > limit:
+            raise YamlTooLarge(f"expands to more than {limit} nodes through aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path, error: type[MoodguardError] = MoodguardError, *, what: str = "file") -> Any:
     """``yaml.safe_load`` of ``path`` (never the unsafe loaders); a missing file or a YAML
     syntax error is a one-line ``error``: ``<path>: <what> not found`` /
     ``<path>: invalid YAML at line N``."""
     path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: {what} not found")
+    regular_file(path, error, what=what)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return safe_load_bounded(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not valid UTF-8 (offset {exc.start})") from None
+    except YamlTooLarge as exc:
+        raise error(f"{path}: YAML document refused ({exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise error(f"{path}: invalid YAML{f' at line {mark.line + 1}' if mark is not None else ''}") from None
@@ -35,6 +125,7 @@ def read_yaml(path: str | Path, error: type[MoodguardError] = MoodguardError, *,
 def read_json(path: str | Path, error: type[MoodguardError] = MoodguardError, *, expect: type | None = dict) -> Any:
     """The parsed JSON document at ``path`` (an object unless ``expect`` says otherwise)."""
     path = Path(path)
+    regular_file(path, error)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -56,8 +147,7 @@ def jsonl_rows(path: str | Path, error: type[MoodguardError] = DataError) -> Ite
 
     Lines are decoded one at a time, so a bad byte is reported on its own row with its offset."""
     path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: file not found")
+    regular_file(path, error)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as fh:
         for i, raw in enumerate(fh, 1):
@@ -74,4 +164,27 @@ def jsonl_rows(path: str | Path, error: type[MoodguardError] = DataError) -> Ite
                 raise error(f"{where(path, i)}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise error(f"{where(path, i)}: expected a JSON object")
+            if "\\u" in line:  # only an escape can smuggle in a lone surrogate
+                bad = lone_surrogate_field(row)
+                if bad is not None:
+                    raise error(f"{where(path, i, bad)}: not valid Unicode (a lone surrogate such as \\ud800)")
             yield i, row
+
+
+def _encodable(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    return True
+
+
+def lone_surrogate_field(row: dict) -> str | None:
+    """The first top-level field of ``row`` holding a string with a lone surrogate."""
+    return next((str(k) for k, v in row.items() if not (_encodable(k) and _encodable(v))), None)

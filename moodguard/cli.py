@@ -74,10 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args._argv = argv  # what a command re-executes under `accelerate launch` (--num-processes)
     runner = getattr(args._module, f"run_{args._name}", None) or args._module.run
+    import warnings
+
+    from mood_data.atomic import io_error, remove_temporaries_on_signal
+
+    # peft reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: a
+    # library-internal FutureWarning the user can do nothing about, printed on every `score`
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
-        return int(runner(args) or 0)
+        with remove_temporaries_on_signal(f"moodguard {args._name}"):  # SIGTERM: temporaries removed
+            return int(runner(args) or 0)
     except MoodguardError as err:
         print(f"moodguard {args._name}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment (disk full, permissions, a folder that is a file): one line
+        print(f"moodguard {args._name}: error: {io_error(err.filename or '(I/O)', err, 'I/O error')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moodguard {args._name}: interrupted", file=sys.stderr)

@@ -19,8 +19,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     from eval.bundle import export_bundle
 
-    out = export_bundle(recipe_from_args(args), args.out, args.monitor, source=args.source,
-                        predict_safe=args.predict_safe, device=args.device)
+    from mood_data.runlock import output_file_lock, output_lock
+
+    recipe = recipe_from_args(args)
+    with output_lock(recipe.output_dir, "output_dir"), output_file_lock(args.out):
+        out = export_bundle(recipe, args.out, args.monitor, source=args.source, predict_safe=args.predict_safe,
+                            device=args.device)
     print(f"bundle written: {out}")
     return 0
 
@@ -31,7 +35,10 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="write one JSON row per conversation here, committed in chunks (default: stdout)")
     p.add_argument("--base", default=None, help="override the base model path/name recorded in the bundle")
-    p.add_argument("--batch-size", type=int, default=None, help="override the bundle's batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="override the bundle's batch size (>= 1)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a bundle whose monitor.json sets trust_remote_code to run its base model's own "
+                        "Python code (refused without this flag)")
     p.add_argument("--resume", action="store_true",
                    help="keep the chunks a killed run committed for --out and score only the rest")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -42,16 +49,44 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     add_parallel_argument(p)
 
 
+def check_out_file(out: str | None) -> None:
+    """``--out`` must be a writable file path: checked BEFORE the (slow) model load and scoring."""
+    import os
+    from pathlib import Path
+
+    from mood_data.errors import OutputError
+
+    if out is None:
+        return
+    p = Path(out)
+    if p.is_dir():
+        raise OutputError(f"{p}: --out is a folder (expected a file path)")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: --out: not a folder (cannot create {p})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: --out: folder is not writable (cannot create {p})")
+
+
 def run_score(args) -> int:
+    import contextlib
+
     from eval.streaming import parse_shard, scan_input
+    from mood_data.errors import MoodguardError
+    from mood_data.runlock import output_file_lock
 
     if args.resume and args.out is None:
-        from mood_data.errors import MoodguardError
-
         raise MoodguardError("--resume: needs --out (the chunks of a killed run are kept next to that file)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise MoodguardError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    check_out_file(args.out)  # before the (slow) model load and scoring
     shard = parse_shard(args.shard)
     scan = scan_input(args.input)  # input errors before the (slow) model load
-    return parallel_run(args, lambda: _score(args, scan, shard))
+    # one writer per --out (the launched ranks inherit the lock)
+    with output_file_lock(args.out) if args.out is not None else contextlib.nullcontext():
+        return parallel_run(args, lambda: _score(args, scan, shard))
 
 
 def _score(args, scan, shard) -> int:
@@ -61,7 +96,8 @@ def _score(args, scan, shard) -> int:
     from eval.parallel import main_print
     from eval.streaming import SCORE_CHUNK, score_stream
 
-    monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device)
+    monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
+                           trust_remote_code=args.trust_remote_code)
     s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume, chunk=args.chunk_size or SCORE_CHUNK)
     per = s.seconds / max(s.rows - s.resumed_rows, 1)
     main_print(f"{monitor.name}: {s.rows} conversations ({s.rows - s.resumed_rows} scored now), "

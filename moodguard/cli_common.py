@@ -15,6 +15,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="the guard head outputs a 'safe' score (mood-bench's released adapters): flip it")
     p.add_argument("--domains", metavar="YAML", default=None,
                    help="domains YAML declaring custom ID/OOD domains (same as the override data.registry=YAML)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code (auto_map) to run; a recipe key alone never does")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. eval.batch_size=4")
     add_device_argument(p)
 
@@ -57,4 +59,4 @@ def recipe_from_args(args):
     extra = registry_override(getattr(args, "domains", None))
     if getattr(args, "calibration_split", None):
         extra.append(f"eval.calibration_split={args.calibration_split}")
-    return load_recipe(args.recipe, [*args.overrides, *extra])
+    return load_recipe(args.recipe, [*args.overrides, *extra], trust_remote_code=args.trust_remote_code)

@@ -45,10 +45,19 @@ def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:
 def run(args) -> int:
     import json
 
+    from mood_data.errors import MoodguardError
+    from mood_data.runlock import output_lock
+
+    if args.monitors is not None and not [m for m in args.monitors.split(",") if m.strip()]:
+        raise MoodguardError(f"--monitors: empty list {args.monitors!r} (give e.g. guard,guard+maha; omit the "
+                             "flag for the recipe's eval.monitors)")
+    if args.n_boot < 0:
+        raise MoodguardError(f"--n-boot: must be >= 0, got {args.n_boot}")
     if args.monitors:  # through the recipe's own check: eval.monitors=[...] as one more override
         args.overrides = [*args.overrides, "eval.monitors=" + json.dumps([m for m in args.monitors.split(",") if m.strip()])]
     recipe = recipe_from_args(args)  # validated before any launch
-    return parallel_run(args, lambda: _evaluate(args, recipe))
+    with output_lock(recipe.output_dir, "output_dir"):  # the launched ranks inherit the lock
+        return parallel_run(args, lambda: _evaluate(args, recipe))
 
 
 def _evaluate(args, recipe) -> int:

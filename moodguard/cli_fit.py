@@ -21,8 +21,11 @@ def run(args) -> int:
 
     if args.monitors:  # through the recipe's own check, as evaluate does
         args.overrides = [*args.overrides, "eval.monitors=" + json.dumps([m for m in args.monitors.split(",") if m.strip()])]
+    from mood_data.runlock import output_lock
+
     recipe = recipe_from_args(args)  # validated before any launch
-    return parallel_run(args, lambda: _fit(args, recipe))
+    with output_lock(recipe.output_dir, "output_dir"):  # the launched ranks inherit the lock
+        return parallel_run(args, lambda: _fit(args, recipe))
 
 
 def _fit(args, recipe) -> int:

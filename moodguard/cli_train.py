@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = entry.recipe_overrides(args.kind, args)
-    recipe = load_recipe(args.recipe, overrides)  # loaded and validated once; passed along from here
+    # loaded and validated once; passed along from here (trust_remote_code: only with the flag)
+    recipe = load_recipe(args.recipe, overrides, trust_remote_code=args.trust_remote_code)
     entry.apply_device(args.device, recipe)
     from train.launch import adapter_folders, run_training
 

@@ -289,7 +289,8 @@ def stage_command(stage: Stage) -> list[str]:
     """The command line that runs one stage outside this process (slurm / shell emission)."""
     ov = list(stage.overrides)
     if stage.stage in ("train-guard", "train-lm", "train-judge"):
-        tail = ["-m", _py_module(stage.stage), "--recipe", str(stage.recipe_path), *ov]
+        # --resume: a rerun (requeued job, rerun sweep) continues its own checkpoints (none: step 0)
+        tail = ["-m", _py_module(stage.stage), "--recipe", str(stage.recipe_path), "--resume", *ov]
         if stage.accelerate_config:
             return ["accelerate", "launch", "--config_file", f"accelerate_configs/{stage.accelerate_config}.yaml",
                     "--num_processes", str(stage.num_processes), *tail]
@@ -399,7 +400,9 @@ def _run_train(stage: Stage, recipe, monitors) -> None:
     launch, or in this process)."""
     from train.launch import run_training
 
-    rc = run_training(stage.stage.removeprefix("train-"), recipe, stage.recipe_path, stage.overrides)
+    # resume=True: a stage rerun after a kill continues its checkpoints (train/checkpoints.py
+    # refuses them if the recipe changed); without checkpoints it starts at step 0
+    rc = run_training(stage.stage.removeprefix("train-"), recipe, stage.recipe_path, stage.overrides, resume=True)
     if rc != 0:
         raise RuntimeError(f"{stage.id}: training exited with {rc}")
 

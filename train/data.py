@@ -18,10 +18,13 @@ from mood_data.errors import DataError
 
 def load_train_split(source: str | None, template: str = "mood", registry: str | None = None):
     """The restricted (ID-only) train split as a ``datasets.Dataset`` (id, conversation,
-    domain, malign), read by ``mood_data.load.load_splits``."""
-    from mood_data.load import load_splits
+    domain, malign), read by ``mood_data.load.load_splits``. When the source has a test split it
+    is loaded too: load_splits then refuses a source whose test rows leak from train BEFORE
+    anything is trained on it (not only later, in evaluate)."""
+    from mood_data.load import has_local_test_split, load_splits
 
-    kwargs = {"splits": ("train",), "template": template}
+    splits = ("train", "test") if has_local_test_split(source) else ("train",)
+    kwargs = {"splits": splits, "template": template}
     if registry is not None:
         from mood_data.domains import load_registry
 

@@ -9,6 +9,8 @@ parent's override list verbatim. The module form adds ``--member`` (one seed mem
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -25,6 +27,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, member: bool = False
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--device", default=None, metavar="cpu|cuda|cuda:N",
                         help="where to train (default: the GPUs when present, else the CPU)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model's own Python code (auto_map) to run; a recipe key alone never does")
     parser.add_argument("--parallel-members", type=int, default=None, metavar="N",
                         help="train N seed members at once, one process each (the section's parallel_members)")
     if member:
@@ -81,12 +85,19 @@ def module_main(kind: str, train_fn: Callable[..., Any], argv: Sequence[str] | N
     from .recipe import load_recipe
 
     configure()  # the launching command's -v choice arrives through the environment
+
+    from mood_data.runlock import output_lock
+
     args = module_parser(kind).parse_args(argv)
     ok = False
     try:
-        recipe = load_recipe(args.recipe, recipe_overrides(kind, args))
+        recipe = load_recipe(args.recipe, recipe_overrides(kind, args), trust_remote_code=args.trust_remote_code)
         apply_device(args.device, recipe)
-        train_fn(recipe, args.resume, None if args.member is None else [args.member])
+        # ranks > 0 of a direct `accelerate launch -m train.<kind>` write nothing: rank 0 locks
+        # (a process we launched inherits its parent's lock through the environment)
+        rank0 = os.environ.get("RANK", "0") == "0"
+        with output_lock(recipe.output_dir, "output_dir") if rank0 else contextlib.nullcontext():
+            train_fn(recipe, args.resume, None if args.member is None else [args.member])
         ok = True
     except MoodguardError as err:
         print(f"moodguard train {kind}: error: {err}", file=sys.stderr)

@@ -125,7 +125,7 @@ def train_members_parallel(kind: str, recipe: Recipe, recipe_path: str | os.Path
     out_root = Path(recipe.output_dir)
     logs = out_root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    argv = ["--recipe", str(recipe_path), *(["--resume"] if resume else []), *overrides]
+    argv = ["--recipe", str(recipe_path), *relaunch_flags(recipe, resume), *overrides]
     queue, failed, lock = list(seeds), [], threading.Lock()
     bar = tqdm(total=len(seeds), desc=f"{kind} members ({len(slots)} at a time)", unit="member", disable=None)
 
@@ -157,6 +157,11 @@ def train_members_parallel(kind: str, recipe: Recipe, recipe_path: str | os.Path
     return adapter_folders(recipe, kind)
 
 
+def relaunch_flags(recipe: Recipe, resume: bool) -> list[str]:
+    """The flags a re-executed training process needs to do what this one was asked to."""
+    return [*(["--resume"] if resume else []), *(["--trust-remote-code"] if recipe.trust_remote_code else [])]
+
+
 def trains_in_parallel(recipe: Recipe, kind: str) -> bool:
     sec = recipe.section(kind)
     return sec.parallel_members > 1 and len(sec.seeds) > 1
@@ -183,23 +188,27 @@ def run_training(kind: str, recipe: Recipe, recipe_path: str | os.PathLike, over
                  resume: bool = False) -> int:
     """Train ``kind`` the way the recipe asks (what ``moodguard train`` and sweep stages run):
     seed members in parallel processes (``<kind>.parallel_members > 1``), else re-executed under
-    ``accelerate launch`` (``accelerate.config``), else in this process. Returns the exit status."""
-    if trains_in_parallel(recipe, kind):
-        train_members_parallel(kind, recipe, recipe_path, overrides, resume)
-        return 0
-    if recipe.accelerate.config is not None:
-        argv = ["--recipe", str(recipe_path), *(["--resume"] if resume else []), *overrides]
-        return relaunch(recipe.accelerate.config, f"train.{kind}", argv, recipe.accelerate.num_processes)
-    from .distributed import EXIT_STOPPED, TrainingStopped
+    ``accelerate launch`` (``accelerate.config``), else in this process. Returns the exit status.
+    The output_dir is locked meanwhile (launched ranks and parallel members inherit the lock)."""
+    from mood_data.runlock import output_lock
 
-    ok = False
-    try:
-        train_in_process(kind, recipe, resume)
-        ok = True
-    except TrainingStopped as stop:
-        ok = True
-        print(f"moodguard train {kind}: {stop}", file=sys.stderr)
-        return EXIT_STOPPED
-    finally:
-        end_distributed(ok)
-    return 0
+    with output_lock(recipe.output_dir, "output_dir"):
+        if trains_in_parallel(recipe, kind):
+            train_members_parallel(kind, recipe, recipe_path, overrides, resume)
+            return 0
+        if recipe.accelerate.config is not None:
+            argv = ["--recipe", str(recipe_path), *relaunch_flags(recipe, resume), *overrides]
+            return relaunch(recipe.accelerate.config, f"train.{kind}", argv, recipe.accelerate.num_processes)
+        from .distributed import EXIT_STOPPED, TrainingStopped
+
+        ok = False
+        try:
+            train_in_process(kind, recipe, resume)
+            ok = True
+        except TrainingStopped as stop:
+            ok = True
+            print(f"moodguard train {kind}: {stop}", file=sys.stderr)
+            return EXIT_STOPPED
+        finally:
+            end_distributed(ok)
+        return 0

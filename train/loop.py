@@ -162,15 +162,6 @@ def _write_run_files(out: Path, recipe: Recipe, metrics: dict) -> None:
     write_json(out / "versions.json", save_versions())
 
 
-def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest ``checkpoint-N`` that was written completely (a process killed while saving
-    leaves one without ``trainer_state.json``, which Trainer writes last)."""
-    if not ckpt_dir.is_dir():
-        return None
-    done = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
-
-
 def hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value: no network to use."""
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
@@ -186,6 +177,7 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
 
     from mood_data.atomic import atomic_dir, write_text
 
+    from .checkpoints import resume_point, staging_dir
     from .distributed import TrainingStopped, engine_record, make_stop_callback, save_full_adapter, stop_file
     from .modeling import load_tokenizer
 
@@ -202,7 +194,14 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
         if "WANDB_MODE" not in os.environ and hub_offline():
             os.environ["WANDB_MODE"] = "offline"  # no network: log locally (wandb sync later), never hang
         out_root.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(recipe.tokenizer or recipe.model, recipe.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(recipe.tokenizer or recipe.model, recipe.trust_remote_code)
+    except OSError as exc:  # an uncached hub id offline, a folder without tokenizer files, ...
+        key = "tokenizer" if recipe.tokenizer else "model"
+        why = ("not a local folder and not in the Hugging Face cache; HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE forbid "
+               "downloading it" if hub_offline() else " ".join(str(exc).split())[:200])
+        raise RecipeError(f"{recipe.source_file}: key '{key}': {recipe.tokenizer or recipe.model}: cannot be "
+                          f"loaded ({why})") from None
     datasets_ = job.build_datasets(recipe, tokenizer)
     trainer_cls = make_trainer_class()
     finals: list[Path] = []
@@ -230,13 +229,14 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
         stopper = make_stop_callback(stop_path, trainer.accelerator) if stop_path else None
         if stopper is not None:
             trainer.add_callback(stopper)
-        last = last_complete_checkpoint(ckpt_dir) if resume else None
+        last = resume_point(recipe, job.kind, ckpt_dir, resume, main_process=trainer.is_world_process_zero())
+        trainer.accelerator.wait_for_everyone()
         train_out = trainer.train(resume_from_checkpoint=last)
         if stopper is not None and stopper.stopped:
             trainer.accelerator.wait_for_everyone()
             raise TrainingStopped(str(ckpt_dir / f"checkpoint-{trainer.state.global_step}"))
         val = trainer.evaluate()
-        staging = out_root / f".{name}.staging"
+        staging = staging_dir(out_root, name, trainer.accelerator)
         save_full_adapter(trainer, staging)
         trainer.accelerator.wait_for_everyone()
         final = out_root / name
@@ -260,15 +260,17 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
                 "device": str(trainer.args.device),
                 "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
             }
-            with atomic_dir(final) as tmp:
-                for f in staging.iterdir():
-                    if f.is_file() and f.suffix != ".bin":  # skip Trainer's pickled training_args.bin
-                        shutil.copy2(f, tmp / f.name)
-                _write_run_files(tmp, recipe, metrics)
-                from .card import write_card
+            try:
+                with atomic_dir(final) as tmp:
+                    for f in staging.iterdir():
+                        if f.is_file() and f.suffix != ".bin":  # skip Trainer's pickled training_args.bin
+                            shutil.copy2(f, tmp / f.name)
+                    _write_run_files(tmp, recipe, metrics)
+                    from .card import write_card
 
-                write_card(tmp, job.kind, name=f"{recipe.name}-{name}")  # replaces peft's empty card
-            shutil.rmtree(staging, ignore_errors=True)
+                    write_card(tmp, job.kind, name=f"{recipe.name}-{name}")  # replaces peft's empty card
+            finally:  # also when the copy fails (disk full): no staging folder left behind
+                shutil.rmtree(staging, ignore_errors=True)
             write_text(out_root / "recipe.yaml", recipe.to_yaml())
         trainer.accelerator.wait_for_everyone()
         if recipe.report_to == "wandb" and trainer.is_world_process_zero():

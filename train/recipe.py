@@ -15,7 +15,9 @@ that set the key and the dotted key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any, Iterable, Literal, Mapping
 import yaml
 
 from mood_data.errors import RecipeError
-from mood_data.readers import read_yaml
+from mood_data.readers import YamlTooLarge, read_yaml, safe_load_bounded, short_repr
 
 from .detector_table import NAMES, parse_monitor
 
@@ -242,7 +244,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override {text!r}: empty key")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_load_bounded(value) if value.strip() else None
+    except YamlTooLarge as err:
+        raise RecipeError(f"override {short_repr(text)}: value refused ({err})") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {text!r}: value is not valid YAML ({type(err).__name__})") from None
     return key, parsed
@@ -293,7 +297,7 @@ def _load_chain(path: Path, stack: tuple[Path, ...], where: str) -> tuple[dict, 
         parent, origin = {}, {}
     else:
         if not isinstance(base, str) or not base:
-            raise RecipeError(f"{shown}: key 'base': expected a relative path string, got {base!r}")
+            raise RecipeError(f"{shown}: key 'base': expected a relative path string, got {short_repr(base)}")
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise RecipeError(f"{shown}: key 'base': base file not found: {display_path(base_path)}")
@@ -384,16 +388,27 @@ def _convert(value: Any, tp: Any, dotted: str, origin: Mapping[str, str], fallba
         if _PLAIN[tp](value):
             return value
         raise _Mismatch
-    if tp is float:
+    if tp is float:  # finite numbers only: NaN / inf (.nan, .inf, "nan", 1e999) are refused
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            out = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 raise _Mismatch from None
-        raise _Mismatch
+        else:
+            raise _Mismatch
+        if not math.isfinite(out):
+            raise _Mismatch
+        return out
     raise TypeError(f"unsupported annotation {tp!r}")  # pragma: no cover - schema bug
+
+
+def _non_finite(value: Any) -> bool:
+    try:
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool) and not math.isfinite(float(value))
+    except (ValueError, OverflowError):
+        return False
 
 
 def _where(dotted: str, origin: Mapping[str, str], fallback: str) -> str:
@@ -424,7 +439,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, origin: Mapping[str,
             kwargs[name] = _convert(value, hints[name], dotted, origin, fallback)
         except _Mismatch:
             raise RecipeError(
-                f"{_where(dotted, origin, fallback)}: key '{dotted}': expected {_type_name(hints[name])}, got {value!r}"
+                f"{_where(dotted, origin, fallback)}: key '{dotted}': expected {_type_name(hints[name])}, "
+                f"got {short_repr(value)}{' (NaN/inf refused: a finite number)' if _non_finite(value) else ''}"
             ) from None
     return cls(**kwargs)
 
@@ -535,13 +551,37 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
         fail("eval.knn.k", "need 1 <= k <= max_ref")
 
 
-def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
-    """Resolve inheritance and overrides, validate, and return the typed :class:`Recipe`."""
+_WARNED_TRUST: set[str] = set()
+
+
+def apply_trust_remote_code(recipe: Recipe, asked: bool, where: str) -> None:
+    """``trust_remote_code`` is on only when the person running the command asks for it
+    (``--trust-remote-code``); a recipe key alone never turns it on. A recipe that sets it gets
+    ONE warning per file and process: ignored without the flag, or a reminder that the
+    model's own Python code will run."""
+    requested = recipe.trust_remote_code
+    recipe.trust_remote_code = bool(asked)
+    if requested and where not in _WARNED_TRUST:
+        _WARNED_TRUST.add(where)
+        if asked:
+            note = "the model's own Python code will run (--trust-remote-code given)"
+        else:
+            note = "ignored: a recipe never turns it on; pass --trust-remote-code to run the model's own code"
+        print(f"moodguard: warning: {where}: key 'trust_remote_code': {note}", file=sys.stderr)
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), *, trust_remote_code: bool = False) -> Recipe:
+    """Resolve inheritance and overrides, validate, and return the typed :class:`Recipe`.
+
+    ``trust_remote_code`` is the caller's explicit consent (the CLI's ``--trust-remote-code``);
+    the recipe's own ``trust_remote_code`` key only triggers a warning (see
+    :func:`apply_trust_remote_code`)."""
     path = Path(path)
     merged, origin = resolve_mapping(path, list(overrides))
     shown = display_path(path)
     recipe = _build(Recipe, merged, "", origin, shown)
     _check(recipe, origin, shown)
+    apply_trust_remote_code(recipe, trust_remote_code, _where("trust_remote_code", origin, shown))
     if recipe.name is None:
         recipe.name = recipe_name(path)
     if recipe.output_dir is None:

@@ -1,0 +1,246 @@
+"""What a bundle must prove before anything in it is used (``eval.bundle.Monitor.load``).
+
+A bundle is passed between teams, so every byte of it is untrusted until checked:
+
+* no pickle-format file (``.bin``, ``.pt``, ``.pkl``, ...) may be in the folder at all;
+* the manifest covers EVERY file: a file on disk that it does not list, a listed file that is
+  missing, an empty ``files`` map, a path leaving the folder, a symlink or any non-regular file
+  is refused, and each file's sha256 must match;
+* every value of ``monitor.json`` and ``thresholds.json`` is type- and range-checked
+  (``settings.max_length > 0``, ``batch_size >= 1``, thresholds finite numbers, ...);
+* ``trust_remote_code`` must be a JSON boolean; a bundle asking for ``true`` is refused unless
+  the person scoring passed ``--trust-remote-code``;
+* every adapter's ``adapter_model.safetensors`` has a readable safetensors header and its
+  ``adapter_config.json`` is a JSON object (a corrupt or empty file is one line, not a traceback).
+
+Every problem is a one-line :class:`~mood_data.errors.BundleError` naming the file and field.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from mood_data.errors import BundleError, MoodguardError
+from mood_data.readers import read_json, short_repr
+
+MANIFEST = "manifest.json"
+# formats that unpickle (or usually do) when loaded: a bundle never holds one, listed or not
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+POOLINGS = ("last", "mean")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_on_disk(folder: Path) -> set[str]:
+    """Every entry under ``folder`` except the manifest; symlinks and non-regular files refused."""
+    out = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            p = Path(root) / name
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"{p}: a symlink inside the bundle (refused: files must be the bundle's own)")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise BundleError(f"{p}: not a regular file (refused)")
+            if p.name.lower().endswith(PICKLE_SUFFIXES):
+                raise BundleError(f"{p}: pickle-format file in a bundle (refused: bundles hold safetensors, "
+                                  "JSON and YAML only)")
+            rel = p.relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                out.add(rel)
+    return out
+
+
+def check_manifest_coverage(folder: Path, files: Any, mpath: Path) -> None:
+    """The manifest's ``files`` map lists exactly the files of the bundle."""
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{mpath}: field 'files': empty or not a mapping (the manifest must list every file)")
+    for rel, digest in files.items():
+        parts = Path(rel).parts
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in parts or not parts:
+            raise BundleError(f"{mpath}: field 'files': path {short_repr(rel)} leaves the bundle folder")
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise BundleError(f"{mpath}: field 'files.{rel}': expected a sha256 hex digest, got {short_repr(digest)}")
+    on_disk = _files_on_disk(folder)
+    unlisted = sorted(on_disk - set(files))
+    if unlisted:
+        raise BundleError(f"{folder / unlisted[0]}: file not listed in {MANIFEST} (refused: every bundle file "
+                          f"must be covered; {len(unlisted)} unlisted)")
+
+
+# ----------------------------------------------------------------------------- values
+def _fail(path: Path, field: str, message: str):
+    raise BundleError(f"{path}: field '{field}': {message}")
+
+
+def _int(path: Path, field: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(path, field, f"expected an integer, got {short_repr(value)}")
+    if value < minimum:
+        _fail(path, field, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(path: Path, field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(path, field, f"expected true or false (a JSON boolean), got {short_repr(value)}")
+    return value
+
+
+def _str(path: Path, field: str, value: Any, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or not value:
+        _fail(path, field, f"expected a non-empty string, got {short_repr(value)}")
+    if choices is not None and value not in choices:
+        _fail(path, field, f"expected one of {list(choices)}, got {short_repr(value)}")
+    return value
+
+
+def _number(path: Path, field: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        _fail(path, field, f"expected a finite number, got {short_repr(value)}")
+    return float(value)
+
+
+def _name(path: Path, field: str, value: Any) -> str:
+    """A file/folder name inside the bundle: no separators, no '..'."""
+    _str(path, field, value)
+    if "/" in value or "\\" in value or value in (".", ".."):
+        _fail(path, field, f"{short_repr(value)} is not a plain name")
+    return value
+
+
+def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = False) -> tuple[str, ...]:
+    """Type- and range-check ``monitor.json``; returns the parsed detector names."""
+    from train.detector_table import names as table_names
+    from train.detector_table import parse_monitor
+
+    path = folder / "monitor.json"
+    for key in ("monitor", "detectors", "base", "settings", "stats"):
+        if key not in spec:
+            _fail(path, key, "missing")
+    if "format" in spec and spec["format"] != 1:
+        _fail(path, "format", f"unsupported bundle format {short_repr(spec['format'])}")
+    try:
+        names = parse_monitor(_str(path, "monitor", spec["monitor"]))
+    except MoodguardError as exc:
+        _fail(path, "monitor", str(exc))
+    if spec["detectors"] != list(names):
+        _fail(path, "detectors", f"{short_repr(spec['detectors'])} != the monitor's {list(names)}")
+    _str(path, "base", spec["base"])
+    _str(path, "dtype", spec.get("dtype", "float32"), DTYPES)
+    if _bool(path, "trust_remote_code", spec.get("trust_remote_code", False)) and not trust_remote_code:
+        _fail(path, "trust_remote_code", "the bundle asks to run the base model's own Python code; refused "
+                                         "(pass --trust-remote-code if you trust this bundle's base model)")
+    s = spec["settings"]
+    if not isinstance(s, dict):
+        _fail(path, "settings", f"expected a mapping, got {short_repr(s)}")
+    for key in ("max_length", "batch_size", "pooling", "assistant_only", "predict_safe"):
+        if key not in s:
+            _fail(path, f"settings.{key}", "missing")
+    _int(path, "settings.max_length", s["max_length"], 1)
+    _int(path, "settings.batch_size", s["batch_size"], 1)
+    _str(path, "settings.pooling", s["pooling"], POOLINGS)
+    _bool(path, "settings.assistant_only", s["assistant_only"])
+    _bool(path, "settings.predict_safe", s["predict_safe"])
+    stats = spec["stats"]
+    if not isinstance(stats, dict):
+        _fail(path, "stats", f"expected a mapping, got {short_repr(stats)}")
+    for kind, layers in stats.items():
+        if kind not in table_names(fitted=True):
+            _fail(path, f"stats.{kind}", "unknown detector kind")
+        if not isinstance(layers, list):
+            _fail(path, f"stats.{kind}", f"expected a list of layers, got {short_repr(layers)}")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                _fail(path, f"stats.{kind}[{i}]", f"expected an integer layer, got {short_repr(layer)}")
+    ens = spec.get("ensemble")
+    if ens is not None:
+        if not isinstance(ens, dict) or not isinstance(ens.get("members"), list) or not ens["members"]:
+            _fail(path, "ensemble.members", "expected a non-empty list of member names")
+        for i, m in enumerate(ens["members"]):
+            _name(path, f"ensemble.members[{i}]", m)
+    js = spec.get("judge")
+    if js is not None:
+        if not isinstance(js, dict):
+            _fail(path, "judge", f"expected a mapping, got {short_repr(js)}")
+        for key in ("model", "adapter", "max_length", "rubrics", "shots"):
+            if key not in js:
+                _fail(path, f"judge.{key}", "missing")
+        if js["model"] is not None:
+            _str(path, "judge.model", js["model"])
+        _bool(path, "judge.adapter", js["adapter"])
+        _int(path, "judge.max_length", js["max_length"], 1)
+        if not isinstance(js["rubrics"], list) or not isinstance(js["shots"], list):
+            _fail(path, "judge.rubrics/shots", "expected lists")
+        for i, r in enumerate(js["rubrics"]):
+            _name(path, f"judge.rubrics[{i}]", r)
+    return names
+
+
+def check_thresholds(folder: Path) -> dict[str, float]:
+    """``thresholds.json``: ``thresholds`` maps each FPR key to a finite number."""
+    path = folder / "thresholds.json"
+    doc = read_json(path, BundleError)
+    th = doc.get("thresholds")
+    if not isinstance(th, dict) or not th:
+        _fail(path, "thresholds", "missing or empty (expected {fpr: threshold})")
+    out = {}
+    for k, v in th.items():
+        out[str(k)] = _number(path, f"thresholds.{k}", v)
+    fprs = doc.get("fprs")
+    if fprs is not None:
+        if not isinstance(fprs, list):
+            _fail(path, "fprs", f"expected a list, got {short_repr(fprs)}")
+        for i, f in enumerate(fprs):
+            if not 0.0 < _number(path, f"fprs[{i}]", f) < 1.0:
+                _fail(path, f"fprs[{i}]", f"must be in (0, 1), got {f}")
+    return out
+
+
+def check_adapter(folder: Path) -> None:
+    """A readable adapter: ``adapter_config.json`` a JSON object, the safetensors header sane."""
+    read_json(folder / "adapter_config.json", BundleError)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise BundleError(f"{weights}: file not found")
+    if weights.stat().st_size == 0:
+        raise BundleError(f"{weights}: empty file (not a safetensors adapter)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="np") as fh:
+            list(fh.keys())
+    except Exception as exc:  # safetensors raises its own error types for a broken header
+        text = " ".join(str(exc).split())[:160]
+        raise BundleError(f"{weights}: not a valid safetensors file ({text or type(exc).__name__})") from None
+
+
+def adapter_folders(folder: Path, spec: dict, names: tuple[str, ...]) -> list[Path]:
+    """Every adapter folder the bundle's monitor will load."""
+    from train.detector_table import DETECTORS
+
+    out = [folder / "guard"]
+    if any(DETECTORS[n].forward == "lm" for n in names):
+        out.append(folder / "lm")
+    for m in (spec.get("ensemble") or {}).get("members", []):
+        if m != "guard":
+            out.append(folder / "members" / m)
+    if (spec.get("judge") or {}).get("adapter"):
+        out.append(folder / "judge" / "adapter")
+    return out
+
+
+__all__ = ["adapter_folders", "check_adapter", "check_manifest_coverage", "check_monitor_spec", "check_thresholds"]

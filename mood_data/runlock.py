@@ -1,0 +1,143 @@
+"""One writer per output folder: an advisory lock held while a process writes to it.
+
+``with output_lock(folder):`` takes an exclusive ``flock`` on the sibling file
+``<parent>/.<folder name>.moodguard.lock`` (beside the folder, not in it, so a command that
+fails early leaves the folder itself untouched) and writes the holder's pid into it. A second
+writer gets a one-line :class:`~mood_data.errors.OutputError` naming the holder's pid. The
+holder removes the file when it is done. The kernel drops a ``flock`` when its process dies, so
+the file a crashed or killed run leaves is stale by construction and simply taken over (the pid
+in it is rewritten).
+
+The lock is re-entrant within a process, and processes we start (``accelerate launch`` ranks,
+parallel seed members) inherit the holder's permission through ``MOODGUARD_LOCKS_HELD`` (the
+paths held by an ancestor) instead of deadlocking on their parent's lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+
+ENV = "MOODGUARD_LOCKS_HELD"
+_held: dict[str, tuple[int, int]] = {}  # folder -> (fd, depth)
+
+
+def lock_path(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.moodguard.lock"
+
+
+def _inherited() -> set[str]:
+    return {p for p in os.environ.get(ENV, "").split(os.pathsep) if p}
+
+
+def prepare_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` (parents too) or raise ONE line saying why it cannot be a folder:
+    a file in the way, a read-only place such as ``/proc``, no permission, disk full."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: {what} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "no write permission")
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, "")
+        raise OutputError(f"{folder}: {what} cannot be written ({exc.strerror or type(exc).__name__}"
+                          f"{', ' + code if code else ''})") from None
+    return folder
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Hold the write lock of ``folder`` (created if missing) for the ``with`` block; a folder
+    this call created and nothing was written to is removed again (a failed run leaves none)."""
+    missing = []  # the folders this call creates, leaf first
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder = prepare_folder(folder, what).resolve()
+    try:
+        with _locked(folder):
+            yield folder
+    finally:
+        for p in missing:
+            try:
+                p.rmdir()  # only succeeds while empty
+            except OSError:
+                break
+
+
+@contextlib.contextmanager
+def output_file_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the write lock of the output FILE ``path`` (its folder must exist or be creatable)."""
+    path = Path(path)
+    prepare_folder(path.parent, "folder of the output file")
+    path = path.parent.resolve() / path.name
+    with _locked(path):
+        yield path
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    import fcntl
+
+    key = str(target)
+    if key in _inherited():
+        yield
+        return
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth - 1)
+        return
+    path = lock_path(target)
+    for _ in range(5):  # the file may be unlinked by its releasing holder between open and flock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create the lock file ({exc.strerror or type(exc).__name__})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(f"{target}: in use by another moodguard process (pid {holder}); wait for it to "
+                              f"finish or choose another output") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:  # pragma: no cover - five lost races in a row
+        raise OutputError(f"{target}: could not take the lock file {path}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    _held[key] = (fd, 1)
+    previous = os.environ.get(ENV)
+    os.environ[ENV] = os.pathsep.join(sorted(_inherited() | {key}))
+    try:
+        yield
+    finally:
+        del _held[key]
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still locked: a contender re-checks the inode after its flock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+__all__ = ["ENV", "lock_path", "output_file_lock", "output_lock", "prepare_folder"]
