@@ -35,7 +35,7 @@ SUBPROCESS_CASES = [c for c in CASES if c.get("subprocess")]
 def test_suite_size_and_coverage():
     names = [c["name"] for c in CASES]
     assert len(names) == len(set(names))
-    assert len(CASES) >= 25
+    assert len(CASES) >= 80
     assert min(len(CASES_DOC[g]) for g in ("data", "recipes", "bundles")) >= 6  # every area well covered
     assert len(SUBPROCESS_CASES) >= 3
 
@@ -55,6 +55,12 @@ def tamper(folder: Path, spec: dict) -> None:
     from eval.bundle import write_manifest
 
     op, target = spec["op"], folder / spec["file"]
+    if op == "add_file":  # a file the manifest does not list
+        target.write_text(spec.get("content", "{}"))
+        return
+    if op == "manifest_empty":  # a manifest that lists nothing (so would check nothing)
+        target.write_text(json.dumps({"format": 1, "files": {}}))
+        return
     if op == "delete":
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         return
@@ -68,11 +74,18 @@ def tamper(folder: Path, spec: dict) -> None:
 
         x = np.random.default_rng(0).normal(size=(40, 5))
         MahalanobisDetector.fit(x).save(target.parent, target.name)
-    elif op == "edit_json":
+    elif op == "edit_json":  # dotted keys in ``set`` reach into nested objects
         doc = json.loads(target.read_text())
-        doc.update(spec.get("set", {}))
+        for key, value in spec.get("set", {}).items():
+            *parents, last = key.split(".")
+            node = doc
+            for part in parents:
+                node = node[part]
+            node[last] = value
         doc.pop(spec.get("drop", ""), None)
         target.write_text(json.dumps(doc))
+    elif op == "write_bytes":  # replace a file's content (then re-manifest: only the content check can catch it)
+        target.write_bytes(spec.get("bytes", "").encode())
     else:  # pragma: no cover
         raise ValueError(op)
     write_manifest(folder)

@@ -141,7 +141,8 @@ def watch_opens(monkeypatch):
 
 
 def test_bundle_ignores_planted_pickles(bundle, tmp_path, watch_opens):  # noqa: F811
-    from eval.bundle import Monitor
+    from eval.bundle import Monitor, write_manifest
+    from mood_data.errors import BundleError
 
     folder, _, _ = bundle
     copy = tmp_path / "b"
@@ -149,6 +150,16 @@ def test_bundle_ignores_planted_pickles(bundle, tmp_path, watch_opens):  # noqa:
     marker = tmp_path / "PWNED"
     plant(copy, ["guard/adapter_model.bin", "lm/adapter_model.bin", "stats/maha-layer-1.pt",
                  "fusion.pkl", "tokenizer/training_args.bin"], marker)
+    write_manifest(copy)  # even listed in the manifest, a pickle-format file is refused unopened
+    watch_opens.clear()
+    with pytest.raises(BundleError, match="pickle-format file in a bundle"):
+        Monitor.load(copy)
+    assert not marker.exists()
+    assert [p for p in watch_opens if p.endswith(PICKLE_SUFFIXES)] == []
+    for p in copy.rglob("*"):  # without them the bundle scores, opening no pickle
+        if p.name.endswith(PICKLE_SUFFIXES):
+            p.unlink()
+    write_manifest(copy)
     watch_opens.clear()
     mon = Monitor.load(copy)
     scores = mon.score(["<start_of_turn>user\nhi<end_of_turn>\n"])

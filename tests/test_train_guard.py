@@ -53,7 +53,8 @@ def test_guard_folder_contents(guard_run):
     versions = json.loads((g / "versions.json").read_text())
     assert set(versions) == {"python", "torch", "transformers", "peft", "accelerate"}
     assert load_recipe(g / "recipe.yaml").guard.max_steps == 6
-    assert sorted(p.name for p in (run / "checkpoints" / "guard").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    # recipe.json: the recipe record a later --resume is checked against (train/checkpoints.py)
+    assert sorted(p.name for p in (run / "checkpoints" / "guard").iterdir()) == ["checkpoint-3", "checkpoint-6", "recipe.json"]
     # a filled model card replaces peft's empty one: metadata + the run's own figures
     from huggingface_hub import ModelCard
 
