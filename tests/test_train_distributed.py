@@ -240,7 +240,8 @@ def test_stop_file_checkpoints_stops_and_resume_equals_uninterrupted(tmp_path, t
     monkeypatch.setenv(STOP_FILE_ENV, str(stop))
     assert moodguard(["train", "guard", "--recipe", str(rec)]) == EXIT_STOPPED
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "guard").iterdir())
-    assert ckpts == ["checkpoint-1"] and not (tmp_path / "run" / "guard").exists()
+    # recipe.json: the recipe record --resume is checked against (train/checkpoints.py)
+    assert ckpts == ["checkpoint-1", "recipe.json"] and not (tmp_path / "run" / "guard").exists()
     stop.unlink()
     assert moodguard(["train", "guard", "--recipe", str(rec), "--resume"]) == 0
     metrics = json.loads((tmp_path / "run" / "guard" / "metrics.json").read_text())
