@@ -176,7 +176,7 @@ def score_chunk(monitor, ids: list[Any], convs: list[str], label: str = "input",
     except UnscorableRow as exc:
         raise DataError(f"{label}: row {first_row + exc.index} (id {short_repr(ids[exc.index])}): field 'conversation': "
                         f"detector '{exc.detector}' score is {exc.value} ({unscorable_reason(exc.detector)}); "
-                        "nothing was written") from None
+                        "scoring stopped") from None
     return [{"id": i, **r} for i, r in zip(ids, scored)]
 
 
