@@ -97,9 +97,11 @@ def test_bundle_never_runs_its_base_models_code_unless_asked(bundle, tiny_model_
     assert moodguard(["score", "--monitor", str(honest), str(inp), "--out", str(tmp_path / "o3.jsonl")]) == 0
     capsys.readouterr()
     assert not marker.exists() and not (tmp_path / "o1.jsonl").exists() and not (tmp_path / "o2.jsonl").exists()
-    # the vector is real: with the explicit flag, the bundle's code does run (so the test can fail)
-    moodguard(["score", "--monitor", str(asking), str(inp), "--out", str(tmp_path / "o4.jsonl"), "--trust-remote-code"])
-    capsys.readouterr()
+    # the vector is real: with the explicit flag, the bundle's code does run (so the test can fail).
+    # In a subprocess: loading remote code registers the class for auto-saving inside transformers
+    # (LlamaForCausalLM._auto_class), which would break later save_pretrained calls of this process
+    subprocess.run([sys.executable, "-m", "moodguard.cli", "score", "--monitor", str(asking), str(inp), "--out",
+                    str(tmp_path / "o4.jsonl"), "--trust-remote-code"], env=_env(), capture_output=True, timeout=300)
     assert marker.exists()
 
 
