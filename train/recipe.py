@@ -452,6 +452,11 @@ def _missing_model(name: str | None) -> str | None:
     if name is None:
         return None
     text = str(name)
+    if text.startswith("converted:"):  # converted on demand (moodguard models convert --packaged)
+        from train.convert import PACKAGED
+
+        short = text.split(":", 1)[1]
+        return None if short in PACKAGED else f"unknown converted model {short!r} (known: {', '.join(PACKAGED)})"
     if text.startswith("embedded:"):
         from mood_data.embedded import model_path
         from mood_data.errors import DataError
