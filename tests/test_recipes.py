@@ -31,7 +31,8 @@ def error_of(path, overrides=()) -> str:
 def test_every_shipped_recipe_is_valid_and_covers_the_families():
     names = {load_recipe(p).name for p in list_recipes()}
     expected = {"gemma2-2b", "gemma2-9b", "gemma2-27b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b",
-                "qwen2.5-14b", "qwen2.5-32b", "llama3-3.2-1b", "llama3-3.2-3b", "llama3-3.1-8b", "tiny-s", "tiny-m", "tiny-l"}
+                "qwen2.5-14b", "qwen2.5-32b", "llama3-3.2-1b", "llama3-3.2-3b", "llama3-3.1-8b", "tiny-xxs", "tiny-s", "tiny-m", "tiny-l",
+                "smollm2-135m", "gemma3-270m"}
     assert expected <= names
 
 

