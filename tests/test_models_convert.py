@@ -114,7 +114,7 @@ def test_tiny_family_has_no_window_prefix(tiny_tokenizer):
 
 
 def test_cli_convert_gguf_and_one_line_errors(llama, tmp_path, capsys):
-    from mood_data.cli import main
+    from moodguard.cli import main
 
     path = llama[0]
     out = tmp_path / "cli"

