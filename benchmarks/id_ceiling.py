@@ -222,7 +222,8 @@ def probe(sizes: list[str], max_length: int, models: Path | None = None) -> dict
     for size in sizes:
         folder = (models or models_dir()) / f"tiny-{size}"
         tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        model.eval()
         t0 = time.perf_counter()
         feats = {}
         for name, rows in (("train", train), ("val", val), ("test", test)):

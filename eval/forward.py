@@ -17,7 +17,7 @@ batch maximum in dataset order. Here:
   written back in the original order. Left padding (the last real token is at -1), left
   truncation at ``max_length`` (the end of a conversation is kept) with a count; a tokenizer
   that puts ``<bos>`` first (Gemma 3) keeps it at the front of every cut window
-  (:func:`train.modeling.window_prefix`), as its training windows have it.
+  (:func:`train.convert.window_prefix`), as its training windows have it.
 
 Everything here is a small function over tensors; :mod:`eval.monitor` wires them up.
 """
@@ -91,7 +91,7 @@ def encode(tokenizer, conversations: Sequence[str], max_length: int, *, assistan
     truncated: list[int] = []
     mask: list[np.ndarray] | None = [] if assistant_only else None
     keep_chars = CHARS_PER_TOKEN_CUT * max_length
-    from train.modeling import window_prefix
+    from train.convert import window_prefix
 
     prefix = window_prefix(tokenizer)  # [bos] for tokenizers whose every window starts with it
     for start in range(0, len(texts), chunk):

@@ -57,7 +57,7 @@ def _assert_same_lm(source, folder, ids):
 def test_convert_llama_gguf_same_logits_and_tokenizer_pad_is_eos(llama, tiny_tokenizer):
     from transformers import AutoTokenizer
 
-    from train.modeling import window_prefix
+    from train.convert import window_prefix
 
     path, source, folder = llama
     assert convert.is_converted(folder)
@@ -79,7 +79,7 @@ def test_convert_gemma3_gguf_same_logits_and_bos_starts_every_window(gemma3):
     from transformers import AutoTokenizer
 
     from eval.forward import encode
-    from train.modeling import window_prefix
+    from train.convert import window_prefix
 
     path, source, folder = gemma3
     tok = AutoTokenizer.from_pretrained(folder)
@@ -105,7 +105,7 @@ def test_convert_gemma3_gguf_same_logits_and_bos_starts_every_window(gemma3):
 def test_tiny_family_has_no_window_prefix(tiny_tokenizer):
     """The embedded tiny tokenizer adds no <bos>: its windows are the plain last tokens."""
     from eval.forward import encode
-    from train.modeling import window_prefix
+    from train.convert import window_prefix
 
     assert window_prefix(tiny_tokenizer) == []
     text = " ".join(gguf_synth.TEXTS)
@@ -155,7 +155,8 @@ def test_real_recipes_resolve_converted_folder_with_tokenizer_facts(recipe, fixt
                                                                     monkeypatch):
     """The recipe names ``converted:<name>``; before conversion that is a one-line error naming the
     command, after it the recipe's tokenizer has the family's facts."""
-    from train.modeling import load_tokenizer, resolve_model, window_prefix
+    from train.convert import window_prefix
+    from train.modeling import load_tokenizer, resolve_model
 
     monkeypatch.setenv("MOODGUARD_CACHE", str(tmp_path))
     r = load_recipe(RECIPES_DIR / recipe)  # loads without the weights installed

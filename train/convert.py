@@ -112,10 +112,19 @@ def load_tokenizer_from_gguf(path: str | Path, arch: Architecture):
     return tok
 
 
+def window_prefix(tokenizer) -> list[int]:
+    """Token ids that must start every window of a conversation: ``[bos]`` when the tokenizer
+    itself puts ``<bos>`` first (Gemma 3 and other sentencepiece models that need it), else
+    ``[]`` (SmolLM2, the tiny family). A left-truncated window keeps this prefix."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts ``<bos>`` first when it adds special tokens."""
-    from train.modeling import window_prefix
-
     return bool(window_prefix(tokenizer))
 
 
@@ -258,4 +267,4 @@ def converted_path(model: str, *, convert_if_missing: bool = False) -> Path:
 __all__ = ["CONVERTED_PREFIX", "PACKAGED", "PackagedGGUF", "cache_dir", "converted_path", "packaged",
            "packaged_gguf_path",
            "ARCHITECTURES", "Architecture", "BACKBONE_RECORD", "ConversionError", "adds_bos", "architecture_of",
-           "backbone_record", "convert_gguf", "gguf_architecture", "is_converted", "load_tokenizer_from_gguf"]
+           "backbone_record", "convert_gguf", "gguf_architecture", "is_converted", "load_tokenizer_from_gguf", "window_prefix"]

@@ -72,17 +72,6 @@ def load_tokenizer(name: str | os.PathLike, trust_remote_code: bool = False):
     return tok
 
 
-def window_prefix(tokenizer) -> list[int]:
-    """Token ids that must start every window of a conversation: ``[bos]`` when the tokenizer
-    itself puts ``<bos>`` first (Gemma 3 and other sentencepiece models that need it), else
-    ``[]`` (SmolLM2, the tiny family). A left-truncated window keeps this prefix."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return [bos] if ids and ids[0] == bos else []
-
-
 def adapter_num_labels(adapter_dir: str | os.PathLike) -> int:
     """Rows of the ``score.weight`` tensor saved in the adapter (the mood-bench way)."""
     from safetensors import safe_open
