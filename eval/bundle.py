@@ -40,7 +40,7 @@ from train.data import train_validation_cut
 from train.detector_table import DETECTORS, parse_monitor
 
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
-from .bundle_check import sha256_file
+from mood_data.readers import sha256_file
 from .bundle_check import adapter_folders, check_adapter, check_manifest_coverage, check_monitor_spec, check_thresholds
 from .cache import read_calibration
 from .detectors.ensemble import member_names

@@ -17,7 +17,6 @@ Every problem is a one-line :class:`~mood_data.errors.BundleError` naming the fi
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -32,14 +31,6 @@ MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 POOLINGS = ("last", "mean")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files_on_disk(folder: Path) -> set[str]:

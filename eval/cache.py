@@ -31,7 +31,7 @@ def fingerprint(ids: Sequence[str], conversations: Sequence[str]) -> str:
 
 def cache_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file of a cache folder except its ``meta.json`` (which records them)."""
-    from .bundle_check import sha256_file
+    from mood_data.readers import sha256_file
 
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "meta.json"}
 
@@ -40,7 +40,7 @@ def cache_intact(folder: Path) -> bool:
     """A cache folder whose files still have the sha256 its ``meta.json`` recorded (an edited,
     truncated or missing file -> False, and the entry is recomputed rather than trusted). Only
     the recorded files are hashed: nothing else in the folder is ever read."""
-    from .bundle_check import sha256_file
+    from mood_data.readers import sha256_file
 
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -29,7 +28,7 @@ from typing import Any, Iterator, TextIO
 
 from mood_data import atomic
 from mood_data.errors import DataError, MoodguardError
-from mood_data.readers import jsonl_rows, read_json
+from mood_data.readers import jsonl_rows, read_json, sha256_file
 
 from . import parallel
 
@@ -71,11 +70,7 @@ def scan_input(path: str | Path) -> InputScan:
     n = sum(1 for _ in iter_conversations(path))
     if n == 0:
         raise DataError(f"{path}: empty file (no rows)")
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return InputScan(path, n, h.hexdigest())
+    return InputScan(path, n, sha256_file(path))
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -139,7 +134,7 @@ def _chunk_file(parts: Path, k: int) -> Path:
 
 
 def _parts_meta(monitor, scan: InputScan, shard: tuple[int, int], rows: tuple[int, int], chunk: int) -> dict:
-    from .bundle import MANIFEST, sha256_file
+    from .bundle import MANIFEST
 
     return {"format": PARTS_FORMAT, "input": str(scan.path.resolve()), "input_sha256": scan.sha256,
             "n_rows": scan.n_rows, "shard": list(shard), "rows": list(rows), "chunk": chunk,

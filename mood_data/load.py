@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .domains import DEFAULT_REGISTRY, DomainRegistry, load_registry
 from .errors import DataError, where
+from .readers import lone_surrogate_field, utf8_encodable
 from .render import ROLES, render
 
 COLUMNS: tuple[str, ...] = ("id", "conversation", "domain", "malign")
@@ -79,25 +80,8 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read file ({exc})") from None
 
 
-def _has_bad_utf8(value: Any) -> bool:
-    """True when a string decoded with ``surrogateescape`` carried non-UTF-8 bytes."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, Mapping):
-        return any(_has_bad_utf8(k) or _has_bad_utf8(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_bad_utf8(v) for v in value)
-    return False
-
-
 def _bad_utf8_field(obj: Any) -> str | None:
-    if isinstance(obj, Mapping):
-        return next((str(k) for k, v in obj.items() if _has_bad_utf8(k) or _has_bad_utf8(v)), None)
-    return None
+    return lone_surrogate_field(obj) if isinstance(obj, Mapping) else None
 
 
 def _parse_json_line(raw: bytes, label: str, n: int) -> Any:
@@ -176,7 +160,7 @@ def _read_csv(path: Path, label: str) -> Iterator[Record]:
                 for key, value in row.items():
                     if value is None:
                         raise DataError(f"{where(label, n, key)}: missing value (fewer values than header columns)")
-                    if _has_bad_utf8(value):
+                    if not utf8_encodable(value):
                         raise DataError(f"{where(label, n, key)}: not valid UTF-8")
                 yield n, _coerce_csv_row(row, label, n)
     except (OSError, EOFError) as exc:

@@ -7,12 +7,13 @@ that names the file, and the row for JSON lines: never a ``JSONDecodeError`` tra
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import reprlib
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -171,20 +172,31 @@ def jsonl_rows(path: str | Path, error: type[MoodguardError] = DataError) -> Ite
             yield i, row
 
 
-def _encodable(value: Any) -> bool:
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def utf8_encodable(value: Any) -> bool:
+    """False when a string anywhere in ``value`` (dict keys and values, list items) holds a lone
+    surrogate (a JSON ``\\ud800`` escape, or non-UTF-8 bytes decoded with ``surrogateescape``)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             return False
         return True
-    if isinstance(value, dict):
-        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, Mapping):
+        return all(utf8_encodable(k) and utf8_encodable(v) for k, v in value.items())
     if isinstance(value, list):
-        return all(_encodable(v) for v in value)
+        return all(utf8_encodable(v) for v in value)
     return True
 
 
 def lone_surrogate_field(row: dict) -> str | None:
     """The first top-level field of ``row`` holding a string with a lone surrogate."""
-    return next((str(k) for k, v in row.items() if not (_encodable(k) and _encodable(v))), None)
+    return next((str(k) for k, v in row.items() if not (utf8_encodable(k) and utf8_encodable(v))), None)

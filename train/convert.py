@@ -18,7 +18,6 @@ what a guard must see) and a ``moodguard_backbone.json`` recording the source an
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from mood_data.atomic import atomic_dir, write_json
 from mood_data.errors import MoodguardError
+from mood_data.readers import sha256_file
 
 BACKBONE_RECORD = "moodguard_backbone.json"
 
@@ -81,14 +81,6 @@ def architecture_of(path: str | Path) -> Architecture:
         raise ConversionError(f"{path}: field 'general.architecture': {name!r} is not supported "
                               f"(supported: {', '.join(ARCHITECTURES)})")
     return ARCHITECTURES[name]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_tokenizer_from_gguf(path: str | Path, arch: Architecture):
@@ -160,7 +152,7 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     model.eval()
     record = {
         "source": str(gguf.resolve()),
-        "source_sha256": _sha256(gguf),
+        "source_sha256": sha256_file(gguf),
         "architecture": asdict(arch),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "pad_token": tokenizer.pad_token,

@@ -6,7 +6,6 @@ pretraining loop (`pretrain`) and the shipped, pretrained models under
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mood_data.atomic import atomic_dir, write_json, write_text
+from mood_data.readers import sha256_file
 
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -279,10 +279,6 @@ def parameter_counts(model) -> dict[str, int]:
     return {"total": int(total), "embedding": int(emb), "non_embedding": int(total - emb)}
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def save_model(model, tokenizer, out_dir: str | Path, storage_dtype: str = "bfloat16") -> Path:
     """Write ``model`` (weights in ``storage_dtype``) + tokenizer as an HF folder.
 
@@ -339,7 +335,7 @@ def build_family(out_dir: str | Path = EMBEDDED_MODELS_DIR, sizes: Sequence[str]
         torch.set_num_threads(threads)
     info = {
         "corpus": _display_path(corpus),
-        "corpus_sha256": _file_sha256(corpus),
+        "corpus_sha256": sha256_file(corpus),
         "corpus_conversations": len(texts),
         "heldout_conversations": len(held_texts),
         "vocab_size": len(tokenizer),
@@ -368,7 +364,7 @@ def build_family(out_dir: str | Path = EMBEDDED_MODELS_DIR, sizes: Sequence[str]
             **stats,
             "heldout_perplexity": round(perplexity(model, tokenizer, held_texts), 2),
             "random_init_perplexity": round(random_ppl, 2),
-            "tokenizer_sha256": _file_sha256(out_dir / name / "tokenizer.json"),
+            "tokenizer_sha256": sha256_file(out_dir / name / "tokenizer.json"),
             "pretrain": asdict(size_cfg),
         }
     # merge with the records of sizes built earlier (re-read now: another build may have finished)
