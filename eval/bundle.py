@@ -229,7 +229,7 @@ class Monitor:
             raise BundleError(f"--batch-size: must be >= 1, got {batch_size}")
         for adapter in adapter_folders(folder, spec, names):
             check_adapter(adapter)
-        remote = bool(spec.get("trust_remote_code", False)) and trust_remote_code  # both: checked above
+        remote = spec.get("trust_remote_code", False) is True and trust_remote_code is True  # both: checked above
         dets = {kind: {int(layer): load_stats(folder / "stats", kind, f"{kind}-layer{layer}")
                        for layer in spec["stats"].get(kind, [])} for kind in FEATURE_DETECTORS if kind in names}
         for kind, per in dets.items():
