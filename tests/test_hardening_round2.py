@@ -357,8 +357,11 @@ def test_sigterm_and_sigint_remove_the_temporary(bundle, tmp_path, sig):
     out = tmp_path / "out" / "scored.jsonl"
     out.parent.mkdir()
     env = dict(_env(), MOODGUARD_TEST_KILL_AFTER=f"1:{sig}")  # the signal arrives with the temporary complete
+    # a child started from a background job inherits SIGINT ignored (and Python then installs no
+    # KeyboardInterrupt handler): give it the default disposition, as a terminal's Ctrl-C finds it
     proc = subprocess.run([sys.executable, "-m", "moodguard.cli", "score", "--monitor", str(bundle[0]), str(inp),
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     code, said = (128 + signal.SIGTERM, "terminated") if sig == "term" else (130, "interrupted")
     assert proc.returncode == code, proc.stderr[-2000:]
     assert f"moodguard score: {said}" in proc.stderr and "Traceback" not in proc.stderr
