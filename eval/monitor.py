@@ -94,7 +94,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     """Score the test split ONCE (one guard + one LM forward) and write ``<run>/eval/<monitor>/``
     for every monitor. Fits / reuses detector statistics first (see :func:`fit_detectors`)."""
     from mood_data.domains import load_registry
-    from mood_data.load import cap_groups, load_splits
+    from mood_data.load import cap_groups, has_local_test_split, load_splits
     from train.modeling import count_parameters, save_versions
 
     from .caveats import print_warnings
@@ -106,11 +106,16 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     lm_needed = [d for d in needed if DETECTORS[d].forward == "lm"]
     if lm_needed and loaded.lm_dir is None:
         raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (needed for {lm_needed[0]!r} monitors)")
-    cut = cut or train_validation_cut(recipe, source)  # once: fitting, calibration and the extra detectors share it
+    # the test split is read once: where train_validation_cut would read it too (a source with a
+    # local test split, for its leakage check), the train split comes from the same call
+    src = source or recipe.data.source
+    both = cut is None and has_local_test_split(src)
+    splits = load_splits(src, splits=("train", "test") if both else ("test",),
+                         registry=recipe.data.registry, template=recipe.data.template)
+    cut = cut or train_validation_cut(recipe, source, train_split=splits.get("train"))  # once: fitting, calibration and the extra detectors share it
     fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe, cut=cut, monitors=monitors)
     registry = load_registry(recipe.data.registry)
-    test = load_splits(source or recipe.data.source, splits=("test",), registry=recipe.data.registry,
-                       template=recipe.data.template)["test"]
+    test = splits["test"]
     test = cap_groups(test, recipe.data.max_test_unsafe_per_domain, recipe.data.max_test_safe_per_domain)
     # plain lists once: iterating a datasets column decodes row by row, on every access
     test = {c: list(test[c]) for c in ("id", "conversation", "domain", "malign")}

@@ -232,3 +232,22 @@ def test_evaluate_with_thresholds_from_the_validation_slice(evaluated, run_setup
     meta = json.loads((out["guard+maha"] / "meta.json").read_text())
     assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["calibration_split"] == "validation"
     assert meta["fusion_fit"]["n_fit"] == len(malign)
+
+
+def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
+    """evaluate reads the test split once: the train/validation cut comes from the same
+    load_splits call (train_validation_cut alone would read test again for its leakage check)."""
+    import eval.monitor as monitor
+    import mood_data.load as load
+
+    recipe, _ = evaluated
+    reads = []
+    real = load.read_records
+
+    def spy(path):
+        reads.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(load, "read_records", spy)
+    monitor.evaluate_recipe(recipe, monitors=["guard+maha"], n_boot=10, plots=False)
+    assert sorted(reads) == ["test.jsonl", "train.jsonl"]

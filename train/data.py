@@ -59,13 +59,15 @@ def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | N
     return datasets.DatasetDict(train=ds.select(sorted(train_idx)), validation=ds.select(sorted(val_idx)))
 
 
-def train_validation_cut(recipe, source: str | None = None):
+def train_validation_cut(recipe, source: str | None = None, train_split=None):
     """THE seeded train / validation cut of a recipe's ID train split: ``(train, validation)``
     (``datasets.Dataset`` each; seed 0, ``data.validation_fraction``, ``data.max_train_rows``).
     Guard, LM and judge training, fitting, evaluate and export all use this one function; a
-    process computes it once and passes it along. ``source`` overrides ``data.source``."""
+    process computes it once and passes it along. ``source`` overrides ``data.source``;
+    ``train_split`` is the already loaded train split of that source (a caller that loads the
+    test split anyway loads both in one ``load_splits`` call instead of reading test twice)."""
     d = recipe.data
-    raw = load_train_split(source or d.source, d.template, d.registry)
+    raw = train_split if train_split is not None else load_train_split(source or d.source, d.template, d.registry)
     parts = train_validation_split(raw, d.validation_fraction, seed=0, max_rows=d.max_train_rows)
     return parts["train"], parts["validation"]
 
