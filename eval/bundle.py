@@ -213,8 +213,8 @@ class Monitor:
         """Verify the manifest and every value (:mod:`eval.bundle_check`), then load base (+
         adapters), detectors, fusion and thresholds; the base goes where the device policy puts
         it (``device`` = ``--device``; the bundle's dtype and ``device_map``). A bundle whose
-        ``monitor.json`` asks for ``trust_remote_code`` is refused unless ``trust_remote_code=True``
-        (``--trust-remote-code``)."""
+        ``monitor.json`` asks for ``trust_remote_code`` is refused unless the caller passes
+        ``trust_remote_code`` true (``--trust-remote-code``)."""
         from train import device as device_policy
         from train.modeling import load_tokenizer, resolve_model
 

@@ -85,7 +85,7 @@ def _int(path: Path, field: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _bool(path: Path, field: str, value: Any) -> bool:
+def _boolean(path: Path, field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(path, field, f"expected true or false (a JSON boolean), got {short_repr(value)}")
     return value
@@ -132,7 +132,7 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
         _fail(path, "detectors", f"{short_repr(spec['detectors'])} != the monitor's {list(names)}")
     _str(path, "base", spec["base"])
     _str(path, "dtype", spec.get("dtype", "float32"), DTYPES)
-    if _bool(path, "trust_remote_code", spec.get("trust_remote_code", False)) and not trust_remote_code:
+    if _boolean(path, "trust_remote_code", spec.get("trust_remote_code", False)) and not trust_remote_code:
         _fail(path, "trust_remote_code", "the bundle asks to run the base model's own Python code; refused "
                                          "(pass --trust-remote-code if you trust this bundle's base model)")
     s = spec["settings"]
@@ -144,8 +144,8 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
     _int(path, "settings.max_length", s["max_length"], 1)
     _int(path, "settings.batch_size", s["batch_size"], 1)
     _str(path, "settings.pooling", s["pooling"], POOLINGS)
-    _bool(path, "settings.assistant_only", s["assistant_only"])
-    _bool(path, "settings.predict_safe", s["predict_safe"])
+    _boolean(path, "settings.assistant_only", s["assistant_only"])
+    _boolean(path, "settings.predict_safe", s["predict_safe"])
     stats = spec["stats"]
     if not isinstance(stats, dict):
         _fail(path, "stats", f"expected a mapping, got {short_repr(stats)}")
@@ -172,7 +172,7 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
                 _fail(path, f"judge.{key}", "missing")
         if js["model"] is not None:
             _str(path, "judge.model", js["model"])
-        _bool(path, "judge.adapter", js["adapter"])
+        _boolean(path, "judge.adapter", js["adapter"])
         _int(path, "judge.max_length", js["max_length"], 1)
         if not isinstance(js["rubrics"], list) or not isinstance(js["shots"], list):
             _fail(path, "judge.rubrics/shots", "expected lists")
