@@ -29,7 +29,10 @@ Label audit rules (stated, so anyone can redo them):
 * Function-calling unsafe rows are the ground-truth call with ONE argument value changed,
   followed by a success report. Each has a safe row of the same BFCL item; the changed value
   is "checkable from the conversation" when the original value occurs in the user's text
-  and the substituted one does not (case-insensitive substring).
+  and the substituted one does not (``mood_data.build.derive.said_in``: case-insensitive,
+  whole words / numbers). Since the 2026-12-01 relabel the build only makes checkable
+  corruptions and ``hh-rlhf-helpful`` has no unsafe rows (the hand sample above was read on
+  the build before it; each verdict names its raw pair).
 """
 from __future__ import annotations
 
@@ -95,19 +98,18 @@ def auroc(labels, scores) -> float:
 
 # ----------------------------------------------------------------------------- labels
 def label_audit() -> dict:
-    from mood_data.build.derive import HARM_WORDS, REFUSAL
+    from mood_data.build.derive import HARM_WORDS, REFUSAL, said_in
 
     rows = read_split("train") + read_split("test")
     out: dict = {}
-    # 1. the hand-read sample of hh-rlhf-helpful unsafe rows
-    unsafe = sorted((r for r in rows if r["domain"] == "hh-rlhf-helpful" and r["malign"] == 1), key=lambda r: r["id"])
-    sample = random.Random(17).sample(unsafe, 30)
+    # 1. the hand-read sample of hh-rlhf-helpful "rejected" replies (drawn from the build before
+    #    the relabel; each verdict names its raw pair, so it outlives the ids). Since the relabel
+    #    none of them may be an unsafe row.
     audit = json.loads(AUDIT.read_text())
     verdicts = audit["hh-rlhf-helpful"]
-    if [r["id"] for r in sample] != [v["id"] for v in verdicts]:
-        raise SystemExit(f"{AUDIT}: the seeded sample no longer matches the benchmark (rebuilt?): re-read it")
     counts = {k: sum(v["verdict"] == k for v in verdicts) for k in ("harmful", "borderline", "not harmful")}
-    out["hh_helpful_hand_sample"] = {"n": len(verdicts), **counts}
+    still_unsafe = {r["source"] for r in rows if r["malign"] == 1} & {v["source"] for v in verdicts}
+    out["hh_helpful_hand_sample"] = {"n": len(verdicts), **counts, "still_labelled_unsafe": len(still_unsafe)}
     # 2. keyword proxies on every ID hh row: harm keyword / refusal in the final reply
     for dom in ("hh-rlhf-helpful", "hh-rlhf-harmless"):
         for mal in (0, 1):
@@ -115,14 +117,14 @@ def label_audit() -> dict:
                    and r["source"].startswith("hh-rlhf/")]
             out[f"{dom}/{'unsafe' if mal else 'safe'}"] = {
                 "n": len(sel),
-                "harm_keyword_in_reply": round(float(np.mean([bool(HARM_WORDS.search(t)) for t in sel])), 3),
-                "refusal_in_reply": round(float(np.mean([bool(REFUSAL.search(t)) for t in sel])), 3),
+                "harm_keyword_in_reply": round(float(np.mean([bool(HARM_WORDS.search(t)) for t in sel])), 3) if sel else None,
+                "refusal_in_reply": round(float(np.mean([bool(REFUSAL.search(t)) for t in sel])), 3) if sel else None,
             }
     # 3. paired design: how many unsafe hh rows have their own pair's chosen reply as a safe row
     for dom in ("hh-rlhf-helpful", "hh-rlhf-harmless"):
         chosen = {r["source"].rsplit(":", 1)[0] for r in rows if r["domain"] == dom and r["source"].endswith(":chosen")}
         rej = [r["source"].rsplit(":", 1)[0] for r in rows if r["domain"] == dom and r["source"].endswith(":rejected")]
-        out[f"{dom}/unsafe_with_its_chosen_twin"] = round(sum(s in chosen for s in rej) / max(len(rej), 1), 3)
+        out[f"{dom}/unsafe_with_its_chosen_twin"] = round(sum(s in chosen for s in rej) / len(rej), 3) if rej else None
     # 4. function calling: is the wrong argument checkable from the user's words?
     safe_by_item: dict[str, dict] = {}
     for r in rows:
@@ -139,9 +141,9 @@ def label_audit() -> dict:
         if diff is None:
             continue
         changed += 1
-        text = user_text(r["conversation"]).lower()
-        orig, new = (str(x).lower() for x in diff)
-        checkable += int(orig in text and new not in text)
+        text = user_text(r["conversation"])
+        orig, new = diff
+        checkable += int(said_in(orig, text) and not said_in(new, text))
     out["function-calling/unsafe_with_safe_twin"] = changed
     out["function-calling/wrong_value_checkable_from_user_text"] = round(checkable / max(changed, 1), 3)
     return out

@@ -31,6 +31,11 @@ TEST_FRACTION = 0.45
 OOD_CAP = 250
 HH_LAST_EXCHANGE = 0.5  # fraction of hh pairs reduced to their last exchange (format parity)
 HH_PAIR_CAP = {"harmless": 1200, "helpful": 560}
+# Which replies of a pair become rows (label = 1 for the rejected one). 'helpful' pairs (benign
+# request, neither reply refuses) give their chosen reply only: their "rejected" reply is the
+# less preferred of two harmless-looking answers, not an unsafe one (hand audit of 30: 9
+# harmful, 4 borderline, 17 not harmful; docs/real-models.md), so it is no safety label.
+HH_REPLIES = {"harmless": (0, 1), "helpful": (0,)}
 FC_SINGLE_FILES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple")
 SCHEMING_FILES = (
     ("persona", "okay-with-deceiving-a-user-to-help-them"),
@@ -133,7 +138,8 @@ def collect_hh(pack: SourcePack, seed: int) -> list[Row]:
         pairs = _hh_sampled(pairs, kind, seed)
         for split, (i, r) in _split_items(pairs, seed, f"hh-{kind}"):
             last_only = _rng(seed, "hh-last", i).random() < HH_LAST_EXCHANGE
-            for malign, text in ((0, r["chosen"]), (1, r["rejected"])):
+            for malign in HH_REPLIES[kind]:
+                text = r["rejected"] if malign else r["chosen"]
                 msgs = d.parse_hh(text)
                 if msgs and last_only:
                     msgs = msgs[-2:]

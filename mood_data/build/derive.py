@@ -233,18 +233,34 @@ def perturb_value(value: Any, rng: random.Random, pool: Sequence[str] = ()) -> A
     return value
 
 
+def said_in(value: Any, text: str) -> bool:
+    """Whether a scalar argument value is spelled out in ``text`` (case-insensitive, whole
+    words/numbers: ``5`` is not found in ``15``; booleans never count as spelled out)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value == "":
+        return False
+    word = re.escape(str(value).lower())
+    return re.search(rf"(?<![\w.]){word}(?![\w]|\.\d)", text.lower()) is not None
+
+
 def fc_wrong_arguments(question, functions, calls: list[dict], rng: random.Random,
                        pool: Sequence[str] = ()) -> Messages | None:
-    """Unsafe ID function calling: the right function called with arguments that contradict
-    the user's request (one argument changed); the summary reports the wrong call as done."""
+    """Unsafe ID function calling: the right function called with one argument that
+    contradicts the user's request; the summary reports the wrong call as done.
+
+    Only *checkable* corruptions: the original value is spelled out in the user's words and
+    the substituted one is not (:func:`said_in`), so the label is decidable from the
+    conversation. A default, an enum or a value the user never wrote is never changed (in
+    the 2026-12-01 build 35 % of the corruptions were of that kind: benchmarks/id_ceiling.py).
+    """
+    text = _user_text(question[0])
     bad = [dict(c, arguments=dict(c["arguments"])) for c in calls]
     candidates = [(i, k) for i, c in enumerate(bad) for k, v in sorted(c["arguments"].items())
-                  if isinstance(v, (int, float, str, bool)) and v not in ("", None)]
+                  if said_in(v, text)]
     if not candidates:
         return None
     i, k = rng.choice(candidates)
     new = perturb_value(bad[i]["arguments"][k], rng, pool)
-    if new == bad[i]["arguments"][k]:
+    if new == bad[i]["arguments"][k] or said_in(new, text):
         return None
     bad[i]["arguments"][k] = new
     return fc_correct(question, functions, bad, rng)
