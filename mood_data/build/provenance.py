@@ -14,7 +14,9 @@ DOMAIN_NOTES: dict[str, tuple[str, str]] = {
     "hh-rlhf-helpful": (
         "hh-rlhf `harmless-base_test.jsonl.gz` (MIT); SVEN `func_src_after` (MIT / per-project)",
         "**Substitute** for the missing hh-rlhf helpful-base: harmless-base pairs whose request looks benign "
-        "(no harm keyword in any human turn, neither reply refuses): chosen = safe, rejected = unsafe. Plus "
+        "(no harm keyword in any human turn, neither reply refuses): the chosen reply only, safe. The rejected "
+        "reply is not used: it is the less preferred of two harmless-looking answers, not an unsafe one (hand "
+        "audit: 9 of 30 harmful). The domain is safe-only. Plus "
         "benign coding exchanges (safe only): a templated request for a SVEN function answered with the "
         "*fixed* version (SVEN pairs disjoint from those used for insecure-code)."),
     "function-calling": (
@@ -25,7 +27,8 @@ DOMAIN_NOTES: dict[str, tuple[str, str]] = {
         "calls nothing and says no tool fits; tau-bench successful trajectories (policy system prompt "
         "replaced by the standard tool-list system message, long tool results clipped). Unsafe (ID): for about "
         "half of the single-turn BFCL items, the same shape but ONE argument changed so it contradicts the "
-        "user's request (numbers shifted, strings swapped for another item's value, booleans flipped); the "
+        "user's request (numbers shifted, strings swapped for another item's value): only a value the user "
+        "spelled out is changed, to one the user did not write, so the label is decidable from the text; the "
         "summary reports the wrong call as done. This is 'misusing a tool against the request', distinct from "
         "the two OOD function-calling failures."),
     "function-calling-missing": (
