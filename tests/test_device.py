@@ -32,9 +32,15 @@ def test_resolve_device_and_dtype_rules(monkeypatch):
         with pytest.raises(RecipeError, match="expected auto, cpu, cuda or cuda:N"):
             device_policy.resolve_device(bad)
     if not torch.cuda.is_available():
-        with pytest.raises(RecipeError, match="CUDA is not available"):
+        with pytest.raises(RecipeError, match="no CUDA device is visible here"):
             device_policy.resolve_device("cuda:0")
         assert device_policy.resolve_device(None) == torch.device("cpu")  # auto = PartialState's device
+    # the one parser behind resolve_device and `moodguard train --device` (pure: no GPU needed)
+    parse = device_policy.parse_device
+    assert parse(None, 0) == ("auto", None) and parse(" CPU ", 4) == ("cpu", None)
+    assert parse("cuda", 2) == ("cuda", None) and parse("cuda:1", 2) == ("cuda", 1)
+    with pytest.raises(RecipeError, match=r"only 2 CUDA device\(s\) visible \(expected cuda:N with N < 2\)"):
+        parse("cuda:2", 2)
     p = device_policy.placement("bfloat16", "cpu")
     assert p.load_kwargs() == {"dtype": torch.bfloat16, "device_map": {"": "cpu"}}
     assert device_policy.placement("float32", "cpu", "auto").load_kwargs()["device_map"] == "auto"

@@ -114,7 +114,7 @@ def test_training_device_environment():
     assert env("cuda", 8, 8) == {} and env("cuda:3", 1, 8) == {"CUDA_VISIBLE_DEVICES": "3"}
     for requested, procs, count, msg in (("cuda", 1, 0, "no CUDA device"), ("cuda:0", 1, 0, "no CUDA device"),
                                          ("cuda:8", 1, 8, "N < 8"), ("cuda:1", 2, 8, "one GPU for 2 processes"),
-                                         ("tpu", 1, 0, "expected cpu, cuda or cuda:N")):
+                                         ("tpu", 1, 0, "expected auto, cpu, cuda or cuda:N")):
         with pytest.raises(RecipeError, match=msg):
             env(requested, procs, count)
 

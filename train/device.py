@@ -42,26 +42,39 @@ def _state(cpu: bool):
     return PartialState(cpu=cpu)
 
 
+def parse_device(requested: str | None, cuda_count: int) -> tuple[str, int | None]:
+    """THE parser of a ``--device`` value, for every command (train included): ``(kind, index)``
+    with kind ``auto``, ``cpu`` or ``cuda`` (index set only for ``cuda:N``). Pure: the caller
+    passes how many CUDA devices it sees. A bad or absent device is a one-line RecipeError."""
+    req = "auto" if requested is None else str(requested).strip().lower()
+    if req in ("auto", "cpu"):
+        return req, None
+    match = _CUDA_N.fullmatch(req)
+    if req != "cuda" and match is None:
+        raise RecipeError(f"device {requested!r}: expected {DEVICE_CHOICES}")
+    if cuda_count == 0:
+        raise RecipeError(f"device {requested!r}: no CUDA device is visible here (use --device cpu)")
+    if match is None:
+        return "cuda", None
+    index = int(match.group(1))
+    if index >= cuda_count:
+        raise RecipeError(f"device {requested!r}: only {cuda_count} CUDA device(s) visible (expected cuda:N with N < {cuda_count})")
+    return "cuda", index
+
+
 def resolve_device(requested: str | None = None):
     """The ``torch.device`` a stage runs on (see the module doc); a bad value is a one-line
-    :class:`RecipeError`."""
+    :class:`RecipeError` (:func:`parse_device`)."""
     import torch
 
-    req = "auto" if requested is None else str(requested).strip().lower()
-    if req == "cpu":
+    kind, index = parse_device(requested, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if kind == "cpu":
         _state(True)  # a launched CPU run still gets its gloo ranks
         return torch.device("cpu")
-    if req == "auto":
+    if kind == "auto":
         return torch.device(_state(on_cpu()).device)
-    if req != "cuda" and not _CUDA_N.fullmatch(req):
-        raise RecipeError(f"device {requested!r}: expected {DEVICE_CHOICES}")
-    if not torch.cuda.is_available():
-        raise RecipeError(f"device {requested!r}: CUDA is not available on this machine (use --device cpu)")
-    if req == "cuda":
+    if index is None:
         return torch.device(_state(False).device)
-    index = int(_CUDA_N.fullmatch(req).group(1))
-    if index >= torch.cuda.device_count():
-        raise RecipeError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     _state(False)
     torch.cuda.set_device(index)
     return torch.device(f"cuda:{index}")
@@ -118,4 +131,4 @@ def placement(dtype: str | Any, requested: str | None = None, device_map: str | 
     return Placement(device, resolve_dtype(dtype, device), device_map)
 
 
-__all__ = ["DEVICE_CHOICES", "Placement", "on_cpu", "placement", "resolve_device", "resolve_dtype"]
+__all__ = ["DEVICE_CHOICES", "Placement", "on_cpu", "parse_device", "placement", "resolve_device", "resolve_dtype"]

@@ -210,20 +210,14 @@ def training_device_environment(requested: str | None, num_processes: int, cuda_
     GPU N (``CUDA_VISIBLE_DEVICES``), for a one-process run."""
     from mood_data.errors import RecipeError
 
-    if requested in (None, "auto"):
-        return {}
-    if requested == "cpu":
+    from .device import parse_device
+
+    kind, index = parse_device(requested, cuda_count)
+    if kind == "cpu":
         return {"ACCELERATE_USE_CPU": "1"}
-    if requested == "cuda" or requested.startswith("cuda:"):
-        if cuda_count == 0:
-            raise RecipeError(f"device {requested!r}: no CUDA device is visible here (use --device cpu)")
-        if requested == "cuda":
-            return {}
-        index = requested.split(":", 1)[1]
-        if not index.isdigit() or int(index) >= cuda_count:
-            raise RecipeError(f"device {requested!r}: expected cuda:N with N < {cuda_count}")
-        if num_processes > 1:
-            raise RecipeError(f"device {requested!r}: one GPU for {num_processes} processes; use --device cuda "
-                              "(or CUDA_VISIBLE_DEVICES) with a multi-process launch")
-        return {"CUDA_VISIBLE_DEVICES": index}
-    raise RecipeError(f"device {requested!r}: expected cpu, cuda or cuda:N")
+    if index is None:  # auto, or every visible GPU
+        return {}
+    if num_processes > 1:
+        raise RecipeError(f"device {requested!r}: one GPU for {num_processes} processes; use --device cuda "
+                          "(or CUDA_VISIBLE_DEVICES) with a multi-process launch")
+    return {"CUDA_VISIBLE_DEVICES": str(index)}
