@@ -45,7 +45,7 @@ from .bundle_check import adapter_folders, check_adapter, check_manifest_coverag
 from .cache import read_calibration
 from .detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
-from .monitor import evaluate_recipe, fit_fusion, split_detectors
+from .monitor import eval_splits, evaluate_recipe, fit_fusion, split_detectors
 from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_reason
 
 FORMAT = 1
@@ -103,9 +103,12 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     fresh = apath.is_file() and meta_path.is_file() and \
         read_json(meta_path, BundleError).get("predict_safe", False) == predict_safe
     loaded = load_backbone(recipe, guard_dir, lm_dir, device)  # once, for evaluate, fit and the extra detectors
-    cut = train_validation_cut(recipe, source)  # once, likewise
-    if not fresh:
-        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe, loaded=loaded, cut=cut)
+    if fresh:
+        cut = train_validation_cut(recipe, source)  # once, likewise
+    else:  # evaluate needs the test split: the cut comes from the same read
+        splits, cut = eval_splits(recipe, source)
+        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe, loaded=loaded, cut=cut,
+                        splits=splits)
     analysis = read_json(apath, BundleError)
     fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe, cut=cut)  # cache hits after evaluate
     calib, malign, domains = read_calibration(fitted["calibration"])

@@ -88,13 +88,29 @@ def run_settings(recipe, loaded: Loaded, n_validation: int | None = None) -> dic
             "max_test_safe_per_domain": recipe.data.max_test_safe_per_domain}
 
 
+def eval_splits(recipe, source=None, cut=None) -> tuple[dict, tuple]:
+    """``({"test": ..., ["train": ...]}, (train, validation))`` with the test split read ONCE:
+    where :func:`train.data.train_validation_cut` would read it too (a source with a local test
+    split, for its leakage check), the train split comes from the same ``load_splits`` call.
+    ``cut``: an already computed cut (then only the test split is read)."""
+    from mood_data.load import has_local_test_split, load_splits
+
+    src = source or recipe.data.source
+    both = cut is None and has_local_test_split(src)
+    splits = load_splits(src, splits=("train", "test") if both else ("test",),
+                         registry=recipe.data.registry, template=recipe.data.template)
+    cut = cut or train_validation_cut(recipe, source, train_split=splits.get("train"))
+    return splits, cut
+
+
 def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, *, predict_safe: bool = False,
                     loaded: Loaded | None = None, n_boot: int = 1000, plots: bool = True, cut=None,
-                    device: str | None = None) -> dict[str, Path]:
+                    device: str | None = None, splits: dict | None = None) -> dict[str, Path]:
     """Score the test split ONCE (one guard + one LM forward) and write ``<run>/eval/<monitor>/``
-    for every monitor. Fits / reuses detector statistics first (see :func:`fit_detectors`)."""
+    for every monitor. Fits / reuses detector statistics first (see :func:`fit_detectors`).
+    ``splits`` + ``cut``: what :func:`eval_splits` returned, for a caller that needs the cut too."""
     from mood_data.domains import load_registry
-    from mood_data.load import cap_groups, has_local_test_split, load_splits
+    from mood_data.load import cap_groups
     from train.modeling import count_parameters, save_versions
 
     from .caveats import print_warnings
@@ -106,13 +122,8 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     lm_needed = [d for d in needed if DETECTORS[d].forward == "lm"]
     if lm_needed and loaded.lm_dir is None:
         raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (needed for {lm_needed[0]!r} monitors)")
-    # the test split is read once: where train_validation_cut would read it too (a source with a
-    # local test split, for its leakage check), the train split comes from the same call
-    src = source or recipe.data.source
-    both = cut is None and has_local_test_split(src)
-    splits = load_splits(src, splits=("train", "test") if both else ("test",),
-                         registry=recipe.data.registry, template=recipe.data.template)
-    cut = cut or train_validation_cut(recipe, source, train_split=splits.get("train"))  # once: fitting, calibration and the extra detectors share it
+    if splits is None or cut is None:
+        splits, cut = eval_splits(recipe, source, cut)
     fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe, cut=cut, monitors=monitors)
     registry = load_registry(recipe.data.registry)
     test = splits["test"]

@@ -251,3 +251,23 @@ def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
     monkeypatch.setattr(load, "read_records", spy)
     monitor.evaluate_recipe(recipe, monitors=["guard+maha"], n_boot=10, plots=False)
     assert sorted(reads) == ["test.jsonl", "train.jsonl"]
+
+
+def test_export_that_must_evaluate_reads_each_split_once(evaluated, monkeypatch, tmp_path):
+    """export of a monitor not evaluated yet runs evaluate first; the test split is still read
+    once (the cut comes from evaluate's own read, eval.monitor.eval_splits)."""
+    import mood_data.load as load
+    from eval.bundle import export_bundle
+
+    recipe, _ = evaluated
+    reads = []
+    real = load.read_records
+
+    def spy(path):
+        reads.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(load, "read_records", spy)
+    out = export_bundle(recipe, tmp_path / "b", "guard+energy+ppl")
+    assert (out / "manifest.json").is_file() and (out / "monitor.json").is_file()
+    assert sorted(reads) == ["test.jsonl", "train.jsonl"]
