@@ -234,14 +234,11 @@ def test_evaluate_with_thresholds_from_the_validation_slice(evaluated, run_setup
     assert meta["fusion_fit"]["n_fit"] == len(malign)
 
 
-def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
-    """evaluate reads the test split once: the train/validation cut comes from the same
-    load_splits call (train_validation_cut alone would read test again for its leakage check)."""
-    import eval.monitor as monitor
+def file_reads(monkeypatch) -> list[str]:
+    """Names of the data files mood_data.load reads from now on (appended as they are read)."""
     import mood_data.load as load
 
-    recipe, _ = evaluated
-    reads = []
+    reads: list[str] = []
     real = load.read_records
 
     def spy(path):
@@ -249,6 +246,16 @@ def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
         return real(path)
 
     monkeypatch.setattr(load, "read_records", spy)
+    return reads
+
+
+def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
+    """evaluate reads the test split once: the train/validation cut comes from the same
+    load_splits call (train_validation_cut alone would read test again for its leakage check)."""
+    import eval.monitor as monitor
+
+    recipe, _ = evaluated
+    reads = file_reads(monkeypatch)
     monitor.evaluate_recipe(recipe, monitors=["guard+maha"], n_boot=10, plots=False)
     assert sorted(reads) == ["test.jsonl", "train.jsonl"]
 
@@ -256,18 +263,10 @@ def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
 def test_export_that_must_evaluate_reads_each_split_once(evaluated, monkeypatch, tmp_path):
     """export of a monitor not evaluated yet runs evaluate first; the test split is still read
     once (the cut comes from evaluate's own read, eval.monitor.eval_splits)."""
-    import mood_data.load as load
     from eval.bundle import export_bundle
 
     recipe, _ = evaluated
-    reads = []
-    real = load.read_records
-
-    def spy(path):
-        reads.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(load, "read_records", spy)
+    reads = file_reads(monkeypatch)
     out = export_bundle(recipe, tmp_path / "b", "guard+energy+ppl")
     assert (out / "manifest.json").is_file() and (out / "monitor.json").is_file()
     assert sorted(reads) == ["test.jsonl", "train.jsonl"]
