@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import random
 import re
 import sys
 import time

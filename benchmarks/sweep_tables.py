@@ -10,7 +10,6 @@ sweep wrote; no model is loaded.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
