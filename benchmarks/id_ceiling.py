@@ -201,11 +201,18 @@ def baselines(runs: list[Path] = ()) -> dict:
             out[f"{name} on {path}"] = _test_scores([by_id[r["id"]] for r in sub], sub)
     fmt = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     fmt.fit([format_features(r["conversation"]) for r in train], y)
+    # the domain prior: each row scored by its domain's unsafe share in the train part (what a
+    # model gets from knowing the domain and nothing about the reply)
+    share = {d: float(np.mean([r["malign"] for r in train if r["domain"] == d])) for d in {r["domain"] for r in train}}
+    prior = lambda rs: [share.get(r["domain"], 0.0) for r in rs]  # noqa: E731
+    out["domain prior"] = _scores(prior(val), val, prior(test), test)
     rows_by_id = {r["id"]: r for r in test}
     for path in runs:
         res = [json.loads(line) for line in open(path, encoding="utf-8")]
         res = [r for r in res if r["id"] in rows_by_id]
-        out[f"run {path}"] = _test_scores([r["score"] for r in res], [rows_by_id[r["id"]] for r in res])
+        sub = [rows_by_id[r["id"]] for r in res]
+        out[f"run {path}"] = _test_scores([r["score"] for r in res], sub)
+        out[f"domain prior on {path}"] = _test_scores(prior(sub), sub)
     out["format-only"] = _scores(fmt.decision_function([format_features(r["conversation"]) for r in val]), val,
                                  fmt.decision_function([format_features(r["conversation"]) for r in test]), test)
     return out
