@@ -55,7 +55,10 @@ overrides:
     assert metrics["train"]["train_loss"] > 0 and 0.0 <= metrics["validation"]["eval_auroc"] <= 1.0
     for monitor in MONITORS:
         rows = [json.loads(line) for line in (run / "eval" / monitor / "results.jsonl").read_text().splitlines()]
-        assert len(rows) == 3 * (20 + 4) + 4 * (len(OOD_DOMAINS) + 1)  # ID safe+unsafe, OOD + swahili
+        # ID: 20 safe per domain, 4 unsafe per domain that has unsafe rows (hh-rlhf-helpful is
+        # safe-only since the relabel); 4 per OOD domain + swahili
+        assert len(rows) == 3 * 20 + 2 * 4 + 4 * (len(OOD_DOMAINS) + 1)
+        assert sum(r["domain"] in ("hh-rlhf-harmless", "function-calling") and r["malign"] == 1 for r in rows) == 8
         assert all(math.isfinite(r["score"]) for r in rows)
         analysis = json.loads((run / "eval" / monitor / "analysis.json").read_text())
         assert analysis["n_id_safe"] == 60
