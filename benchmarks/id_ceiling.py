@@ -183,6 +183,12 @@ def baselines(runs: list[Path] = ()) -> dict:
     train, val = id_cut()
     test = test_id_rows()
     y = [r["malign"] for r in train]
+    rows_by_id = {r["id"]: r for r in test}
+    # each run file read once: its results on ID test rows, and those rows
+    run_rows = {}
+    for path in runs:
+        res = [r for r in (json.loads(line) for line in open(path, encoding="utf-8")) if r["id"] in rows_by_id]
+        run_rows[path] = (res, [rows_by_id[r["id"]] for r in res])
     views = {
         "tfidf(conversation)": lambda rs: [r["conversation"] for r in rs],
         "tfidf(last reply)": lambda rs: [last_reply(r["conversation"]) for r in rs],
@@ -195,24 +201,18 @@ def baselines(runs: list[Path] = ()) -> dict:
         test_scores = model.decision_function(view(test))
         out[name] = _scores(model.decision_function(view(val)), val, test_scores, test)
         by_id = dict(zip((r["id"] for r in test), test_scores))
-        for path in runs:
-            ids = [json.loads(line)["id"] for line in open(path, encoding="utf-8")]
-            sub = [r for r in test if r["id"] in set(ids)]
+        for path, (_, sub) in run_rows.items():
             out[f"{name} on {path}"] = _test_scores([by_id[r["id"]] for r in sub], sub)
-    fmt = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    fmt.fit([format_features(r["conversation"]) for r in train], y)
     # the domain prior: each row scored by its domain's unsafe share in the train part (what a
     # model gets from knowing the domain and nothing about the reply)
     share = {d: float(np.mean([r["malign"] for r in train if r["domain"] == d])) for d in {r["domain"] for r in train}}
     prior = lambda rs: [share.get(r["domain"], 0.0) for r in rs]  # noqa: E731
     out["domain prior"] = _scores(prior(val), val, prior(test), test)
-    rows_by_id = {r["id"]: r for r in test}
-    for path in runs:
-        res = [json.loads(line) for line in open(path, encoding="utf-8")]
-        res = [r for r in res if r["id"] in rows_by_id]
-        sub = [rows_by_id[r["id"]] for r in res]
+    for path, (res, sub) in run_rows.items():
         out[f"run {path}"] = _test_scores([r["score"] for r in res], sub)
         out[f"domain prior on {path}"] = _test_scores(prior(sub), sub)
+    fmt = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    fmt.fit([format_features(r["conversation"]) for r in train], y)
     out["format-only"] = _scores(fmt.decision_function([format_features(r["conversation"]) for r in val]), val,
                                  fmt.decision_function([format_features(r["conversation"]) for r in test]), test)
     return out

@@ -27,10 +27,10 @@ def _ci(group: dict, key: str, fpr: str | None = None) -> str:
     return f"{value:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def load_sweep(folder: Path) -> tuple[list[str], list[str], dict]:
-    """(runs in sweep order, monitors, {(run, monitor): (analysis, meta)})."""
-    sweep = read_json(folder / "state.json")
-    runs = list(dict.fromkeys(stage.split("/")[0] for stage in sweep["stages"]))
+def load_sweep(folder: Path) -> tuple[dict, list[str], list[str], dict]:
+    """(state.json stages, runs in sweep order, monitors, {(run, monitor): (analysis, meta)})."""
+    state = read_json(folder / "state.json")["stages"]
+    runs = list(dict.fromkeys(stage.split("/")[0] for stage in state))
     monitors = sorted({p.name for r in runs for p in (folder / r / "eval").glob("*") if p.is_dir()},
                       key=lambda m: (m.count("+"), m))
     out = {}
@@ -39,12 +39,11 @@ def load_sweep(folder: Path) -> tuple[list[str], list[str], dict]:
             a, meta = folder / r / "eval" / m / "analysis.json", folder / r / "eval" / m / "meta.json"
             if a.is_file() and meta.is_file():
                 out[(r, m)] = (read_json(a), read_json(meta))
-    return runs, monitors, out
+    return state, runs, monitors, out
 
 
 def tables(folder: Path, fpr: float = 0.01) -> str:
-    runs, monitors, res = load_sweep(folder)
-    state = read_json(folder / "state.json")["stages"]
+    state, runs, monitors, res = load_sweep(folder)
     k = fpr_key(fpr)
     lines = [f"Recall = TPR at {fpr:.1%} FPR against the pooled ID-safe test rows; [95 % bootstrap interval].", ""]
     head = ["backbone", "params", "guard ID AUROC", "guard ID TPR"] + [f"overall recall: {m}" for m in monitors] + \
