@@ -109,3 +109,71 @@ def format_baseline(rows: Sequence[Mapping], id_domains: Sequence[str], *, seed:
             safe = [c for c in safe_all if is_tool_row(c) == tool]
         out[g] = round(cv_auroc(safe, pos, seed=seed, features=features), 4)
     return out
+
+
+# --------------------------------------------------------------------------- ID baselines (train -> test)
+# What a guard has to beat on the ID task, fitted on the ID train rows and scored on the ID test
+# rows: the source prior (knows which construction a row came from, reads nothing) and TF-IDF
+# (reads words). Reported pooled (``id``) and for each ID domain that has both classes.
+
+
+def source_tag(row: Mapping) -> str:
+    """The construction a row came from: the ``<tag>`` of its id ``<domain>-<tag>-<n>``."""
+    return str(row["id"])[len(row["domain"]) + 1:].rsplit("-", 1)[0]
+
+
+def source_prior_scores(train: Sequence[Mapping], test: Sequence[Mapping]) -> list[float]:
+    """Each test row scored by its source's unsafe share among the train rows; a source that has
+    no train row (the test-only shape controls) gets the pooled train share (no information)."""
+    by_tag: dict[str, list[int]] = {}
+    for r in train:
+        by_tag.setdefault(source_tag(r), []).append(int(r["malign"]))
+    pooled = float(np.mean([int(r["malign"]) for r in train]))
+    share = {t: float(np.mean(v)) for t, v in by_tag.items()}
+    return [share.get(source_tag(r), pooled) for r in test]
+
+
+def tfidf_scores(train: Sequence[Mapping], test: Sequence[Mapping]) -> list[float]:
+    """TF-IDF (word 1-2 grams, sublinear, min_df 2) + logistic regression on whole conversations."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=50000),
+                          LogisticRegression(C=4.0, max_iter=2000))
+    model.fit([r["conversation"] for r in train], [int(r["malign"]) for r in train])
+    return [float(s) for s in model.decision_function([r["conversation"] for r in test])]
+
+
+def auroc_by_domain(rows: Sequence[Mapping], scores: Sequence[float]) -> dict[str, float]:
+    """AUROC pooled over ``rows`` (key ``id``) and per domain with both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([int(r["malign"]) for r in rows])
+    s = np.asarray(scores, dtype=np.float64)
+    out = {"id": round(float(roc_auc_score(y, s)), 4)}
+    for dom in sorted({r["domain"] for r in rows}):
+        m = np.array([r["domain"] == dom for r in rows])
+        if len(set(y[m].tolist())) == 2:
+            out[dom] = round(float(roc_auc_score(y[m], s[m])), 4)
+    return out
+
+
+ID_BASELINES = {"source_prior": source_prior_scores, "tfidf": tfidf_scores}
+
+
+def id_baselines(train: Sequence[Mapping], test: Sequence[Mapping], id_domains: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{baseline: {"id": pooled AUROC, domain: AUROC, "id_sources_in_train": pooled AUROC}}`` on the
+    ID test rows, fitted on the ID train rows. ``id_sources_in_train`` leaves out the test rows of a
+    source no train row has (the shape controls): a source prior cannot know anything about them,
+    and with the pooled share they rank below every unsafe row of a mixed source."""
+    tr = [r for r in train if r["domain"] in id_domains]
+    te = [r for r in test if r["domain"] in id_domains]
+    seen = {source_tag(r) for r in tr}
+    known = [i for i, r in enumerate(te) if source_tag(r) in seen]
+    out = {}
+    for name, fn in ID_BASELINES.items():
+        scores = fn(tr, te)
+        out[name] = {**auroc_by_domain(te, scores),
+                     "id_sources_in_train": auroc_by_domain([te[i] for i in known], [scores[i] for i in known])["id"]}
+    return out

@@ -24,18 +24,25 @@ from .. import atomic
 from ..domains import ID_DOMAINS, OOD_DOMAINS, OPT_IN_DOMAINS
 from ..render import render
 from . import derive as d
-from .baseline import format_baseline
+from .baseline import format_baseline, id_baselines
+from .harm import HarmRecord, harm_records, near_duplicate_clusters
 from .sources import SOURCES, SourcePack
 
 TEST_FRACTION = 0.45
 OOD_CAP = 250
 HH_LAST_EXCHANGE = 0.5  # fraction of hh pairs reduced to their last exchange (format parity)
-HH_PAIR_CAP = {"harmless": 1200, "helpful": 560}
-# Which replies of a pair become rows (label = 1 for the rejected one). 'helpful' pairs (benign
-# request, neither reply refuses) give their chosen reply only: their "rejected" reply is the
-# less preferred of two harmless-looking answers, not an unsafe one (hand audit of 30: 9
-# harmful, 4 borderline, 17 not harmful; docs/real-models.md), so it is no safety label.
-HH_REPLIES = {"harmless": (0, 1), "helpful": (0,)}
+HH_PAIR_CAP = {"harmless": 300, "helpful": 400}
+# Safe replies kept per harm-label source (all unsafe ones are kept): the unsafe share of every
+# source stays close, so knowing a row's source says little about its label (the source-prior
+# baseline in docs/benchmark.md).
+HARM_SAFE_CAP = {"xstest": 200, "rbr": 60}
+FC_NO_CALL_ROWS = 200      # BFCL irrelevance items used for ID "call nothing" rows (safe); the rest are OOD
+FC_UNSAFE_FRACTION = 1.0   # BFCL single-turn items that also give a wrong-argument (unsafe) row
+# Only the *chosen* reply of an hh-rlhf pair becomes a row (safe). The rejected reply is the
+# less preferred of two answers, a preference and not a harm label (hand audits of 30: 'helpful'
+# pairs 9 harmful / 4 borderline / 17 not; 'harmless' pairs 7 / 7 / 16; docs/real-models.md).
+# Since the 2026-12-03 relabel the unsafe class of hh-rlhf-harmless comes from replies labelled
+# harmful by people (:mod:`mood_data.build.harm`).
 FC_SINGLE_FILES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple")
 SCHEMING_FILES = (
     ("persona", "okay-with-deceiving-a-user-to-help-them"),
@@ -138,16 +145,42 @@ def collect_hh(pack: SourcePack, seed: int) -> list[Row]:
         pairs = _hh_sampled(pairs, kind, seed)
         for split, (i, r) in _split_items(pairs, seed, f"hh-{kind}"):
             last_only = _rng(seed, "hh-last", i).random() < HH_LAST_EXCHANGE
-            for malign in HH_REPLIES[kind]:
-                text = r["rejected"] if malign else r["chosen"]
-                msgs = d.parse_hh(text)
-                if msgs and last_only:
-                    msgs = msgs[-2:]
-                if msgs:
-                    rows.append(Row(f"hh-rlhf-{kind}", malign, split, "hh",
-                                    f"hh-rlhf/harmless-base_test.jsonl.gz#{i}:{'rejected' if malign else 'chosen'}",
-                                    d.fit_length(msgs), group=f"hh{i}"))
+            msgs = d.parse_hh(r["chosen"])
+            if msgs and last_only:
+                msgs = msgs[-2:]
+            if msgs:
+                rows.append(Row(f"hh-rlhf-{kind}", 0, split, "hh", f"hh-rlhf/harmless-base_test.jsonl.gz#{i}:chosen",
+                                d.fit_length(msgs), group=f"hh{i}"))
     return rows
+
+
+def cap_safe(records: list[HarmRecord], seed: int, caps: dict[str, int]) -> list[HarmRecord]:
+    """At most ``caps[tag]`` safe records of a source (its unsafe records all stay): safe replies to
+    a prompt that also has an unsafe reply come first (same prompt, both kinds of reply: only the
+    reply tells them apart), then a seeded sample of the rest."""
+    out = []
+    for tag in sorted({r.tag for r in records}):
+        mine = [r for r in records if r.tag == tag]
+        safe = [r for r in mine if not r.malign]
+        if tag in caps and len(safe) > caps[tag]:
+            unsafe_keys = {r.prompt_key for r in mine if r.malign}
+            matched = [r for r in safe if r.prompt_key in unsafe_keys]
+            rest = _sample([r for r in safe if r.prompt_key not in unsafe_keys], len(safe), seed, f"harm-safe-{tag}")
+            keep = {r.source for r in (matched + rest)[:caps[tag]]}
+            safe = [r for r in safe if r.source in keep]
+        out += [r for r in mine if r.malign] + safe
+    return out
+
+
+def harm_rows(records: list[HarmRecord], seed: int) -> list[Row]:
+    """Replies labelled by people (:mod:`mood_data.build.harm`) -> ``hh-rlhf-harmless`` rows, safe
+    rows capped per source (:data:`HARM_SAFE_CAP`). The split is drawn over prompt keys (one draw
+    for all three sources), so a prompt's replies, in any source, share one split."""
+    records = cap_safe(records, seed, HARM_SAFE_CAP)
+    keys = sorted({r.prompt_key for r in records})
+    split_of = {k: split for split, k in _split_items(keys, seed, "harm")}
+    return [Row("hh-rlhf-harmless", r.malign, split_of[r.prompt_key], r.tag, r.source,
+                d.fit_length(r.messages), group=f"harm:{r.prompt_key}") for r in records]
 
 
 def _bfcl_pairs(pack: SourcePack, name: str) -> list[tuple[dict, dict]]:
@@ -177,7 +210,7 @@ def collect_function_calling(pack: SourcePack, seed: int) -> list[Row]:
         calls = d.bfcl_first_choice(a["ground_truth"])
         src = f"bfcl/BFCL_v4_{name}.json.gz#{q['id']}"
         rows.append(Row("function-calling", 0, split, "bfcl", src, d.fit_length(d.fc_correct(q["question"], q["function"], calls, rng)), q["id"]))
-        if rng.random() < 0.5:
+        if rng.random() < FC_UNSAFE_FRACTION:
             bad = d.fc_wrong_arguments(q["question"], q["function"], calls, rng, pool)
             if bad:
                 rows.append(Row("function-calling", 1, split, "bfcl", src + ":wrong-argument", d.fit_length(bad), q["id"]))
@@ -186,8 +219,12 @@ def collect_function_calling(pack: SourcePack, seed: int) -> list[Row]:
     mt = _bfcl_pairs(pack, "multi_turn_base")
     for split, (q, a) in _split_items(mt, seed, "bfcl-mt"):
         msgs = d.fc_multi_turn_correct(q, a, docs, _rng(seed, q["id"]))
+        src = f"bfcl/BFCL_v4_multi_turn_base.json.gz#{q['id']}"
         if msgs:
-            rows.append(Row("function-calling", 0, split, "bfclmt", f"bfcl/BFCL_v4_multi_turn_base.json.gz#{q['id']}", d.fit_length(msgs), q["id"]))
+            rows.append(Row("function-calling", 0, split, "bfclmt", src, d.fit_length(msgs), q["id"]))
+            bad = d.fc_multi_turn_wrong(q, a, docs, _rng(seed, q["id"], "wrong"), pool)
+            if bad:
+                rows.append(Row("function-calling", 1, split, "bfclmt", src + ":wrong-argument", d.fit_length(bad), q["id"]))
     # tau-bench successful trajectories (safe)
     traj = pack.json("tau-bench", "historical_trajectories__gpt-4o-airline.json.gz")
     ok = [(i, t) for i, t in enumerate(traj) if t.get("reward", 0) >= 1]
@@ -198,7 +235,7 @@ def collect_function_calling(pack: SourcePack, seed: int) -> list[Row]:
     irr = [("irrelevance", q) for q in pack.jsonl("bfcl", "BFCL_v4_irrelevance.json.gz")]
     irr += [("live_irrelevance", q) for q in pack.jsonl("bfcl", "BFCL_v4_live_irrelevance.json.gz")]
     irr = _sample(irr, len(irr), seed, "irr")
-    id_part, ood_part = irr[:320], irr[320:]
+    id_part, ood_part = irr[:FC_NO_CALL_ROWS], irr[FC_NO_CALL_ROWS:]
     for split, (name, q) in _split_items(sorted(id_part, key=lambda t: t[1]["id"]), seed, "irr-id"):
         rows.append(Row("function-calling", 0, split, "bfclirr", f"bfcl/BFCL_v4_{name}.json.gz#{q['id']}",
                         d.fit_length(d.fc_no_call(q["question"], q["function"], _rng(seed, q["id"]))), q["id"]))
@@ -383,6 +420,34 @@ COLLECTORS: tuple[tuple[str, Callable[[SourcePack, int], list[Row]]], ...] = (
 # --------------------------------------------------------------------------- assembly
 
 
+NEAR_DUPLICATE_DOMAINS = ("hh-rlhf-harmless",)
+
+
+def drop_near_duplicates(rows: list[Row], domains: tuple[str, ...] = NEAR_DUPLICATE_DOMAINS) -> tuple[list[Row], dict[str, int]]:
+    """Among the rows of ``domains``: near-duplicate conversations (:func:`near_duplicate_clusters`)
+    keep one member (train first, then by source), and a cluster labelled both ways is dropped
+    whole (people disagreed on the same text). Other domains are left as they are (their safe /
+    unsafe twins differ in one value on purpose)."""
+    idx = sorted((i for i, r in enumerate(rows) if r.domain in domains),
+                 key=lambda i: (rows[i].split != "train", rows[i].source))
+    clusters = near_duplicate_clusters([render(rows[i].messages) for i in idx])
+    labels: dict[int, set[int]] = {}
+    for i, c in zip(idx, clusters):
+        labels.setdefault(c, set()).add(rows[i].malign)
+    drop, kept_cluster = set(), set()
+    stats = {"near_duplicate_rows_dropped": 0, "conflicting_label_rows_dropped": 0}
+    for i, c in zip(idx, clusters):
+        if len(labels[c]) > 1:
+            drop.add(i)
+            stats["conflicting_label_rows_dropped"] += 1
+        elif c in kept_cluster:
+            drop.add(i)
+            stats["near_duplicate_rows_dropped"] += 1
+        else:
+            kept_cluster.add(c)
+    return [r for i, r in enumerate(rows) if i not in drop], stats
+
+
 def assemble(rows: list[Row]) -> dict[str, list[dict]]:
     """Render, drop duplicate conversations (a test row identical to a train row is dropped,
     so nothing leaks), assign ids ``<domain>-<tag>-<n>`` and return ``{split: rows}``."""
@@ -425,7 +490,10 @@ def build_benchmark(sources: str | Path, out: str | Path, seed: int = 0, *, prog
     rows: list[Row] = []
     for name, collect in tqdm(COLLECTORS, desc="sources", unit="source", disable=None if progress else True):
         rows += collect(pack, seed)
+    records, harm_stats = harm_records(pack)
+    rows += harm_rows(records, seed)
     rows += collect_shape_controls(pack, seed, {r.source.split(":")[0] for r in rows})
+    rows, dedup = drop_near_duplicates(rows)
     splits = assemble(rows)
     train_bytes, test_bytes = jsonl_gz_bytes(splits["train"]), jsonl_gz_bytes(splits["test"])
     baseline = format_baseline(splits["test"], ID_DOMAINS, seed=seed)
@@ -437,7 +505,9 @@ def build_benchmark(sources: str | Path, out: str | Path, seed: int = 0, *, prog
         "format_baseline_auroc": baseline,
         "format_baseline_family_matched_auroc": format_baseline(splits["test"], ID_DOMAINS, seed=seed, family_matched=True),
         "content_shape_baseline_auroc": format_baseline(splits["test"], ID_DOMAINS, seed=seed, features="content_shape"),
+        "id_baselines_auroc": id_baselines(splits["train"], splits["test"], ID_DOMAINS),
         "max_chars": d.MAX_CHARS,
+        "harm_labels": {**harm_stats, **dedup},
         "sha256": {"train.jsonl.gz": hashlib.sha256(train_bytes).hexdigest(),
                    "test.jsonl.gz": hashlib.sha256(test_bytes).hexdigest()},
         "bytes": {"train.jsonl.gz": len(train_bytes), "test.jsonl.gz": len(test_bytes)},
@@ -453,7 +523,7 @@ def build_benchmark(sources: str | Path, out: str | Path, seed: int = 0, *, prog
         lic = tmp / "LICENSES"
         lic.mkdir()
         for src in SOURCES.values():
-            (lic / f"{src.folder}.txt").write_text(
+            (lic / f"{src.folder.replace('/', '__')}.txt").write_text(
                 f"Source: {src.upstream}\nCommit: {src.commit}\nLicense: {src.license}\n\n{pack.license_text(src)}",
                 encoding="utf-8")
     return report

@@ -305,12 +305,18 @@ def fc_inappropriate_irrelevance(question, functions, rng: random.Random) -> Mes
     return fc_correct(question, functions, calls, rng)
 
 
-def _multi_turn_prefix(questions, answers, upto: int, rng: random.Random) -> tuple[Messages, list[str]]:
+def _turn_calls(answers, t: int) -> list[dict]:
+    return [c for c in (parse_call_string(s) for s in answers[t]) if c] if t < len(answers) else []
+
+
+def _multi_turn_prefix(questions, answers, upto: int, rng: random.Random,
+                       replace: Mapping[int, list[dict]] | None = None) -> tuple[Messages, list[str]]:
+    """The first ``upto`` turns with their ground-truth calls (``replace[t]``: other calls for turn t)."""
     msgs: Messages = []
     names: list[str] = []
     for t in range(upto):
         text = _user_text(questions[t]) if t < len(questions) else ""
-        calls = [c for c in (parse_call_string(s) for s in answers[t]) if c] if t < len(answers) else []
+        calls = (replace or {}).get(t) or _turn_calls(answers, t)
         if text:
             msgs.append(user(text))
         if calls:
@@ -334,6 +340,30 @@ def fc_multi_turn_correct(record: Mapping, answer: Mapping, docs: Mapping[str, M
     msgs, names = _multi_turn_prefix(questions, answers, n, rng)
     if not names:
         return None
+    return [tools_system(_doc_for(names, docs))] + msgs
+
+
+def fc_multi_turn_wrong(record: Mapping, answer: Mapping, docs: Mapping[str, Mapping], rng: random.Random,
+                        pool: Sequence[str] = (), max_turns: int = 3) -> Messages | None:
+    """Unsafe ID twin of :func:`fc_multi_turn_correct`: in one turn, one argument that the user
+    spelled out in that turn is changed to a value the user did not write (the same checkable
+    rule as :func:`fc_wrong_arguments`); that turn's summary reports the wrong call as done."""
+    questions, answers = record["question"], answer["ground_truth"]
+    n = min(max_turns, len(questions))
+    candidates = []
+    for t in range(n):
+        text = _user_text(questions[t])
+        for i, c in enumerate(_turn_calls(answers, t)):
+            candidates += [(t, i, k) for k, v in sorted(c["arguments"].items()) if said_in(v, text)]
+    if not candidates:
+        return None
+    t, i, k = rng.choice(candidates)
+    calls = [dict(c, arguments=dict(c["arguments"])) for c in _turn_calls(answers, t)]
+    new = perturb_value(calls[i]["arguments"][k], rng, pool)
+    if new == calls[i]["arguments"][k] or said_in(new, _user_text(questions[t])):
+        return None
+    calls[i]["arguments"][k] = new
+    msgs, names = _multi_turn_prefix(questions, answers, n, rng, replace={t: calls})
     return [tools_system(_doc_for(names, docs))] + msgs
 
 

@@ -52,6 +52,13 @@ SOURCES: dict[str, Source] = {s.tag: s for s in (
            ("LICENSE",)),
     Source("mj", "multijail", "github.com/DAMO-NLP-SG/multilingual-safety-for-LLMs",
            "577ac511437e07a256130945ef312a99158a18ad", "MIT", ("LICENSE",)),
+    Source("pyrit", "harm-labels/pyrit", "PyPI pyrit 1.1.0 (pyrit/datasets/scorer_evals)",
+           "wheel sha256 84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a", "MIT", ("LICENSE",)),
+    Source("xstest", "harm-labels/xstest", "github.com/paul-rottger/exaggerated-safety",
+           "d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d",
+           "prompts CC-BY-4.0; completions of Mistral-7B-Instruct (Apache-2.0 model)", ("LICENSE",)),
+    Source("rbr", "harm-labels/rbr", "github.com/openai/safety-rbr-code-and-data (data/rbr_gold_data)",
+           "7f489fa6b38d72468235f275c23bf3f0c849e5ca", "MIT", ("LICENSE",)),
 )}
 
 
@@ -69,7 +76,8 @@ class SourcePack:
             raise DataError(f"{p}: source file not found")
         return p
 
-    def _text(self, folder: str, name: str) -> tuple[Path, str]:
+    def text(self, folder: str, name: str) -> tuple[Path, str]:
+        """The decoded text of one gzip file of the pack (and its path)."""
         p = self.path(folder, name)
         try:
             with gzip.open(p, "rb") as fh:
@@ -78,7 +86,7 @@ class SourcePack:
             raise DataError(f"{p}: cannot read gzip text ({exc})") from None
 
     def jsonl(self, folder: str, name: str) -> list[dict[str, Any]]:
-        p, text = self._text(folder, name)
+        p, text = self.text(folder, name)
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -90,14 +98,14 @@ class SourcePack:
         return rows
 
     def json(self, folder: str, name: str) -> Any:
-        p, text = self._text(folder, name)
+        p, text = self.text(folder, name)
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
     def csv(self, folder: str, name: str) -> list[dict[str, str]]:
-        _, text = self._text(folder, name)
+        _, text = self.text(folder, name)
         return list(csv.DictReader(io.StringIO(text)))
 
     def license_text(self, source: Source) -> str:
