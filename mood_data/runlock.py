@@ -8,6 +8,11 @@ holder removes the file when it is done. The kernel drops a ``flock`` when its p
 the file a crashed or killed run leaves is stale by construction and simply taken over (the pid
 in it is rewritten).
 
+The lock file is never followed: it is created with ``O_EXCL`` and reopened with ``O_NOFOLLOW``,
+and a symlink, a hard link (a file with more than one link) or a non-regular file in its place
+is refused with one line naming it (a planted ``.X.moodguard.lock -> ~/precious`` would
+otherwise get its target truncated and overwritten with the pid).
+
 The lock is re-entrant within a process, and processes we start (``accelerate launch`` ranks,
 parallel seed members) inherit the holder's permission through ``MOODGUARD_LOCKS_HELD`` (the
 paths held by an ancestor) instead of deadlocking on their parent's lock.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -82,6 +88,51 @@ def output_file_lock(path: str | os.PathLike) -> Iterator[Path]:
         yield path
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (creating it if needed) the lock file ``path`` WITHOUT following a symlink: a new file
+    is created with ``O_EXCL`` (a dangling link is never followed to create its target), an
+    existing one is opened with ``O_NOFOLLOW`` and must be a regular file with one link (a
+    planted symlink or hard link would get its target truncated and overwritten with our pid)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(5):  # created / removed by another process between the two opens
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create the lock file ({exc.strerror or type(exc).__name__})") from None
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{path}: the lock file is a symlink (refused: a lock is never followed; remove "
+                                  "it if no moodguard run of yours made it)") from None
+            raise OutputError(f"{path}: cannot open the lock file ({exc.strerror or type(exc).__name__})") from None
+    else:  # pragma: no cover - five lost races in a row
+        raise OutputError(f"{path}: could not open the lock file")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise OutputError(f"{path}: the lock file is {what} (refused: it would be overwritten; remove it if no "
+                          "moodguard run of yours made it)")
+    return fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """``path`` (not followed) is still the file open as ``fd``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
+
 @contextlib.contextmanager
 def _locked(target: Path) -> Iterator[None]:
     import fcntl
@@ -101,10 +152,7 @@ def _locked(target: Path) -> Iterator[None]:
         return
     path = lock_path(target)
     for _ in range(5):  # the file may be unlinked by its releasing holder between open and flock
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot create the lock file ({exc.strerror or type(exc).__name__})") from None
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,11 +160,7 @@ def _locked(target: Path) -> Iterator[None]:
             os.close(fd)
             raise OutputError(f"{target}: in use by another moodguard process (pid {holder}); wait for it to "
                               f"finish or choose another output") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _same_file(path, fd):
             break
         os.close(fd)
     else:  # pragma: no cover - five lost races in a row
@@ -134,8 +178,9 @@ def _locked(target: Path) -> Iterator[None]:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = previous
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still locked: a contender re-checks the inode after its flock
+        if _same_file(path, fd):  # never a file (or link) put in its place meanwhile
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still locked: a contender re-checks the inode after its flock
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

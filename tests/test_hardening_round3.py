@@ -1,0 +1,102 @@
+"""Issue 22 (security and reliability, round 3): never lose or overwrite a user's data, never
+trust a file twice. The guarantees that need more than one command line of
+tests/bad_inputs/cases.yaml: planted lock symlinks, a bundle swapped between its check and its
+load, damaged ``score --resume`` chunks, outputs that would replace the input or a complete
+earlier output, ``export`` onto a folder it did not write, file modes, orphaned ranks."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moodguard.cli import main as moodguard
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+CONV = "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nhello there<end_of_turn>\n"
+PROGRESS = re.compile(r"\d+%\|")
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def one_error_line(err: str, command: str) -> str:
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and not PROGRESS.search(ln)]
+    errors = [ln for ln in lines if ln.startswith(f"moodguard {command}: error: ")]
+    assert "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]
+
+
+def write_input(path: Path, n: int, prefix: str = "r") -> Path:
+    words = "please help me write a short note about the weather today thanks sure here is".split()
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            text = " ".join(words[(i + j) % len(words)] for j in range(4 + i % 9))
+            conv = f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\nsure {text}<end_of_turn>\n"
+            fh.write(json.dumps({"id": f"{prefix}{i}", "conversation": conv}) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- 1. lock files
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
+    from mood_data.errors import OutputError
+    from mood_data.runlock import lock_path, output_file_lock, output_lock
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's data\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = lock_path(run.resolve())
+    lock.symlink_to(victim)
+    with pytest.raises(OutputError, match=rf"{re.escape(str(lock))}: .*symlink"):
+        with output_lock(run):
+            pass
+    assert victim.read_text() == "the user's data\n" and lock.is_symlink()
+    # a dangling link would have CREATED the file it points to
+    lock.unlink()
+    elsewhere = tmp_path / "created-through-the-link"
+    lock.symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="symlink"):
+        with output_lock(run):
+            pass
+    assert not elsewhere.exists()
+    # a hard link to someone else's file would be truncated just the same
+    lock.unlink()
+    os.link(victim, lock)
+    with pytest.raises(OutputError, match="hard link"):
+        with output_lock(run):
+            pass
+    assert victim.read_text() == "the user's data\n"
+    lock.unlink()
+    with output_lock(run):  # a plain stale file (or none) is still taken
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()
+    out = tmp_path / "scores.jsonl"
+    flock = lock_path(out.resolve())
+    flock.symlink_to(victim)
+    with pytest.raises(OutputError, match="symlink"):
+        with output_file_lock(out):
+            pass
+    assert victim.read_text() == "the user's data\n"
+
+
+def test_score_refuses_a_lock_symlink_through_the_cli(bundle, tmp_path, capsys):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "scores.jsonl"
+    (tmp_path / ".scores.jsonl.moodguard.lock").symlink_to(victim)
+    assert moodguard(["score", "--monitor", str(bundle[0]), str(inp), "--out", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err, "score")
+    assert ".scores.jsonl.moodguard.lock" in line and "symlink" in line
+    assert victim.read_text() == "keep me\n" and not out.exists()
