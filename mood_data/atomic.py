@@ -11,8 +11,9 @@ kill fit / evaluate / score / sweep at a deterministic point and check that a re
 then be removed).
 
 Files and folders are created with the process umask (0644 / 0755 by default), not the 0600 /
-0700 of ``tempfile``: a bundle written by one account can be read by the service scoring with
-it. JSON writers refuse NaN / inf (``allow_nan=False``): the error names the file and the key.
+0700 of ``tempfile``, and every finished temporary (a whole ``atomic_dir`` tree included) is
+given those modes before its rename, whatever wrote it (safetensors writes 0600): a bundle
+written by one account can be read by the service scoring with it. JSON writers refuse NaN / inf (``allow_nan=False``): the error names the file and the key.
 An ``OSError`` when creating the temporary or renaming it into place (disk full, read-only
 folder, ...) becomes a one-line :class:`~mood_data.errors.OutputError` naming the file; the
 temporary is removed first. Any other OSError propagates (the CLI prints it on one line).
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -111,6 +113,26 @@ def _tmp_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+def _umask_mode(path: Path, st: os.stat_result | None = None) -> None:
+    """Give a finished temporary (file) the mode a plain ``open`` would: ``0666 & ~umask``
+    (``0777`` for an executable or a folder). Writers such as safetensors create their files
+    0600, which a bundle then carried along to the service that must read it."""
+    st = st or os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+    if st.st_mode & 0o777 != full & ~umask():
+        os.chmod(path, full & ~umask())
+
+
+def _umask_tree(folder: Path) -> None:
+    """:func:`_umask_mode` for ``folder`` and everything under it (links never followed)."""
+    _umask_mode(folder)
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            _umask_mode(Path(root) / name)
+
+
 def _commit(tmp: Path, path: Path) -> None:
     """Move a finished temporary onto its final name (the one rename of every output)."""
     os.replace(tmp, path)
@@ -137,6 +159,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     private = _private(path)
     try:
         yield tmp
+        _umask_mode(tmp)  # the writer may have replaced the temporary with a 0600 file
         _test_kill_hook(before=True)
         if _writer or private:
             _commit_or_fail(tmp, path)
@@ -230,6 +253,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
         finally:
             _open_dirs.remove(tmp)
+        _umask_tree(tmp)  # files written into it by libraries (safetensors: 0600) included
         _test_kill_hook(before=True)
         if not (_writer or private):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -100,3 +100,32 @@ def test_score_refuses_a_lock_symlink_through_the_cli(bundle, tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err, "score")
     assert ".scores.jsonl.moodguard.lock" in line and "symlink" in line
     assert victim.read_text() == "keep me\n" and not out.exists()
+
+
+# ----------------------------------------------------------------------------- file modes
+def test_weight_files_follow_the_umask_like_every_other_file(bundle, tmp_path):
+    """docs/hardening.md promises 0644 files / 0755 folders (umask 022): safetensors writes its
+    files 0600, and the bundle copied those modes along."""
+    import numpy as np
+
+    from eval.detectors import save_tensors
+    from mood_data import atomic
+
+    old = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "stats", "x", {"w": np.zeros(3)}, {})
+        assert (tmp_path / "stats" / "x.safetensors").stat().st_mode & 0o777 == 0o644
+        with atomic.atomic_dir(tmp_path / "adapter") as tmp:
+            from safetensors.numpy import save_file
+
+            (tmp / "sub").mkdir(mode=0o700)
+            save_file({"w": np.zeros(2)}, str(tmp / "sub" / "adapter_model.safetensors"))  # as peft does
+        assert (tmp_path / "adapter" / "sub").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "adapter" / "sub" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    # the session's bundle (exported under this process's umask): weights included
+    mask = atomic.umask()
+    modes = {p.relative_to(bundle[0]).as_posix(): p.stat().st_mode & 0o777 for p in bundle[0].rglob("*")}
+    assert modes["guard/adapter_model.safetensors"] == modes["stats/maha-layer-1.safetensors"] == 0o666 & ~mask
+    assert set(modes.values()) == {0o666 & ~mask, 0o777 & ~mask}, modes
