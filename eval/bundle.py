@@ -22,18 +22,28 @@ The base model itself is referenced (``monitor.json: base``), not copied. Thresh
 ``analysis.json`` thresholds of ``<run>/eval/<monitor>/``: quantiles of the fused score on
 the ID-safe rows of the test split (mood-bench's definition; ID data only, no OOD row).
 Loading verifies the manifest first: a missing or modified file is a one-line BundleError.
+The check and the load use the same bytes: each file is read once (no symlink followed),
+hashed while it is copied into a private ``mkdtemp`` folder, and only that copy is loaded
+(:func:`staged_bundle`), so a file swapped after the check is never used.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import os
 import shutil
+import stat
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from mood_data import atomic
-from mood_data.errors import BundleError, DataError
+from mood_data.errors import BundleError, DataError, MoodguardError
 from mood_data.readers import read_json
 
 from train.data import train_validation_cut
@@ -59,25 +69,103 @@ def write_manifest(folder: Path) -> Path:
     return atomic.write_json(folder / MANIFEST, doc)
 
 
-def verify_manifest(folder: Path) -> dict:
-    """Check every listed file exists with its sha256; returns the manifest."""
+def _open_beneath(folder: Path, rel: str) -> int:
+    """A read-only fd of ``folder/rel`` opened WITHOUT following a symlink at any component
+    below ``folder`` (``O_NOFOLLOW`` on each, relative to its parent's fd) and never blocking
+    (a FIFO swapped in would hang a plain open); one-line BundleError otherwise."""
+    parts = Path(rel).parts
+    p = folder / rel
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise BundleError(f"{p}: file listed in {MANIFEST} is missing") from None
+        if exc.errno == errno.ELOOP:
+            raise BundleError(f"{p}: a symlink inside the bundle (refused: files must be the bundle's own)") from None
+        raise BundleError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        os.close(dfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{p}: not a regular file (refused)")
+    return fd
+
+
+def _hash_copy(folder: Path, rel: str, copy_to: Path | None) -> str:
+    """sha256 of ``folder/rel`` read ONCE through a no-follow fd; with ``copy_to`` the same bytes
+    are written to ``copy_to/rel`` (0600, in the caller's private folder) as they are hashed."""
+    h = hashlib.sha256()
+    fd = _open_beneath(folder, rel)
+    out = None
+    try:
+        if copy_to is not None:
+            dst = copy_to / rel
+            dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        while block := os.read(fd, 1 << 20):
+            h.update(block)
+            if out is not None:
+                os.write(out, block)  # a regular file: a short write raises, never truncates silently
+    finally:
+        os.close(fd)
+        if out is not None:
+            os.close(out)
+    return h.hexdigest()
+
+
+def verify_manifest(folder: Path, copy_to: Path | None = None) -> dict:
+    """Check every listed file exists with its sha256; returns the manifest.
+
+    With ``copy_to`` (an empty private folder, see :func:`staged_bundle`) every file, the
+    manifest first, is copied there in the same single read that hashes it: load from the copy
+    and what is used is exactly what was verified (a file swapped by rename or symlink after
+    the check never reaches the loader)."""
+    folder = Path(folder)
     mpath = folder / MANIFEST
     if not folder.is_dir():
         raise BundleError(f"{folder}: bundle folder not found")
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise BundleError(f"{mpath}: file not found (not a monitor bundle?)")
-    doc = read_json(mpath, BundleError)
+    if copy_to is None:
+        doc = read_json(mpath, BundleError)
+    else:
+        _hash_copy(folder, MANIFEST, copy_to)
+        try:
+            doc = read_json(copy_to / MANIFEST, BundleError)  # the bytes just copied, not the file again
+        except BundleError as exc:
+            raise BundleError(str(exc).replace(str(copy_to / MANIFEST), str(mpath))) from None
     files = doc.get("files")
     if doc.get("format") != FORMAT or not isinstance(files, dict):
         raise BundleError(f"{mpath}: field 'format'/'files': not a format-{FORMAT} manifest")
     check_manifest_coverage(folder, files, mpath)  # every file listed, nothing unlisted, no symlink
     for rel, digest in files.items():
         p = folder / rel
-        if ".." in Path(rel).parts or not p.is_file():
+        if ".." in Path(rel).parts or rel == MANIFEST:
             raise BundleError(f"{p}: file listed in {MANIFEST} is missing")
-        if sha256_file(p) != digest:
+        if _hash_copy(folder, rel, copy_to) != digest:
             raise BundleError(f"{p}: sha256 does not match {MANIFEST} (tampered or corrupted)")
     return doc
+
+
+@contextlib.contextmanager
+def staged_bundle(folder: str | Path) -> Iterator[tuple[Path, dict]]:
+    """``(private copy, manifest)`` of the bundle ``folder``, verified while copied (see
+    :func:`verify_manifest`) into a fresh ``mkdtemp`` folder (0700) that is removed on exit.
+    One-line errors raised inside the block name ``folder``, not the private copy."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="moodguard-bundle-") as private:
+        staged = Path(private) / "bundle"
+        staged.mkdir(mode=0o700)
+        try:
+            yield staged, verify_manifest(folder, copy_to=staged)
+        except MoodguardError as exc:
+            exc.args = tuple(a.replace(str(staged), str(folder)) if isinstance(a, str) else a for a in exc.args)
+            raise
 
 
 # ----------------------------------------------------------------------------- export
@@ -200,6 +288,7 @@ class Monitor:
     def __init__(self, folder: Path, spec: dict, loaded: Loaded, detectors: dict, fusion, thresholds: dict):
         self.folder, self.spec, self.loaded = folder, spec, loaded
         self.detectors, self.fusion, self.thresholds = detectors, fusion, thresholds
+        self.manifest_sha256: str | None = None  # sha256 of the manifest verified at load
         self.judge = None  # eval.judge.Judge, for judge-* monitors
         self.rubrics: dict = {}
         s = spec["settings"]  # checked by bundle_check.check_monitor_spec
@@ -217,46 +306,63 @@ class Monitor:
         adapters), detectors, fusion and thresholds; the base goes where the device policy puts
         it (``device`` = ``--device``; the bundle's dtype and ``device_map``). A bundle whose
         ``monitor.json`` asks for ``trust_remote_code`` is refused unless the caller passes
-        ``trust_remote_code`` true (``--trust-remote-code``)."""
+        ``trust_remote_code`` true (``--trust-remote-code``).
+
+        Every file is read once: hashed while copied into a private folder, and only that copy
+        is loaded (removed once everything is in memory)."""
+        folder = Path(folder)
+        with staged_bundle(folder) as (staged, _):  # load what was hashed, nothing read twice
+            mon = cls._load_verified(staged, folder, base=base, batch_size=batch_size, device=device,
+                                     trust_remote_code=trust_remote_code)
+        return mon
+
+    @classmethod
+    def _load_verified(cls, staged: Path, folder: Path, *, base: str | None, batch_size: int | None,
+                       device: str | None, trust_remote_code: bool) -> "Monitor":
+        """:meth:`load` from ``staged``, the verified private copy of the bundle ``folder``."""
         from train import device as device_policy
         from train.modeling import load_tokenizer, resolve_model
 
         from .forward import SharedBackbone, adapter_hash
         from .fusion import Fusion
 
-        folder = Path(folder)
-        verify_manifest(folder)
-        spec = read_json(folder / "monitor.json", BundleError)
-        names = check_monitor_spec(folder, spec, trust_remote_code=trust_remote_code)
+        spec = read_json(staged / "monitor.json", BundleError)
+        names = check_monitor_spec(staged, spec, trust_remote_code=trust_remote_code)
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise BundleError(f"--batch-size: must be >= 1, got {batch_size}")
-        for adapter in adapter_folders(folder, spec, names):
+        for adapter in adapter_folders(staged, spec, names):
             check_adapter(adapter)
         remote = spec.get("trust_remote_code", False) is True and trust_remote_code is True  # both: checked above
-        dets = {kind: {int(layer): load_stats(folder / "stats", kind, f"{kind}-layer{layer}")
+        dets = {kind: {int(layer): load_stats(staged / "stats", kind, f"{kind}-layer{layer}")
                        for layer in spec["stats"].get(kind, [])} for kind in FEATURE_DETECTORS if kind in names}
         for kind, per in dets.items():
             if not per:
-                raise BundleError(f"{folder / 'monitor.json'}: field 'stats.{kind}': no fitted layer")
-        fusion = Fusion.load(folder / "fusion.json")
+                raise BundleError(f"{staged / 'monitor.json'}: field 'stats.{kind}': no fitted layer")
+        fusion = Fusion.load(staged / "fusion.json")
         if fusion.detectors != list(names):
-            raise BundleError(f"{folder / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
-        thresholds = check_thresholds(folder)
-        lm = folder / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
+            raise BundleError(f"{staged / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
+        thresholds = check_thresholds(staged)
+        lm = staged / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
         where = device_policy.placement(spec.get("dtype", "float32"), device, spec.get("device_map"))
-        backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), folder / "guard", lm,
+        backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), staged / "guard", lm,
                                                   placement=where,
                                                   trust_remote_code=remote)
-        check_feature_dims(folder, spec, dets, backbone)
-        tok = load_tokenizer(folder / "tokenizer")
-        loaded = Loaded(backbone, tok, folder / "guard", lm, adapter_hash(folder / "guard"),
-                        None if lm is None else adapter_hash(lm))
+        check_feature_dims(staged, spec, dets, backbone)
+        tok = load_tokenizer(staged / "tokenizer")
+        loaded = Loaded(backbone, tok, folder / "guard", None if lm is None else folder / "lm",
+                        adapter_hash(staged / "guard"), None if lm is None else adapter_hash(lm))
         mon = cls(folder, spec, loaded, dets, fusion, thresholds)
+        mon.manifest_sha256 = sha256_file(staged / MANIFEST)  # the manifest that was checked
         for name in (spec.get("ensemble") or {}).get("members", []):
             if name != "guard":  # the anchor member is the guard adapter itself
-                backbone.add_adapter(name, folder / "members" / name, head=True)
+                backbone.add_adapter(name, staged / "members" / name, head=True)
         if spec.get("judge"):
-            mon.judge, mon.rubrics = _load_judge(folder, spec, backbone, base, remote)
+            judge, rubrics = _load_judge(staged, spec, backbone, base, remote)
+            # the private copy is gone after loading: paths shown later name the bundle
+            mon.judge = dataclasses.replace(judge, adapter_dir=None if judge.adapter_dir is None
+                                            else folder / judge.adapter_dir.relative_to(staged))
+            mon.rubrics = {n: dataclasses.replace(r, path=str(folder / Path(r.path).relative_to(staged)))
+                           for n, r in rubrics.items()}
         if batch_size:
             mon.settings = ScoreSettings(mon.settings.max_length, batch_size, mon.settings.pooling,
                                          mon.settings.assistant_only, mon.settings.predict_safe)
@@ -359,5 +465,5 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None, remote: bo
     return judge, rubrics
 
 
-__all__ = ["Monitor", "export_bundle", "sha256_file", "verify_manifest",
+__all__ = ["Monitor", "export_bundle", "sha256_file", "staged_bundle", "verify_manifest",
            "write_manifest"]

@@ -138,7 +138,8 @@ def _parts_meta(monitor, scan: InputScan, shard: tuple[int, int], rows: tuple[in
 
     return {"format": PARTS_FORMAT, "input": str(scan.path.resolve()), "input_sha256": scan.sha256,
             "n_rows": scan.n_rows, "shard": list(shard), "rows": list(rows), "chunk": chunk,
-            "bundle": str(Path(monitor.folder).resolve()), "bundle_manifest": sha256_file(Path(monitor.folder) / MANIFEST)}
+            "bundle": str(Path(monitor.folder).resolve()),
+            "bundle_manifest": getattr(monitor, "manifest_sha256", None) or sha256_file(Path(monitor.folder) / MANIFEST)}
 
 
 def _committed_chunks(parts: Path, meta: dict, resume: bool) -> set[int]:

@@ -129,3 +129,50 @@ def test_weight_files_follow_the_umask_like_every_other_file(bundle, tmp_path):
     modes = {p.relative_to(bundle[0]).as_posix(): p.stat().st_mode & 0o777 for p in bundle[0].rglob("*")}
     assert modes["guard/adapter_model.safetensors"] == modes["stats/maha-layer-1.safetensors"] == 0o666 & ~mask
     assert set(modes.values()) == {0o666 & ~mask, 0o777 & ~mask}, modes
+
+
+# ----------------------------------------------------------------------------- 2. bundle TOCTOU
+def evil_adapter(src: Path, dst: Path) -> Path:
+    """The same adapter with every tensor negated (a valid file of the right shapes whose guard
+    scores point the other way): what an attacker would swap in after the check."""
+    from safetensors.numpy import load_file, save_file
+
+    save_file({k: -v for k, v in load_file(str(src)).items()}, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("how", ["rename", "symlink"])
+def test_an_adapter_swapped_after_the_manifest_check_is_never_loaded(bundle, tmp_path, monkeypatch, how):
+    import eval.bundle as bundle_mod
+    from eval.bundle import Monitor, write_manifest
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle[0], copy)
+    weights = copy / "guard" / "adapter_model.safetensors"
+    evil = evil_adapter(weights, tmp_path / "evil.safetensors")
+    convs = [CONV, CONV.replace("hello there", "sure here is how to hurt someone")]
+    honest = [r["score"] for r in Monitor.load(copy).score(convs)]
+    # the vector is real: a bundle really holding the swapped adapter scores differently
+    tampered = tmp_path / "tampered"
+    shutil.copytree(copy, tampered)
+    shutil.copy(evil, tampered / "guard" / "adapter_model.safetensors")
+    write_manifest(tampered)
+    assert [r["score"] for r in Monitor.load(tampered).score(convs)] != pytest.approx(honest, abs=1e-3)
+
+    real_verify = bundle_mod.verify_manifest
+    swapped = []
+
+    def verify_then_swap(*args, **kwargs):  # the attacker wins the race right after the check
+        out = real_verify(*args, **kwargs)
+        if how == "rename":
+            os.replace(shutil.copy(evil, weights.with_suffix(".new")), weights)
+        else:
+            weights.unlink()
+            weights.symlink_to(evil)
+        swapped.append(True)
+        return out
+
+    monkeypatch.setattr(bundle_mod, "verify_manifest", verify_then_swap)
+    got = [r["score"] for r in Monitor.load(copy).score(convs)]
+    assert swapped and got == pytest.approx(honest, abs=1e-6)  # the bytes that were hashed, not the swapped ones
+
