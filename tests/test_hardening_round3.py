@@ -176,3 +176,40 @@ def test_an_adapter_swapped_after_the_manifest_check_is_never_loaded(bundle, tmp
     got = [r["score"] for r in Monitor.load(copy).score(convs)]
     assert swapped and got == pytest.approx(honest, abs=1e-6)  # the bytes that were hashed, not the swapped ones
 
+
+def test_push_verifies_the_bundle_and_uploads_the_verified_bytes(bundle, tmp_path, monkeypatch, capsys):
+    from unittest import mock
+
+    import eval.bundle as bundle_mod
+    import huggingface_hub
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle[0], copy)
+    fusion = copy / "fusion.json"
+    good = fusion.read_bytes()
+    api = mock.MagicMock()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    fusion.write_bytes(good.replace(b"{", b"{ ", 1))  # edited, the manifest not
+    assert moodguard(["push", str(copy), "--repo-id", "org/b"]) == 2
+    line = one_error_line(capsys.readouterr().err, "push")
+    assert f"{fusion}: sha256 does not match manifest.json" in line
+    assert api.upload_folder.call_count == 0 and api.create_repo.call_count == 0
+    # the bytes uploaded are the ones verified, even if the file changes right after the check
+    fusion.write_bytes(good)
+    uploaded = {}
+
+    def upload_folder(*, folder_path, **_kw):
+        uploaded.update({p.relative_to(folder_path).as_posix(): p.read_bytes()
+                         for p in Path(folder_path).rglob("*") if p.is_file()})
+
+    api.upload_folder.side_effect = upload_folder
+    real_verify = bundle_mod.verify_manifest
+
+    def verify_then_swap(*args, **kwargs):
+        out = real_verify(*args, **kwargs)
+        fusion.write_bytes(b'{"evil": true}')
+        return out
+
+    monkeypatch.setattr(bundle_mod, "verify_manifest", verify_then_swap)
+    assert moodguard(["push", str(copy), "--repo-id", "org/b"]) == 0
+    assert uploaded["fusion.json"] == good and "manifest.json" in uploaded
