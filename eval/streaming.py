@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -28,7 +29,7 @@ from typing import Any, Iterator, TextIO
 
 from mood_data import atomic
 from mood_data.errors import DataError, MoodguardError
-from mood_data.readers import jsonl_rows, read_json, sha256_file
+from mood_data.readers import jsonl_rows, read_json, sha256_file, short_repr
 
 from . import parallel
 
@@ -38,12 +39,11 @@ _SHARD = re.compile(r"(\d+)/(\d+)")
 
 
 # ----------------------------------------------------------------------------- input
-def iter_conversations(path: str | Path, template: str = "mood") -> Iterator[tuple[Any, str]]:
-    """``(id, rendered conversation)`` for each row of a jsonl file with ``conversation``
-    (str) or ``messages`` (list), streamed; ``id`` defaults to the 1-based row number."""
+def _input_rows(path: Path, template: str = "mood") -> Iterator[tuple[int, Any, str]]:
+    """``(row number, id, rendered conversation)`` of every row; an ``id`` given in a row must be
+    a non-empty string (as ``data validate`` requires), else it is the row number."""
     from mood_data.render import render
 
-    path = Path(path)
     for n, row in jsonl_rows(path, DataError):
         if isinstance(row.get("conversation"), str):
             conv = row["conversation"]
@@ -54,7 +54,21 @@ def iter_conversations(path: str | Path, template: str = "mood") -> Iterator[tup
                 raise DataError(f"{path}: row {n}: field 'messages': {exc}") from None
         else:
             raise DataError(f"{path}: row {n}: field 'conversation': expected a string (or a 'messages' list)")
-        yield row.get("id", n), conv
+        if "id" in row:
+            rid = row["id"]
+            if not isinstance(rid, str):
+                raise DataError(f"{path}: row {n}: field 'id': expected a string, got "
+                                f"{'null' if rid is None else type(rid).__name__}")
+            if not rid.strip():
+                raise DataError(f"{path}: row {n}: field 'id': empty string")
+        yield n, row.get("id", n), conv
+
+
+def iter_conversations(path: str | Path, template: str = "mood") -> Iterator[tuple[Any, str]]:
+    """``(id, rendered conversation)`` for each row of a jsonl file with ``conversation``
+    (str) or ``messages`` (list), streamed; ``id`` (a string) defaults to the 1-based row number."""
+    for _, rid, conv in _input_rows(Path(path), template):
+        yield rid, conv
 
 
 @dataclass(frozen=True)
@@ -64,10 +78,27 @@ class InputScan:
     sha256: str
 
 
+def _id_key(rid: str) -> int:
+    """A 64-bit digest of an id: the duplicate check keeps these, not the ids themselves."""
+    return int.from_bytes(hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
 def scan_input(path: str | Path) -> InputScan:
-    """Validate every row (keeping none), count them and hash the file."""
+    """Validate every row (keeping none: ids are remembered as 64-bit digests), refuse a
+    duplicate id as ``data validate`` does, count the rows and hash the file."""
     path = Path(path)
-    n = sum(1 for _ in iter_conversations(path))
+    seen: set[int] = set()
+    n = 0
+    for row_no, rid, _ in _input_rows(path):
+        n += 1
+        if isinstance(rid, str):
+            key = _id_key(rid)
+            if key in seen:  # a digest match: find the first row with this very id (a collision passes)
+                first = next((m for m, other, _ in _input_rows(path) if other == rid), row_no)
+                if first < row_no:
+                    raise DataError(f"{path}: row {row_no}: field 'id': duplicate id {short_repr(rid)} "
+                                    f"(first at row {first})")
+            seen.add(key)
     if n == 0:
         raise DataError(f"{path}: empty file (no rows)")
     return InputScan(path, n, sha256_file(path))

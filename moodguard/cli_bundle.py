@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from train.detector_table import NAMES
 
-from .cli_common import add_device_argument, add_parallel_argument, add_recipe_arguments, parallel_run, recipe_from_args
+from .cli_common import (add_device_argument, add_parallel_argument, add_recipe_arguments, check_num_processes,
+                         parallel_run, recipe_from_args)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +45,8 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the chunks a killed run committed for --out and score only the rest")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="score only shard I of N (0-based, contiguous rows; e.g. $SLURM_ARRAY_TASK_ID/8)")
+    # `--shard -1/3` is a (bad) value, not an unknown option: argparse would only say "expected one argument"
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+/-?\d+$")
     p.add_argument("--chunk-size", type=int, default=None, metavar="ROWS",
                    help="conversations scored and committed at a time (default 512; bounds memory)")
     add_device_argument(p)
@@ -81,6 +85,9 @@ def run_score(args) -> int:
         raise MoodguardError("--resume: needs --out (the chunks of a killed run are kept next to that file)")
     if args.batch_size is not None and args.batch_size < 1:
         raise MoodguardError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise MoodguardError(f"--chunk-size {args.chunk_size}: expected a positive number of rows")
+    check_num_processes(args)
     check_out_file(args.out)  # before the (slow) model load and scoring
     shard = parse_shard(args.shard)
     scan = scan_input(args.input)  # input errors before the (slow) model load
@@ -98,7 +105,8 @@ def _score(args, scan, shard) -> int:
 
     monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
                            trust_remote_code=args.trust_remote_code)
-    s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume, chunk=args.chunk_size or SCORE_CHUNK)
+    s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume,
+                     chunk=SCORE_CHUNK if args.chunk_size is None else args.chunk_size)
     per = s.seconds / max(s.rows - s.resumed_rows, 1)
     main_print(f"{monitor.name}: {s.rows} conversations ({s.rows - s.resumed_rows} scored now), "
                f"{per * 1000:.1f} ms per conversation; flagged "
