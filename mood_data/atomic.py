@@ -149,9 +149,21 @@ def _commit_or_fail(tmp: Path, path: Path) -> None:
         raise io_error(path, exc) from None
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's: its entries) data to the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success it is renamed onto ``path``, on error removed."""
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success it is renamed onto ``path``, on error removed.
+    ``durable``: the temporary and its folder are fsynced before the rename and the folder again
+    after it, so a power cut leaves the old file or the complete new one, never an empty file
+    under the final name."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a folder (expected a file path)")
@@ -160,9 +172,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _umask_mode(tmp)  # the writer may have replaced the temporary with a 0600 file
+        if durable and (_writer or private):
+            fsync_path(tmp)
+            fsync_path(path.parent)
         _test_kill_hook(before=True)
         if _writer or private:
             _commit_or_fail(tmp, path)
+            if durable:
+                fsync_path(path.parent)
         else:
             tmp.unlink()
         _test_kill_hook(before=False)
@@ -173,14 +190,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _committed(private)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> Path:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> Path:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -222,8 +239,8 @@ def dumps(obj: Any, path: str | os.PathLike, *, row: int | None = None, **kwargs
         raise OutputError(f"{at}: field '{key}': not a finite number (NaN/inf is never written to JSON)") from None
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    return write_text(path, dumps(obj, path, indent=indent, sort_keys=False) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, durable: bool = False) -> Path:
+    return write_text(path, dumps(obj, path, indent=indent, sort_keys=False) + "\n", durable=durable)
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> Path:
