@@ -42,7 +42,11 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow a bundle whose monitor.json sets trust_remote_code to run its base model's own "
                         "Python code (refused without this flag)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the chunks a killed run committed for --out and score only the rest")
+                   help="keep the chunks a killed run committed for --out (each checked against its row count "
+                        "and sha256; a damaged one is rescored) and score only the rest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, or start afresh over a killed run's chunks (refused "
+                        "without it)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="score only shard I of N (0-based, contiguous rows; e.g. $SLURM_ARRAY_TASK_ID/8)")
     # `--shard -1/3` is a (bad) value, not an unknown option: argparse would only say "expected one argument"
@@ -77,7 +81,7 @@ def check_out_file(out: str | None) -> None:
 def run_score(args) -> int:
     import contextlib
 
-    from eval.streaming import parse_shard, scan_input
+    from eval.streaming import check_output, parse_shard, scan_input
     from mood_data.errors import MoodguardError
     from mood_data.runlock import output_file_lock
 
@@ -90,6 +94,7 @@ def run_score(args) -> int:
     check_num_processes(args)
     check_out_file(args.out)  # before the (slow) model load and scoring
     shard = parse_shard(args.shard)
+    check_output(args.out, args.input, resume=args.resume, overwrite=args.overwrite)
     scan = scan_input(args.input)  # input errors before the (slow) model load
     # one writer per --out (the launched ranks inherit the lock)
     with output_file_lock(args.out) if args.out is not None else contextlib.nullcontext():
@@ -105,7 +110,7 @@ def _score(args, scan, shard) -> int:
 
     monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
                            trust_remote_code=args.trust_remote_code)
-    s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume,
+    s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume, overwrite=args.overwrite,
                      chunk=SCORE_CHUNK if args.chunk_size is None else args.chunk_size)
     per = s.seconds / max(s.rows - s.resumed_rows, 1)
     main_print(f"{monitor.name}: {s.rows} conversations ({s.rows - s.resumed_rows} scored now), "

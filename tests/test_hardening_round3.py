@@ -213,3 +213,172 @@ def test_push_verifies_the_bundle_and_uploads_the_verified_bytes(bundle, tmp_pat
     monkeypatch.setattr(bundle_mod, "verify_manifest", verify_then_swap)
     assert moodguard(["push", str(copy), "--repo-id", "org/b"]) == 0
     assert uploaded["fusion.json"] == good and "manifest.json" in uploaded
+
+
+# ----------------------------------------------------------------------------- 5, 7: what --out may replace
+def rows_of(path: Path) -> list[dict]:
+    """The output rows without their wall time (the only field that differs between runs)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in rows:
+        r.pop("latency_s")
+    return rows
+
+
+def interrupted(monkeypatch, after_chunks: int):
+    """Make ``score`` stop (Ctrl-C) when it starts scoring chunk ``after_chunks`` (0-based)."""
+    import eval.streaming as streaming
+
+    real = streaming.score_chunk
+    calls = []
+
+    def score_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after_chunks:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "score_chunk", score_chunk)
+    return lambda: monkeypatch.setattr(streaming, "score_chunk", real)
+
+
+def test_score_out_that_resolves_to_the_input_is_refused(bundle, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", 4)
+    before = inp.read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(inp)
+    hard = tmp_path / "sub" / "hard.jsonl"
+    hard.parent.mkdir()
+    os.link(inp, hard)
+    for out, extra in ((inp, []), (tmp_path / "sub" / ".." / "in.jsonl", []), (link, []), (hard, []),
+                       (inp, ["--overwrite"]), (hard, ["--overwrite"])):  # not even when asked to overwrite
+        assert moodguard(["score", "--monitor", str(bundle[0]), str(inp), "--out", str(out), *extra]) == 2
+        line = one_error_line(capsys.readouterr().err, "score")
+        assert f"{out}: --out is the input file" in line
+        assert inp.read_bytes() == before
+    assert inp.read_bytes() == before and link.is_symlink() and hard.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["hard.jsonl", "in.jsonl", "link.jsonl", "sub"]
+
+
+def test_a_complete_output_is_never_replaced_without_overwrite(bundle, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", 10)
+    out = tmp_path / "scores.jsonl"
+    base = ["score", "--monitor", str(bundle[0]), str(inp), "--out", str(out)]
+    assert moodguard(base) == 0
+    complete = out.read_bytes()
+    capsys.readouterr()
+    for extra in ([], ["--resume"], ["--shard", "1/2", "--resume"], ["--shard", "0/2"]):
+        assert moodguard([*base, *extra]) == 2
+        line = one_error_line(capsys.readouterr().err, "score")
+        assert f"{out}: --out already exists" in line and "--overwrite" in line
+        assert out.read_bytes() == complete
+    assert moodguard([*base, "--shard", "1/2", "--overwrite"]) == 0  # asked for: replaced
+    assert [r["id"] for r in rows_of(out)] == [f"r{i}" for i in range(5, 10)]
+
+
+def test_an_earlier_runs_chunks_need_resume_or_overwrite(bundle, tmp_path, monkeypatch, capsys):
+    from eval.streaming import parts_dir
+
+    inp = write_input(tmp_path / "in.jsonl", 12)
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "scores.jsonl"
+    base = ["score", "--monitor", str(bundle[0]), str(inp), "--chunk-size", "4"]
+    assert moodguard([*base, "--out", str(ref)]) == 0
+    restore = interrupted(monkeypatch, 2)
+    assert moodguard([*base, "--out", str(out)]) == 130  # 2 of 3 chunks committed
+    restore()
+    parts = parts_dir(out)
+    kept = {p.name: p.read_bytes() for p in parts.iterdir()}
+    assert {"meta.json", "chunk-000000.jsonl", "chunk-000001.jsonl"} <= set(kept)
+    capsys.readouterr()
+    assert moodguard([*base, "--out", str(out)]) == 2  # formerly: the chunks silently discarded
+    line = one_error_line(capsys.readouterr().err, "score")
+    assert f"{parts}: holds 2 committed chunk(s)" in line and "--resume" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in parts.iterdir()} == kept and not out.exists()
+    assert moodguard([*base, "--out", str(out), "--resume"]) == 0
+    assert "resuming: 2 of 3 chunks" in capsys.readouterr().err
+    assert rows_of(out) == rows_of(ref) and not parts.exists()
+    # --overwrite over an interrupted run: its chunks are dropped, everything scored again
+    out.unlink()
+    restore = interrupted(monkeypatch, 1)
+    assert moodguard([*base, "--out", str(out)]) == 130
+    restore()
+    capsys.readouterr()
+    assert moodguard([*base, "--out", str(out), "--overwrite"]) == 0
+    assert "resuming" not in capsys.readouterr().err and rows_of(out) == rows_of(ref) and not parts.exists()
+
+
+def test_a_symlinked_parts_folder_is_refused_naming_it(bundle, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x")
+    out = tmp_path / "scores.jsonl"
+    parts = tmp_path / ".scores.jsonl.parts"
+    parts.symlink_to(elsewhere)
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        assert moodguard(["score", "--monitor", str(bundle[0]), str(inp), "--out", str(out), *extra]) == 2
+        line = one_error_line(capsys.readouterr().err, "score")
+        assert f"{parts}: the chunk folder of --out is a symlink" in line
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"] and not out.exists()
+
+
+# ----------------------------------------------------------------------------- 3. resume trusts no chunk
+def test_resume_rescores_damaged_chunks_and_says_so(bundle, tmp_path, monkeypatch, capsys):
+    from eval.streaming import parts_dir
+
+    inp = write_input(tmp_path / "in.jsonl", 40)
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "scores.jsonl"
+    base = ["score", "--monitor", str(bundle[0]), str(inp), "--chunk-size", "5"]
+    assert moodguard([*base, "--out", str(ref)]) == 0
+    restore = interrupted(monkeypatch, 7)
+    assert moodguard([*base, "--out", str(out)]) == 130  # chunks 0-6 of 8 committed
+    restore()
+    parts = parts_dir(out)
+    c = [parts / f"chunk-{k:06d}.jsonl" for k in range(8)]
+    c[1].write_bytes(c[1].read_bytes()[:-40])  # truncated mid-row: formerly 35 of 40 rows
+    c[2].write_bytes(b"")  # empty: formerly 30 rows
+    a, b = c[3].read_bytes(), c[4].read_bytes()
+    c[3].write_bytes(b)  # swapped: formerly out of order
+    c[4].write_bytes(a)
+    rows = [json.loads(x) for x in c[5].read_text().splitlines()]
+    rows[2]["score"] = -123.0  # edited: formerly copied through
+    c[5].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c[6].unlink()  # deleted
+    (parts / "notes.txt").write_text("a stray file")
+    capsys.readouterr()
+    assert moodguard([*base, "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    said = re.findall(r"chunk-(\d{6})\.jsonl: (.*?): rescoring its 5 rows", err)
+    assert [int(k) for k, _ in said] == [1, 2, 3, 4, 5, 6], err
+    assert "missing" in said[-1][1] and all("chunk-000000" not in ln for ln in err.splitlines())
+    assert rows_of(out) == rows_of(ref)  # 40 rows, input order, the scores the bundle gives
+    assert (parts / "notes.txt").read_text() == "a stray file"  # not ours: left where it was, and said
+    assert [p.name for p in parts.iterdir()] == ["notes.txt"] and "moodguard did not write" in err
+
+
+def test_chunks_are_fsynced_with_their_folder_before_the_rename(bundle, tmp_path, monkeypatch):
+    from mood_data import atomic
+
+    inp = write_input(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "scores.jsonl"
+    events: list[tuple[str, str]] = []
+    real_fsync, real_commit = os.fsync, atomic._commit
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def commit(tmp, path):
+        events.append(("rename", str(path)))
+        return real_commit(tmp, path)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "_commit", commit)
+    assert moodguard(["score", "--monitor", str(bundle[0]), str(inp), "--out", str(out), "--chunk-size", "3"]) == 0
+    parts = str(tmp_path / ".scores.jsonl.parts")
+    for target in (f"{parts}/chunk-000000.jsonl", f"{parts}/chunk-000001.jsonl", str(out)):
+        i = events.index(("rename", target))
+        folder = str(Path(target).parent)
+        before = events[:i]
+        tmp = [p for kind, p in before if kind == "fsync" and Path(p).name.startswith(f".{Path(target).name}.")]
+        assert tmp and ("fsync", folder) in before, (target, before)  # its data and its folder, then the rename
+        assert events[i + 1] == ("fsync", folder)  # and the rename itself
