@@ -16,6 +16,8 @@ Layout (``moodguard export``)::
     <bundle>/fusion.json         fitted fusion parameters (eval.fusion.Fusion)
     <bundle>/thresholds.json     fused-score thresholds at the chosen FPRs + where they came from
     <bundle>/recipe.yaml         the fully resolved recipe
+    <bundle>/moodguard-bundle.json   the marker: with the manifest, what tells ``export`` that an
+                                 existing folder is a bundle it wrote (which it may replace)
     <bundle>/manifest.json       sha256 of every other file
 
 The base model itself is referenced (``monitor.json: base``), not copied. Thresholds are the
@@ -32,18 +34,20 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from mood_data import atomic
-from mood_data.errors import BundleError, DataError, MoodguardError
+from mood_data.errors import BundleError, DataError, MoodguardError, OutputError
 from mood_data.readers import read_json
 
 from train.data import train_validation_cut
@@ -60,6 +64,7 @@ from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_rea
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+MARKER = "moodguard-bundle.json"  # with the manifest: "a bundle this tool wrote" (export may replace it)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -169,6 +174,103 @@ def staged_bundle(folder: str | Path) -> Iterator[tuple[Path, dict]]:
 
 
 # ----------------------------------------------------------------------------- export
+def own_bundle_files(folder: Path) -> set[str] | None:
+    """The relative paths of the files of ``folder`` if it is a bundle this tool wrote (a real
+    folder with the marker and a manifest, every file in it the marker, the manifest or listed
+    by it, no symlink or special file); else None."""
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return None
+        marker, mpath = folder / MARKER, folder / MANIFEST
+        if marker.is_symlink() or mpath.is_symlink() or not (marker.is_file() and mpath.is_file()):
+            return None
+        listed = json.loads(mpath.read_text(encoding="utf-8")).get("files")
+        if json.loads(marker.read_text(encoding="utf-8")).get("moodguard_bundle") != FORMAT or \
+                not isinstance(listed, dict):
+            return None
+        files = set()
+        for root, dirs, names in os.walk(folder, followlinks=False):
+            for name in dirs + names:
+                p = Path(root) / name
+                mode = os.lstat(p).st_mode
+                if stat.S_ISDIR(mode):
+                    continue
+                if not stat.S_ISREG(mode):
+                    return None
+                files.add(p.relative_to(folder).as_posix())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if files <= set(listed) | {MANIFEST} else None
+
+
+def check_export_out(out: str | Path, overwrite: bool = False, protect: Sequence[str | Path] = ()) -> str:
+    """What ``export --out`` would replace: ``"new"`` (nothing there), ``"empty"`` (an empty
+    folder), ``"bundle"`` (a bundle this tool wrote: its own files are deleted) or ``"other"``
+    (only with ``overwrite``: moved aside, never deleted). Refused (one-line OutputError): a
+    folder holding one of ``protect`` (the working folder, the run being exported), even with
+    ``overwrite``; anything else that exists, without ``overwrite``."""
+    out = Path(out)
+    here = Path(os.path.abspath(out))
+    for p in protect:
+        for a, b in ((Path(os.path.abspath(p)), here), (Path(p).resolve(), out.resolve())):
+            if a == b or b in a.parents:
+                raise OutputError(f"{out}: --out holds the {'working folder' if Path(p) == Path.cwd() else 'run'} "
+                                  f"{p} (refused, even with --overwrite: choose another folder)")
+    if not os.path.lexists(out):
+        return "new"
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return "empty"
+    if own_bundle_files(out) is not None:
+        return "bundle"
+    if overwrite:
+        return "other"
+    if out.is_symlink():
+        what = "a symlink"
+    elif not out.is_dir():
+        what = "a file"
+    else:
+        names = sorted(p.name for p in out.iterdir())
+        what = f"a folder that is not a moodguard bundle ({len(names)} entries, e.g. {names[0]!r})"
+    raise OutputError(f"{out}: --out exists and is {what}: refused (pass --overwrite to write the bundle there; "
+                      "what is there now is moved aside, never deleted)")
+
+
+def _aside(path: Path, name: str) -> Path:
+    """A free sibling name ``<name>.moodguard-old-<time>[-k]`` for a replaced folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        p = path.with_name(f"{name}.moodguard-old-{stamp}{'' if k == 0 else f'-{k}'}")
+        if not os.path.lexists(p):
+            return p
+    raise OutputError(f"{path}: no free name to move the old folder to")  # pragma: no cover
+
+
+def dispose_replaced(out: Path) -> Callable[[Path], None]:
+    """How ``export`` disposes of what was at ``out`` (moved to ``old`` by the swap): a bundle
+    it wrote loses its own files (and then its empty folders); anything else, or whatever is
+    left, is moved to a visible sibling ``<out>.moodguard-old-<time>`` and said, never deleted."""
+    def dispose(old: Path) -> None:
+        own = own_bundle_files(old)
+        if own is not None:
+            for rel in own:
+                with contextlib.suppress(FileNotFoundError):
+                    (old / rel).unlink()
+            for root, dirs, _ in sorted(os.walk(old, topdown=False), key=lambda t: -len(t[0])):
+                for d in dirs:
+                    with contextlib.suppress(OSError):
+                        (Path(root) / d).rmdir()
+            with contextlib.suppress(OSError):
+                old.rmdir()
+        if os.path.lexists(old) and not (old.is_dir() and not old.is_symlink() and not any(old.iterdir())):
+            aside = _aside(out, out.name)
+            os.rename(old, aside)
+            print(f"export: what was at {out} is now at {aside} (moved aside, not deleted)", file=sys.stderr)
+        elif os.path.lexists(old):
+            old.rmdir()
+
+    return dispose
+
+
 def _copy_adapter(src: Path, dst: Path) -> None:
     """The adapter files of ``src`` (config + safetensors weights, nothing else) into ``dst``."""
     dst.mkdir(parents=True)
@@ -177,8 +279,12 @@ def _copy_adapter(src: Path, dst: Path) -> None:
 
 
 def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
-                  predict_safe: bool = False, device: str | None = None) -> Path:
-    """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed)."""
+                  predict_safe: bool = False, device: str | None = None, overwrite: bool = False) -> Path:
+    """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed).
+    ``out_dir`` may be new, empty or a bundle this tool wrote; anything else only with
+    ``overwrite`` (moved aside, never deleted): :func:`check_export_out`."""
+    protect = (Path.cwd(), run_root(recipe))
+    check_export_out(out_dir, overwrite, protect)  # before the (slow) evaluation
     detectors = parse_monitor(monitor)
     monitor = "+".join(detectors)
     guard_dir, lm_dir = adapter_dirs(recipe)
@@ -210,7 +316,8 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     settings = ScoreSettings.from_recipe(recipe, predict_safe)
     out_dir = Path(out_dir)
     extra_spec: dict[str, Any] = {}
-    with atomic.atomic_dir(out_dir) as tmp:
+    check_export_out(out_dir, overwrite, protect)  # again: it may have changed meanwhile
+    with atomic.atomic_dir(out_dir, dispose=dispose_replaced(out_dir)) as tmp:
         if "ensemble" in extras:
             members = extras["ensemble"]["members"]
             names = member_names(members, guard_dir)
@@ -262,6 +369,7 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
         metrics = read_json(guard_dir / "metrics.json", BundleError) if (guard_dir / "metrics.json").is_file() else {}
         card = bundle_card(out_dir, recipe.to_dict(), analysis, monitor, read_json(meta_path, BundleError), metrics)
         atomic.write_text(tmp / "README.md", str(card))  # the model card, covered by the manifest
+        atomic.write_json(tmp / MARKER, {"moodguard_bundle": FORMAT})
         write_manifest(tmp)
     return out_dir
 
@@ -465,5 +573,5 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None, remote: bo
     return judge, rubrics
 
 
-__all__ = ["Monitor", "export_bundle", "sha256_file", "staged_bundle", "verify_manifest",
+__all__ = ["MARKER", "Monitor", "check_export_out", "export_bundle", "own_bundle_files", "sha256_file", "staged_bundle", "verify_manifest",
            "write_manifest"]

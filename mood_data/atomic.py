@@ -251,10 +251,13 @@ def write_jsonl(path: str | os.PathLike, rows) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, dispose: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Build a whole folder in a temporary sibling, then swap it into place.
 
-    An existing folder at ``path`` is replaced only once the new one is complete.
+    An existing folder at ``path`` is replaced only once the new one is complete. The old one
+    is then removed, or handed to ``dispose`` (moved into a private temporary folder first, which
+    is removed afterwards only if ``dispose`` emptied it): ``export`` deletes only a bundle's own
+    files that way.
     """
     path = Path(path)
     _mkdir_parent(path)
@@ -274,11 +277,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _test_kill_hook(before=True)
         if not (_writer or private):
             shutil.rmtree(tmp, ignore_errors=True)
-        elif path.exists():
+        elif os.path.lexists(path):
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             _commit_or_fail(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if dispose is None:
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                dispose(old / "x")
+                with contextlib.suppress(OSError):
+                    old.rmdir()
         else:
             _commit_or_fail(tmp, path)
         _test_kill_hook(before=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from train.detector_table import NAMES
 
@@ -14,7 +15,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
     p.add_argument("--monitor", default="guard+maha+ppl",
                    help=f"the monitor to export: detectors joined by '+' ({', '.join(NAMES)}; default guard+maha+ppl)")
-    p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="bundle folder to write: new, empty, or a bundle moodguard wrote (replaced atomically, "
+                        "its own files deleted); any other existing path is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the bundle even where --out holds something else: that is moved aside to "
+                        "<out>.moodguard-old-<time>, never deleted (never the working folder or the run itself)")
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
 
 
@@ -23,10 +29,14 @@ def run_export(args) -> int:
 
     from mood_data.runlock import output_file_lock, output_lock
 
+    from eval.backbone import run_root
+    from eval.bundle import check_export_out
+
     recipe = recipe_from_args(args)
+    check_export_out(args.out, args.overwrite, (Path.cwd(), run_root(recipe)))  # before the lock and the work
     with output_lock(recipe.output_dir, "output_dir"), output_file_lock(args.out):
         out = export_bundle(recipe, args.out, args.monitor, source=args.source, predict_safe=args.predict_safe,
-                            device=args.device)
+                            device=args.device, overwrite=args.overwrite)
     print(f"bundle written: {out}")
     return 0
 

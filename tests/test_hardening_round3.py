@@ -382,3 +382,67 @@ def test_chunks_are_fsynced_with_their_folder_before_the_rename(bundle, tmp_path
         tmp = [p for kind, p in before if kind == "fsync" and Path(p).name.startswith(f".{Path(target).name}.")]
         assert tmp and ("fsync", folder) in before, (target, before)  # its data and its folder, then the rename
         assert events[i + 1] == ("fsync", folder)  # and the rename itself
+
+
+# ----------------------------------------------------------------------------- 6. export --out
+def test_export_never_deletes_a_folder_it_did_not_write(bundle, tmp_path, monkeypatch, capsys):
+    _, _, recipe = bundle
+    export = ["export", "--recipe", str(recipe), "--monitor", "guard+maha+ppl"]
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("two years of work\n")
+    (mine / "figures").mkdir()
+    (mine / "figures" / "a.png").write_bytes(b"png")
+    assert moodguard([*export, "--out", str(mine)]) == 2  # formerly: its contents deleted
+    line = one_error_line(capsys.readouterr().err, "export")
+    assert f"{mine}: --out exists and is a folder that is not a moodguard bundle" in line and "--overwrite" in line
+    assert (mine / "chapter1.tex").read_text() == "two years of work\n" and (mine / "figures" / "a.png").exists()
+    # the folder the command runs from (and any folder holding it) is refused even with --overwrite
+    monkeypatch.chdir(mine / "figures")
+    for out in (".", "..", str(mine)):
+        assert moodguard([*export, "--out", out, "--overwrite"]) == 2
+        assert "holds the working folder" in one_error_line(capsys.readouterr().err, "export")
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["chapter1.tex", "figures",
+                                                                                "figures/a.png"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("notes\n")
+    assert moodguard([*export, "--out", str(a_file)]) == 2
+    assert "--out exists and is a file" in one_error_line(capsys.readouterr().err, "export")
+    assert a_file.read_text() == "notes\n"
+    # a bundle moodguard wrote is replaced (its own files only); one holding a file it did not
+    # write is no longer "ours"
+    out = tmp_path / "bundle"
+    assert moodguard([*export, "--out", str(out)]) == 0
+    assert moodguard([*export, "--out", str(out)]) == 0
+    (out / "my-notes.md").write_text("mine\n")
+    assert moodguard([*export, "--out", str(out)]) == 2
+    capsys.readouterr()
+    # --overwrite: the bundle is written, what was there is moved aside, never deleted
+    assert moodguard([*export, "--out", str(mine), "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("thesis.moodguard-old-")]
+    assert len(aside) == 1 and str(aside[0]) in err
+    assert (aside[0] / "chapter1.tex").read_text() == "two years of work\n"
+    assert (mine / "manifest.json").is_file() and not (mine / "chapter1.tex").exists()
+    from eval.bundle import verify_manifest
+
+    verify_manifest(mine)
+
+
+def test_replacing_a_bundle_deletes_only_its_own_files(bundle, tmp_path, capsys):
+    from eval.bundle import dispose_replaced, own_bundle_files
+
+    ours = tmp_path / "ours"
+    shutil.copytree(bundle[0], ours)
+    assert own_bundle_files(ours) is not None
+    dispose_replaced(tmp_path / "out")(ours)
+    assert not ours.exists() and capsys.readouterr().err == ""  # all its own: gone
+    raced = tmp_path / "raced"
+    shutil.copytree(bundle[0], raced)
+    (raced / "stats" / "mine.txt").write_text("added after the check\n")
+    assert own_bundle_files(raced) is None
+    dispose_replaced(tmp_path / "out")(raced)
+    aside = next(tmp_path.glob("out.moodguard-old-*"))
+    assert (aside / "stats" / "mine.txt").read_text() == "added after the check\n"
+    assert str(aside) in capsys.readouterr().err
