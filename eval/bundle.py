@@ -32,22 +32,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
 import os
 import shutil
 import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mood_data import atomic
-from mood_data.errors import BundleError, DataError, MoodguardError, OutputError
+from mood_data.errors import BundleError, DataError, OutputError
 from mood_data.readers import read_json
 
 from train.data import train_validation_cut
@@ -55,14 +52,14 @@ from train.detector_table import DETECTORS, parse_monitor
 
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
 from mood_data.readers import sha256_file
-from .bundle_check import adapter_folders, check_adapter, check_manifest_coverage, check_monitor_spec, check_thresholds
+from .bundle_check import (FORMAT, adapter_folders, check_adapter, check_monitor_spec, check_thresholds,
+                           staged_bundle, verify_manifest)
 from .cache import read_calibration
 from .detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
 from .monitor import eval_splits, evaluate_recipe, fit_fusion, split_detectors
 from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_reason
 
-FORMAT = 1
 MANIFEST = "manifest.json"
 MARKER = "moodguard-bundle.json"  # with the manifest: "a bundle this tool wrote" (export may replace it)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -72,105 +69,6 @@ def write_manifest(folder: Path) -> Path:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     doc = {"format": FORMAT, "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
     return atomic.write_json(folder / MANIFEST, doc)
-
-
-def _open_beneath(folder: Path, rel: str) -> int:
-    """A read-only fd of ``folder/rel`` opened WITHOUT following a symlink at any component
-    below ``folder`` (``O_NOFOLLOW`` on each, relative to its parent's fd) and never blocking
-    (a FIFO swapped in would hang a plain open); one-line BundleError otherwise."""
-    parts = Path(rel).parts
-    p = folder / rel
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for part in parts[:-1]:
-            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-            os.close(dfd)
-            dfd = nfd
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise BundleError(f"{p}: file listed in {MANIFEST} is missing") from None
-        if exc.errno == errno.ELOOP:
-            raise BundleError(f"{p}: a symlink inside the bundle (refused: files must be the bundle's own)") from None
-        raise BundleError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-    finally:
-        os.close(dfd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise BundleError(f"{p}: not a regular file (refused)")
-    return fd
-
-
-def _hash_copy(folder: Path, rel: str, copy_to: Path | None) -> str:
-    """sha256 of ``folder/rel`` read ONCE through a no-follow fd; with ``copy_to`` the same bytes
-    are written to ``copy_to/rel`` (0600, in the caller's private folder) as they are hashed."""
-    h = hashlib.sha256()
-    fd = _open_beneath(folder, rel)
-    out = None
-    try:
-        if copy_to is not None:
-            dst = copy_to / rel
-            dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        while block := os.read(fd, 1 << 20):
-            h.update(block)
-            if out is not None:
-                os.write(out, block)  # a regular file: a short write raises, never truncates silently
-    finally:
-        os.close(fd)
-        if out is not None:
-            os.close(out)
-    return h.hexdigest()
-
-
-def verify_manifest(folder: Path, copy_to: Path | None = None) -> dict:
-    """Check every listed file exists with its sha256; returns the manifest.
-
-    With ``copy_to`` (an empty private folder, see :func:`staged_bundle`) every file, the
-    manifest first, is copied there in the same single read that hashes it: load from the copy
-    and what is used is exactly what was verified (a file swapped by rename or symlink after
-    the check never reaches the loader)."""
-    folder = Path(folder)
-    mpath = folder / MANIFEST
-    if not folder.is_dir():
-        raise BundleError(f"{folder}: bundle folder not found")
-    if not os.path.lexists(mpath):
-        raise BundleError(f"{mpath}: file not found (not a monitor bundle?)")
-    if copy_to is None:
-        doc = read_json(mpath, BundleError)
-    else:
-        _hash_copy(folder, MANIFEST, copy_to)
-        try:
-            doc = read_json(copy_to / MANIFEST, BundleError)  # the bytes just copied, not the file again
-        except BundleError as exc:
-            raise BundleError(str(exc).replace(str(copy_to / MANIFEST), str(mpath))) from None
-    files = doc.get("files")
-    if doc.get("format") != FORMAT or not isinstance(files, dict):
-        raise BundleError(f"{mpath}: field 'format'/'files': not a format-{FORMAT} manifest")
-    check_manifest_coverage(folder, files, mpath)  # every file listed, nothing unlisted, no symlink
-    for rel, digest in files.items():
-        p = folder / rel
-        if ".." in Path(rel).parts or rel == MANIFEST:
-            raise BundleError(f"{p}: file listed in {MANIFEST} is missing")
-        if _hash_copy(folder, rel, copy_to) != digest:
-            raise BundleError(f"{p}: sha256 does not match {MANIFEST} (tampered or corrupted)")
-    return doc
-
-
-@contextlib.contextmanager
-def staged_bundle(folder: str | Path) -> Iterator[tuple[Path, dict]]:
-    """``(private copy, manifest)`` of the bundle ``folder``, verified while copied (see
-    :func:`verify_manifest`) into a fresh ``mkdtemp`` folder (0700) that is removed on exit.
-    One-line errors raised inside the block name ``folder``, not the private copy."""
-    folder = Path(folder)
-    with tempfile.TemporaryDirectory(prefix="moodguard-bundle-") as private:
-        staged = Path(private) / "bundle"
-        staged.mkdir(mode=0o700)
-        try:
-            yield staged, verify_manifest(folder, copy_to=staged)
-        except MoodguardError as exc:
-            exc.args = tuple(a.replace(str(staged), str(folder)) if isinstance(a, str) else a for a in exc.args)
-            raise
 
 
 # ----------------------------------------------------------------------------- export

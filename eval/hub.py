@@ -146,7 +146,7 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, api=No
         if not (path / "README.md").is_file():
             raise BundleError(f"{path}: bundle has no README.md model card (exported by an older moodguard: "
                               "export it again)")
-        from .bundle import staged_bundle
+        from .bundle_check import staged_bundle
 
         # verify the manifest while copying the bundle aside, and upload that copy: what goes to
         # the Hub is exactly what was verified (a tampered file never leaves the machine)

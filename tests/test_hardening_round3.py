@@ -159,7 +159,10 @@ def test_an_adapter_swapped_after_the_manifest_check_is_never_loaded(bundle, tmp
     write_manifest(tampered)
     assert [r["score"] for r in Monitor.load(tampered).score(convs)] != pytest.approx(honest, abs=1e-3)
 
-    real_verify = bundle_mod.verify_manifest
+    import eval.bundle_check as check_mod
+
+    where = check_mod if hasattr(check_mod, "verify_manifest") else bundle_mod  # where the loader calls it
+    real_verify = where.verify_manifest
     swapped = []
 
     def verify_then_swap(*args, **kwargs):  # the attacker wins the race right after the check
@@ -172,7 +175,7 @@ def test_an_adapter_swapped_after_the_manifest_check_is_never_loaded(bundle, tmp
         swapped.append(True)
         return out
 
-    monkeypatch.setattr(bundle_mod, "verify_manifest", verify_then_swap)
+    monkeypatch.setattr(where, "verify_manifest", verify_then_swap)
     got = [r["score"] for r in Monitor.load(copy).score(convs)]
     assert swapped and got == pytest.approx(honest, abs=1e-6)  # the bytes that were hashed, not the swapped ones
 
@@ -203,14 +206,17 @@ def test_push_verifies_the_bundle_and_uploads_the_verified_bytes(bundle, tmp_pat
                          for p in Path(folder_path).rglob("*") if p.is_file()})
 
     api.upload_folder.side_effect = upload_folder
-    real_verify = bundle_mod.verify_manifest
+    import eval.bundle_check as check_mod
+
+    where = check_mod if hasattr(check_mod, "verify_manifest") else bundle_mod
+    real_verify = where.verify_manifest
 
     def verify_then_swap(*args, **kwargs):
         out = real_verify(*args, **kwargs)
         fusion.write_bytes(b'{"evil": true}')
         return out
 
-    monkeypatch.setattr(bundle_mod, "verify_manifest", verify_then_swap)
+    monkeypatch.setattr(where, "verify_manifest", verify_then_swap)
     assert moodguard(["push", str(copy), "--repo-id", "org/b"]) == 0
     assert uploaded["fusion.json"] == good and "manifest.json" in uploaded
 
