@@ -15,7 +15,10 @@ otherwise get its target truncated and overwritten with the pid).
 
 The lock is re-entrant within a process, and processes we start (``accelerate launch`` ranks,
 parallel seed members) inherit the holder's permission through ``MOODGUARD_LOCKS_HELD`` (the
-paths held by an ancestor) instead of deadlocking on their parent's lock.
+paths held by an ancestor) instead of deadlocking on their parent's lock. The holder shares its
+lock while it starts them (:func:`shared_with_children`) and each of them joins it (a shared
+``flock`` of the same file), so the lock is held by the processes that write: killing the
+holder (or the launcher) does not let a second writer in while a rank still runs.
 """
 from __future__ import annotations
 
@@ -123,6 +126,53 @@ def _open_lock_file(path: Path) -> int:
     return fd
 
 
+def _join(target: Path) -> int | None:
+    """In a process started by the holder of ``target``'s lock (``MOODGUARD_LOCKS_HELD``): take
+    a SHARED lock on the same file, so that the lock stays held while this process runs, even if
+    the holder is killed (a contender's exclusive lock fails while any share is held). None when
+    the holder did not share it (:func:`shared_with_children`): then its lock alone counts."""
+    import fcntl
+
+    path = lock_path(target)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    try:
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise BlockingIOError
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    if not _same_file(path, fd):
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def shared_with_children() -> Iterator[None]:
+    """Around starting the processes that write for this one (``accelerate launch`` ranks,
+    parallel seed members): every lock held here becomes a SHARED lock that those processes
+    join (:func:`_join`), so an output stays locked as long as any of them runs, the one that
+    writes included, even after this process is SIGKILLed. A contender's exclusive lock fails
+    while any share is held. (The kernel converts a flock by dropping and re-taking it: should a
+    contender win that instant, this process stops with a one-line error instead.)"""
+    import fcntl
+
+    for key, (fd, _) in list(_held.items()):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{key}: taken by another moodguard process while this one handed its lock to the "
+                              "processes it starts; run again") from None
+        if not _same_file(lock_path(Path(key)), fd):
+            raise OutputError(f"{key}: the lock file was replaced while this process held it; run again")
+    yield
+
+
 def _same_file(path: Path, fd: int) -> bool:
     """``path`` (not followed) is still the file open as ``fd``."""
     try:
@@ -138,8 +188,14 @@ def _locked(target: Path) -> Iterator[None]:
     import fcntl
 
     key = str(target)
-    if key in _inherited():
-        yield
+    if key in _inherited():  # a process an ancestor started to write for it (a launched rank, a member)
+        fd = _join(target)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
         return
     if key in _held:
         fd, depth = _held[key]
@@ -185,4 +241,4 @@ def _locked(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-__all__ = ["ENV", "lock_path", "output_file_lock", "output_lock", "prepare_folder"]
+__all__ = ["ENV", "lock_path", "output_file_lock", "output_lock", "prepare_folder", "shared_with_children"]

@@ -452,3 +452,155 @@ def test_replacing_a_bundle_deletes_only_its_own_files(bundle, tmp_path, capsys)
     aside = next(tmp_path.glob("out.moodguard-old-*"))
     assert (aside / "stats" / "mine.txt").read_text() == "added after the check\n"
     assert str(aside) in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- orphans
+HOLDER = """
+import subprocess, sys
+from mood_data.runlock import output_lock
+from mood_data.children import run_child
+with output_lock(sys.argv[1]):
+    sys.exit(run_child([sys.executable, "-c", sys.argv[2], sys.argv[1]], dict(__import__("os").environ)))
+"""
+SHARING_HOLDER = """
+import subprocess, sys
+from mood_data.runlock import output_lock, shared_with_children
+with output_lock(sys.argv[1]), shared_with_children():  # a plain child: it does not die with us
+    sys.exit(subprocess.call([sys.executable, "-c", sys.argv[2], sys.argv[1]]))
+"""
+WRITER = """
+import os, sys, time
+from mood_data.children import die_with_launcher
+if len(sys.argv) > 2:
+    die_with_launcher()
+from mood_data.runlock import output_lock
+with output_lock(sys.argv[1]):  # inherited from the holder: joined, not re-taken
+    print(os.getpid(), flush=True)
+    time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie no one reaped is dead
+    except FileNotFoundError:
+        return True
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (``/proc``)."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parents[int(d)] = _parent(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p and not _gone(c)]
+        out += kids
+        todo += kids
+    return out
+
+
+def _wait_gone(pid: int, limit: float = 60.0) -> bool:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if _gone(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_lock_is_held_by_the_process_that_writes(tmp_path):
+    """The holder SIGKILLed while the process it started still writes: the output stays locked
+    (formerly the lock went with the holder and a second writer was let in)."""
+    from mood_data.errors import OutputError
+    from mood_data.runlock import output_lock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", SHARING_HOLDER, str(run), WRITER], env=_env(),
+                              stdout=subprocess.PIPE, text=True)
+    writer = int(holder.stdout.readline())
+    try:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        assert not _gone(writer)  # this writer did not ask to die with its parent
+        with pytest.raises(OutputError, match=f"{re.escape(str(run.resolve()))}: in use by another moodguard process"):
+            with output_lock(run):
+                pass
+    finally:
+        os.kill(writer, signal.SIGKILL)
+    assert _wait_gone(writer)
+    with output_lock(run):  # the last writer gone: free again
+        pass
+
+
+def test_started_processes_die_with_the_command_that_started_them(tmp_path):
+    """SIGKILL on the moodguard process: the launcher it started gets SIGKILL from the kernel,
+    and the rank that launcher started dies with it (PR_SET_PDEATHSIG), so nothing keeps
+    writing after the command that owns the output is gone. Chain: holder -> launcher -> rank."""
+    from mood_data.runlock import output_lock
+
+    launcher = ("import subprocess, sys\n"
+                "from mood_data.children import die_with_launcher\n"
+                "die_with_launcher()\n"
+                "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], 'rank']).wait()\n")
+    holder_code = HOLDER.replace("[sys.executable, \"-c\", sys.argv[2], sys.argv[1]]",
+                                 "[sys.executable, \"-c\", sys.argv[2], sys.argv[3], sys.argv[1]]")
+    assert holder_code != HOLDER
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(run), launcher, WRITER], env=_env(),
+                              stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    rank = int(holder.stdout.readline())  # the grandchild, writing under a share of the lock
+    launcher_pid = _parent(rank)
+    try:
+        assert _parent(launcher_pid) == holder.pid  # rank -> launcher -> holder
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        assert _wait_gone(launcher_pid), "the launcher outlived the command that started it"
+        assert _wait_gone(rank), "the rank outlived its launcher"
+    finally:  # never leave a sleeper behind, even when the test fails
+        for pid in (rank, launcher_pid):
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    with output_lock(run):
+        pass
+
+
+@pytest.mark.slow
+def test_score_ranks_die_with_a_killed_score_and_keep_its_output_locked_meanwhile(bundle, tmp_path):
+    """The real thing: `score --num-processes 2` (accelerate launch, 2 gloo ranks), SIGKILL on
+    the `score` process while the ranks write: launcher and ranks are gone (formerly both ranks
+    kept writing for ~30 s after the lock was released), then a resumed run completes."""
+    inp = write_input(tmp_path / "in.jsonl", 1200)
+    out = tmp_path / "scores.jsonl"
+    argv = ["score", "--monitor", str(bundle[0]), str(inp), "--out", str(out), "--chunk-size", "8"]
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moodguard.cli", *argv, "--num-processes", "2", "--device", "cpu"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / ".scores.jsonl.parts"
+    end = time.monotonic() + 400
+    while not (parts / "chunk-000001.jsonl").exists() and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.2)
+    below = _descendants(proc.pid)
+    try:
+        assert proc.poll() is None and len(below) >= 3, proc.stderr.read()[-2000:] if proc.poll() else below
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert all(_wait_gone(p) for p in below), [p for p in below if not _gone(p)]
+        assert not out.exists()  # formerly the orphaned ranks went on and wrote it
+    finally:
+        for p in below:
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)
+    assert moodguard([*argv, "--resume"]) == 0
+    assert [r["id"] for r in rows_of(out)] == [f"r{i}" for i in range(1200)]
