@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import shutil
-import stat
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from train.detector_table import DETECTORS, parse_monitor
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
 from mood_data.readers import sha256_file
 from .bundle_check import (FORMAT, adapter_folders, check_adapter, check_monitor_spec, check_thresholds,
-                           staged_bundle, verify_manifest)
+                           files_on_disk, staged_bundle, verify_manifest)
 from .cache import read_calibration
 from .detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
@@ -86,19 +85,10 @@ def own_bundle_files(folder: Path) -> set[str] | None:
         if json.loads(marker.read_text(encoding="utf-8")).get("moodguard_bundle") != FORMAT or \
                 not isinstance(listed, dict):
             return None
-        files = set()
-        for root, dirs, names in os.walk(folder, followlinks=False):
-            for name in dirs + names:
-                p = Path(root) / name
-                mode = os.lstat(p).st_mode
-                if stat.S_ISDIR(mode):
-                    continue
-                if not stat.S_ISREG(mode):
-                    return None
-                files.add(p.relative_to(folder).as_posix())
-    except (OSError, ValueError, AttributeError):
+        files = files_on_disk(folder)
+    except (OSError, ValueError, AttributeError, BundleError):
         return None
-    return files if files <= set(listed) | {MANIFEST} else None
+    return files | {MANIFEST} if files <= set(listed) else None
 
 
 def check_export_out(out: str | Path, overwrite: bool = False, protect: Sequence[str | Path] = ()) -> str:

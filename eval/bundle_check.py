@@ -40,7 +40,7 @@ DTYPES = ("bfloat16", "float16", "float32", "auto")
 POOLINGS = ("last", "mean")
 
 
-def _files_on_disk(folder: Path) -> set[str]:
+def files_on_disk(folder: Path) -> set[str]:
     """Every entry under ``folder`` except the manifest; symlinks and non-regular files refused."""
     out = set()
     for root, dirs, files in os.walk(folder, followlinks=False):
@@ -72,7 +72,7 @@ def check_manifest_coverage(folder: Path, files: Any, mpath: Path) -> None:
             raise BundleError(f"{mpath}: field 'files': path {short_repr(rel)} leaves the bundle folder")
         if not (isinstance(digest, str) and len(digest) == 64):
             raise BundleError(f"{mpath}: field 'files.{rel}': expected a sha256 hex digest, got {short_repr(digest)}")
-    on_disk = _files_on_disk(folder)
+    on_disk = files_on_disk(folder)
     unlisted = sorted(on_disk - set(files))
     if unlisted:
         raise BundleError(f"{folder / unlisted[0]}: file not listed in {MANIFEST} (refused: every bundle file "
@@ -342,4 +342,4 @@ def adapter_folders(folder: Path, spec: dict, names: tuple[str, ...]) -> list[Pa
 
 
 __all__ = ["FORMAT", "adapter_folders", "check_adapter", "check_manifest_coverage", "check_monitor_spec",
-           "check_thresholds", "staged_bundle", "verify_manifest"]
+           "check_thresholds", "files_on_disk", "staged_bundle", "verify_manifest"]

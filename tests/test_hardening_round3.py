@@ -247,6 +247,19 @@ def interrupted(monkeypatch, after_chunks: int):
     return lambda: monkeypatch.setattr(streaming, "score_chunk", real)
 
 
+def interrupted_run(bundle, tmp_path: Path, monkeypatch, n_rows: int, chunk: int, stop: int):
+    """A reference run and a run of the same rows stopped (Ctrl-C, exit 130) when it starts
+    chunk ``stop``: ``(argv without --out, reference output, interrupted output)``."""
+    inp = write_input(tmp_path / "in.jsonl", n_rows)
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "scores.jsonl"
+    base = ["score", "--monitor", str(bundle[0]), str(inp), "--chunk-size", str(chunk)]
+    assert moodguard([*base, "--out", str(ref)]) == 0
+    restore = interrupted(monkeypatch, stop)
+    assert moodguard([*base, "--out", str(out)]) == 130
+    restore()
+    return base, ref, out
+
+
 def test_score_out_that_resolves_to_the_input_is_refused(bundle, tmp_path, capsys):
     inp = write_input(tmp_path / "in.jsonl", 4)
     before = inp.read_bytes()
@@ -284,13 +297,7 @@ def test_a_complete_output_is_never_replaced_without_overwrite(bundle, tmp_path,
 def test_an_earlier_runs_chunks_need_resume_or_overwrite(bundle, tmp_path, monkeypatch, capsys):
     from eval.streaming import parts_dir
 
-    inp = write_input(tmp_path / "in.jsonl", 12)
-    ref, out = tmp_path / "ref.jsonl", tmp_path / "scores.jsonl"
-    base = ["score", "--monitor", str(bundle[0]), str(inp), "--chunk-size", "4"]
-    assert moodguard([*base, "--out", str(ref)]) == 0
-    restore = interrupted(monkeypatch, 2)
-    assert moodguard([*base, "--out", str(out)]) == 130  # 2 of 3 chunks committed
-    restore()
+    base, ref, out = interrupted_run(bundle, tmp_path, monkeypatch, 12, 4, 2)  # 2 of 3 chunks committed
     parts = parts_dir(out)
     kept = {p.name: p.read_bytes() for p in parts.iterdir()}
     assert {"meta.json", "chunk-000000.jsonl", "chunk-000001.jsonl"} <= set(kept)
@@ -331,13 +338,7 @@ def test_a_symlinked_parts_folder_is_refused_naming_it(bundle, tmp_path, capsys)
 def test_resume_rescores_damaged_chunks_and_says_so(bundle, tmp_path, monkeypatch, capsys):
     from eval.streaming import parts_dir
 
-    inp = write_input(tmp_path / "in.jsonl", 40)
-    ref, out = tmp_path / "ref.jsonl", tmp_path / "scores.jsonl"
-    base = ["score", "--monitor", str(bundle[0]), str(inp), "--chunk-size", "5"]
-    assert moodguard([*base, "--out", str(ref)]) == 0
-    restore = interrupted(monkeypatch, 7)
-    assert moodguard([*base, "--out", str(out)]) == 130  # chunks 0-6 of 8 committed
-    restore()
+    base, ref, out = interrupted_run(bundle, tmp_path, monkeypatch, 40, 5, 7)  # chunks 0-6 of 8 committed
     parts = parts_dir(out)
     c = [parts / f"chunk-{k:06d}.jsonl" for k in range(8)]
     c[1].write_bytes(c[1].read_bytes()[:-40])  # truncated mid-row: formerly 35 of 40 rows
