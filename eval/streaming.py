@@ -188,10 +188,10 @@ def _parts_meta(monitor, scan: InputScan, shard: tuple[int, int], rows: tuple[in
 
 
 def _committed(parts: Path) -> list[str]:
-    """Names of committed entries (meta.json, chunk files) in ``parts``: a run's partial output."""
+    """Names of the committed chunk files in ``parts``: a killed run's partial output."""
     if not parts.is_dir() or parts.is_symlink():
         return []
-    return sorted(p.name for p in parts.iterdir() if p.name == META or re.fullmatch(r"chunk-\d{6}\.jsonl", p.name))
+    return sorted(p.name for p in parts.iterdir() if re.fullmatch(r"chunk-\d{6}\.jsonl", p.name))
 
 
 def check_output(out: str | Path | None, input_path: str | Path, *, resume: bool = False,
@@ -219,9 +219,8 @@ def check_output(out: str | Path | None, input_path: str | Path, *, resume: bool
         raise OutputError(f"{parts}: the chunk folder of --out is not a folder (remove it)")
     done = _committed(parts)
     if done and not (resume or overwrite):
-        n = sum(1 for d in done if d != META)
-        raise OutputError(f"{parts}: holds {n} committed chunk(s) of an earlier run of this --out: pass --resume "
-                          "to continue it, or --overwrite to start afresh")
+        raise OutputError(f"{parts}: holds {len(done)} committed chunk(s) of an earlier run of this --out: pass "
+                          "--resume to continue it, or --overwrite to start afresh")
 
 
 def _remove_parts(parts: Path, folder: bool = True) -> list[str]:
@@ -303,7 +302,9 @@ def _committed_chunks(parts: Path, meta: dict, resume: bool, overwrite: bool, n_
     records: dict[int, dict] = {}
     if resume and os.path.lexists(mpath):
         try:
-            old = read_json(mpath, MoodguardError) if not mpath.is_symlink() else None
+            if mpath.is_symlink():
+                raise MoodguardError(f"{mpath}: a symlink (never followed)")
+            old = read_json(mpath, MoodguardError)
         except MoodguardError as exc:
             old = None
             parallel.main_print(f"score: {exc}; no committed chunk can be trusted: rescoring all", file=sys.stderr)
@@ -315,8 +316,10 @@ def _committed_chunks(parts: Path, meta: dict, resume: bool, overwrite: bool, n_
                                          "--resume to start afresh)")
             records = _records(old, n_chunks)
     parallel.barrier()  # every rank has read the old meta before rank 0 writes the new one
-    if not resume and parallel.is_main():
-        _remove_parts(parts, folder=False)  # --overwrite: the earlier run's files (ours only)
+    if not resume:
+        if parallel.is_main():
+            _remove_parts(parts, folder=False)  # --overwrite: the earlier run's files (ours only)
+        parallel.barrier()  # ... and before any rank makes a temporary there
     return records
 
 

@@ -317,6 +317,13 @@ def test_an_earlier_runs_chunks_need_resume_or_overwrite(bundle, tmp_path, monke
     capsys.readouterr()
     assert moodguard([*base, "--out", str(out), "--overwrite"]) == 0
     assert "resuming" not in capsys.readouterr().err and rows_of(out) == rows_of(ref) and not parts.exists()
+    # stopped before any chunk was committed (meta.json only): nothing to lose, no flag needed
+    out.unlink()
+    restore = interrupted(monkeypatch, 0)
+    assert moodguard([*base, "--out", str(out)]) == 130
+    restore()
+    assert [p.name for p in parts.iterdir()] == ["meta.json"]
+    assert moodguard([*base, "--out", str(out)]) == 0 and rows_of(out) == rows_of(ref) and not parts.exists()
 
 
 def test_a_symlinked_parts_folder_is_refused_naming_it(bundle, tmp_path, capsys):
