@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         ("evaluate", ["evaluate", "--recipe", recipe, "--monitors", MONITORS, "--n-boot", "50", "--no-plots",
                       *overrides]),
         ("export", ["export", "--recipe", recipe, "--monitor", "guard+maha+ppl", "--out", str(bundle), *overrides]),
-        ("score", ["score", "--monitor", str(bundle), str(inp), "--out", str(work / "scores.jsonl")]),
+        ("score", ["score", "--monitor", str(bundle), str(inp), "--out", str(work / "scores.jsonl"), "--overwrite"]),
     ]
     need = res["backbone"]["weight_bytes"] / 2  # a stage that ran its model on the GPU allocated at least this
     run = cli()

@@ -16,24 +16,34 @@ Layout (``moodguard export``)::
     <bundle>/fusion.json         fitted fusion parameters (eval.fusion.Fusion)
     <bundle>/thresholds.json     fused-score thresholds at the chosen FPRs + where they came from
     <bundle>/recipe.yaml         the fully resolved recipe
+    <bundle>/moodguard-bundle.json   the marker: with the manifest, what tells ``export`` that an
+                                 existing folder is a bundle it wrote (which it may replace)
     <bundle>/manifest.json       sha256 of every other file
 
 The base model itself is referenced (``monitor.json: base``), not copied. Thresholds are the
 ``analysis.json`` thresholds of ``<run>/eval/<monitor>/``: quantiles of the fused score on
 the ID-safe rows of the test split (mood-bench's definition; ID data only, no OOD row).
 Loading verifies the manifest first: a missing or modified file is a one-line BundleError.
+The check and the load use the same bytes: each file is read once (no symlink followed),
+hashed while it is copied into a private ``mkdtemp`` folder, and only that copy is loaded
+(:func:`staged_bundle`), so a file swapped after the check is never used.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mood_data import atomic
-from mood_data.errors import BundleError, DataError
+from mood_data.errors import BundleError, DataError, OutputError
 from mood_data.readers import read_json
 
 from train.data import train_validation_cut
@@ -41,15 +51,16 @@ from train.detector_table import DETECTORS, parse_monitor
 
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
 from mood_data.readers import sha256_file
-from .bundle_check import adapter_folders, check_adapter, check_manifest_coverage, check_monitor_spec, check_thresholds
+from .bundle_check import (FORMAT, adapter_folders, check_adapter, check_monitor_spec, check_thresholds,
+                           files_on_disk, staged_bundle, verify_manifest)
 from .cache import read_calibration
 from .detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
 from .monitor import eval_splits, evaluate_recipe, fit_fusion, split_detectors
 from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_reason
 
-FORMAT = 1
 MANIFEST = "manifest.json"
+MARKER = "moodguard-bundle.json"  # with the manifest: "a bundle this tool wrote" (export may replace it)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -59,28 +70,95 @@ def write_manifest(folder: Path) -> Path:
     return atomic.write_json(folder / MANIFEST, doc)
 
 
-def verify_manifest(folder: Path) -> dict:
-    """Check every listed file exists with its sha256; returns the manifest."""
-    mpath = folder / MANIFEST
-    if not folder.is_dir():
-        raise BundleError(f"{folder}: bundle folder not found")
-    if not mpath.is_file():
-        raise BundleError(f"{mpath}: file not found (not a monitor bundle?)")
-    doc = read_json(mpath, BundleError)
-    files = doc.get("files")
-    if doc.get("format") != FORMAT or not isinstance(files, dict):
-        raise BundleError(f"{mpath}: field 'format'/'files': not a format-{FORMAT} manifest")
-    check_manifest_coverage(folder, files, mpath)  # every file listed, nothing unlisted, no symlink
-    for rel, digest in files.items():
-        p = folder / rel
-        if ".." in Path(rel).parts or not p.is_file():
-            raise BundleError(f"{p}: file listed in {MANIFEST} is missing")
-        if sha256_file(p) != digest:
-            raise BundleError(f"{p}: sha256 does not match {MANIFEST} (tampered or corrupted)")
-    return doc
-
-
 # ----------------------------------------------------------------------------- export
+def own_bundle_files(folder: Path) -> set[str] | None:
+    """The relative paths of the files of ``folder`` if it is a bundle this tool wrote (a real
+    folder with the marker and a manifest, every file in it the marker, the manifest or listed
+    by it, no symlink or special file); else None."""
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return None
+        marker, mpath = folder / MARKER, folder / MANIFEST
+        if marker.is_symlink() or mpath.is_symlink() or not (marker.is_file() and mpath.is_file()):
+            return None
+        listed = json.loads(mpath.read_text(encoding="utf-8")).get("files")
+        if json.loads(marker.read_text(encoding="utf-8")).get("moodguard_bundle") != FORMAT or \
+                not isinstance(listed, dict):
+            return None
+        files = files_on_disk(folder)
+    except (OSError, ValueError, AttributeError, BundleError):
+        return None
+    return files | {MANIFEST} if files <= set(listed) else None
+
+
+def check_export_out(out: str | Path, overwrite: bool = False, protect: Sequence[str | Path] = ()) -> str:
+    """What ``export --out`` would replace: ``"new"`` (nothing there), ``"empty"`` (an empty
+    folder), ``"bundle"`` (a bundle this tool wrote: its own files are deleted) or ``"other"``
+    (only with ``overwrite``: moved aside, never deleted). Refused (one-line OutputError): a
+    folder holding one of ``protect`` (the working folder, the run being exported), even with
+    ``overwrite``; anything else that exists, without ``overwrite``."""
+    out = Path(out)
+    here = Path(os.path.abspath(out))
+    for p in protect:
+        for a, b in ((Path(os.path.abspath(p)), here), (Path(p).resolve(), out.resolve())):
+            if a == b or b in a.parents:
+                raise OutputError(f"{out}: --out holds the {'working folder' if Path(p) == Path.cwd() else 'run'} "
+                                  f"{p} (refused, even with --overwrite: choose another folder)")
+    if not os.path.lexists(out):
+        return "new"
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return "empty"
+    if own_bundle_files(out) is not None:
+        return "bundle"
+    if overwrite:
+        return "other"
+    if out.is_symlink():
+        what = "a symlink"
+    elif not out.is_dir():
+        what = "a file"
+    else:
+        names = sorted(p.name for p in out.iterdir())
+        what = f"a folder that is not a moodguard bundle ({len(names)} entries, e.g. {names[0]!r})"
+    raise OutputError(f"{out}: --out exists and is {what}: refused (pass --overwrite to write the bundle there; "
+                      "what is there now is moved aside, never deleted)")
+
+
+def _aside(path: Path, name: str) -> Path:
+    """A free sibling name ``<name>.moodguard-old-<time>[-k]`` for a replaced folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        p = path.with_name(f"{name}.moodguard-old-{stamp}{'' if k == 0 else f'-{k}'}")
+        if not os.path.lexists(p):
+            return p
+    raise OutputError(f"{path}: no free name to move the old folder to")  # pragma: no cover
+
+
+def dispose_replaced(out: Path) -> Callable[[Path], None]:
+    """How ``export`` disposes of what was at ``out`` (moved to ``old`` by the swap): a bundle
+    it wrote loses its own files (and then its empty folders); anything else, or whatever is
+    left, is moved to a visible sibling ``<out>.moodguard-old-<time>`` and said, never deleted."""
+    def dispose(old: Path) -> None:
+        own = own_bundle_files(old)
+        if own is not None:
+            for rel in own:
+                with contextlib.suppress(FileNotFoundError):
+                    (old / rel).unlink()
+            for root, dirs, _ in sorted(os.walk(old, topdown=False), key=lambda t: -len(t[0])):
+                for d in dirs:
+                    with contextlib.suppress(OSError):
+                        (Path(root) / d).rmdir()
+            with contextlib.suppress(OSError):
+                old.rmdir()
+        if os.path.lexists(old) and not (old.is_dir() and not old.is_symlink() and not any(old.iterdir())):
+            aside = _aside(out, out.name)
+            os.rename(old, aside)
+            print(f"export: what was at {out} is now at {aside} (moved aside, not deleted)", file=sys.stderr)
+        elif os.path.lexists(old):
+            old.rmdir()
+
+    return dispose
+
+
 def _copy_adapter(src: Path, dst: Path) -> None:
     """The adapter files of ``src`` (config + safetensors weights, nothing else) into ``dst``."""
     dst.mkdir(parents=True)
@@ -89,8 +167,12 @@ def _copy_adapter(src: Path, dst: Path) -> None:
 
 
 def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
-                  predict_safe: bool = False, device: str | None = None) -> Path:
-    """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed)."""
+                  predict_safe: bool = False, device: str | None = None, overwrite: bool = False) -> Path:
+    """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed).
+    ``out_dir`` may be new, empty or a bundle this tool wrote; anything else only with
+    ``overwrite`` (moved aside, never deleted): :func:`check_export_out`."""
+    protect = (Path.cwd(), run_root(recipe))
+    check_export_out(out_dir, overwrite, protect)  # before the (slow) evaluation
     detectors = parse_monitor(monitor)
     monitor = "+".join(detectors)
     guard_dir, lm_dir = adapter_dirs(recipe)
@@ -122,7 +204,8 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     settings = ScoreSettings.from_recipe(recipe, predict_safe)
     out_dir = Path(out_dir)
     extra_spec: dict[str, Any] = {}
-    with atomic.atomic_dir(out_dir) as tmp:
+    check_export_out(out_dir, overwrite, protect)  # again: it may have changed meanwhile
+    with atomic.atomic_dir(out_dir, dispose=dispose_replaced(out_dir)) as tmp:
         if "ensemble" in extras:
             members = extras["ensemble"]["members"]
             names = member_names(members, guard_dir)
@@ -174,6 +257,7 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
         metrics = read_json(guard_dir / "metrics.json", BundleError) if (guard_dir / "metrics.json").is_file() else {}
         card = bundle_card(out_dir, recipe.to_dict(), analysis, monitor, read_json(meta_path, BundleError), metrics)
         atomic.write_text(tmp / "README.md", str(card))  # the model card, covered by the manifest
+        atomic.write_json(tmp / MARKER, {"moodguard_bundle": FORMAT})
         write_manifest(tmp)
     return out_dir
 
@@ -200,6 +284,7 @@ class Monitor:
     def __init__(self, folder: Path, spec: dict, loaded: Loaded, detectors: dict, fusion, thresholds: dict):
         self.folder, self.spec, self.loaded = folder, spec, loaded
         self.detectors, self.fusion, self.thresholds = detectors, fusion, thresholds
+        self.manifest_sha256: str | None = None  # sha256 of the manifest verified at load
         self.judge = None  # eval.judge.Judge, for judge-* monitors
         self.rubrics: dict = {}
         s = spec["settings"]  # checked by bundle_check.check_monitor_spec
@@ -217,46 +302,63 @@ class Monitor:
         adapters), detectors, fusion and thresholds; the base goes where the device policy puts
         it (``device`` = ``--device``; the bundle's dtype and ``device_map``). A bundle whose
         ``monitor.json`` asks for ``trust_remote_code`` is refused unless the caller passes
-        ``trust_remote_code`` true (``--trust-remote-code``)."""
+        ``trust_remote_code`` true (``--trust-remote-code``).
+
+        Every file is read once: hashed while copied into a private folder, and only that copy
+        is loaded (removed once everything is in memory)."""
+        folder = Path(folder)
+        with staged_bundle(folder) as (staged, _):  # load what was hashed, nothing read twice
+            mon = cls._load_verified(staged, folder, base=base, batch_size=batch_size, device=device,
+                                     trust_remote_code=trust_remote_code)
+        return mon
+
+    @classmethod
+    def _load_verified(cls, staged: Path, folder: Path, *, base: str | None, batch_size: int | None,
+                       device: str | None, trust_remote_code: bool) -> "Monitor":
+        """:meth:`load` from ``staged``, the verified private copy of the bundle ``folder``."""
         from train import device as device_policy
         from train.modeling import load_tokenizer, resolve_model
 
         from .forward import SharedBackbone, adapter_hash
         from .fusion import Fusion
 
-        folder = Path(folder)
-        verify_manifest(folder)
-        spec = read_json(folder / "monitor.json", BundleError)
-        names = check_monitor_spec(folder, spec, trust_remote_code=trust_remote_code)
+        spec = read_json(staged / "monitor.json", BundleError)
+        names = check_monitor_spec(staged, spec, trust_remote_code=trust_remote_code)
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise BundleError(f"--batch-size: must be >= 1, got {batch_size}")
-        for adapter in adapter_folders(folder, spec, names):
+        for adapter in adapter_folders(staged, spec, names):
             check_adapter(adapter)
         remote = spec.get("trust_remote_code", False) is True and trust_remote_code is True  # both: checked above
-        dets = {kind: {int(layer): load_stats(folder / "stats", kind, f"{kind}-layer{layer}")
+        dets = {kind: {int(layer): load_stats(staged / "stats", kind, f"{kind}-layer{layer}")
                        for layer in spec["stats"].get(kind, [])} for kind in FEATURE_DETECTORS if kind in names}
         for kind, per in dets.items():
             if not per:
-                raise BundleError(f"{folder / 'monitor.json'}: field 'stats.{kind}': no fitted layer")
-        fusion = Fusion.load(folder / "fusion.json")
+                raise BundleError(f"{staged / 'monitor.json'}: field 'stats.{kind}': no fitted layer")
+        fusion = Fusion.load(staged / "fusion.json")
         if fusion.detectors != list(names):
-            raise BundleError(f"{folder / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
-        thresholds = check_thresholds(folder)
-        lm = folder / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
+            raise BundleError(f"{staged / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
+        thresholds = check_thresholds(staged)
+        lm = staged / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
         where = device_policy.placement(spec.get("dtype", "float32"), device, spec.get("device_map"))
-        backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), folder / "guard", lm,
+        backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), staged / "guard", lm,
                                                   placement=where,
                                                   trust_remote_code=remote)
-        check_feature_dims(folder, spec, dets, backbone)
-        tok = load_tokenizer(folder / "tokenizer")
-        loaded = Loaded(backbone, tok, folder / "guard", lm, adapter_hash(folder / "guard"),
-                        None if lm is None else adapter_hash(lm))
+        check_feature_dims(staged, spec, dets, backbone)
+        tok = load_tokenizer(staged / "tokenizer")
+        loaded = Loaded(backbone, tok, folder / "guard", None if lm is None else folder / "lm",
+                        adapter_hash(staged / "guard"), None if lm is None else adapter_hash(lm))
         mon = cls(folder, spec, loaded, dets, fusion, thresholds)
+        mon.manifest_sha256 = sha256_file(staged / MANIFEST)  # the manifest that was checked
         for name in (spec.get("ensemble") or {}).get("members", []):
             if name != "guard":  # the anchor member is the guard adapter itself
-                backbone.add_adapter(name, folder / "members" / name, head=True)
+                backbone.add_adapter(name, staged / "members" / name, head=True)
         if spec.get("judge"):
-            mon.judge, mon.rubrics = _load_judge(folder, spec, backbone, base, remote)
+            judge, rubrics = _load_judge(staged, spec, backbone, base, remote)
+            # the private copy is gone after loading: paths shown later name the bundle
+            mon.judge = dataclasses.replace(judge, adapter_dir=None if judge.adapter_dir is None
+                                            else folder / judge.adapter_dir.relative_to(staged))
+            mon.rubrics = {n: dataclasses.replace(r, path=str(folder / Path(r.path).relative_to(staged)))
+                           for n, r in rubrics.items()}
         if batch_size:
             mon.settings = ScoreSettings(mon.settings.max_length, batch_size, mon.settings.pooling,
                                          mon.settings.assistant_only, mon.settings.predict_safe)
@@ -359,5 +461,5 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None, remote: bo
     return judge, rubrics
 
 
-__all__ = ["Monitor", "export_bundle", "sha256_file", "verify_manifest",
+__all__ = ["MARKER", "Monitor", "check_export_out", "export_bundle", "own_bundle_files", "sha256_file", "staged_bundle", "verify_manifest",
            "write_manifest"]

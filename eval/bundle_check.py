@@ -14,18 +14,25 @@ A bundle is passed between teams, so every byte of it is untrusted until checked
   ``adapter_config.json`` is a JSON object (a corrupt or empty file is one line, not a traceback).
 
 Every problem is a one-line :class:`~mood_data.errors.BundleError` naming the file and field.
+The check and the use read the same bytes: :func:`staged_bundle` hashes each file while copying
+it into a private folder, and only that copy is loaded or uploaded.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import math
 import os
 import stat
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mood_data.errors import BundleError, MoodguardError
 from mood_data.readers import read_json, short_repr
 
+FORMAT = 1  # of the bundle layout and its manifest
 MANIFEST = "manifest.json"
 # formats that unpickle (or usually do) when loaded: a bundle never holds one, listed or not
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -33,7 +40,7 @@ DTYPES = ("bfloat16", "float16", "float32", "auto")
 POOLINGS = ("last", "mean")
 
 
-def _files_on_disk(folder: Path) -> set[str]:
+def files_on_disk(folder: Path) -> set[str]:
     """Every entry under ``folder`` except the manifest; symlinks and non-regular files refused."""
     out = set()
     for root, dirs, files in os.walk(folder, followlinks=False):
@@ -65,11 +72,111 @@ def check_manifest_coverage(folder: Path, files: Any, mpath: Path) -> None:
             raise BundleError(f"{mpath}: field 'files': path {short_repr(rel)} leaves the bundle folder")
         if not (isinstance(digest, str) and len(digest) == 64):
             raise BundleError(f"{mpath}: field 'files.{rel}': expected a sha256 hex digest, got {short_repr(digest)}")
-    on_disk = _files_on_disk(folder)
+    on_disk = files_on_disk(folder)
     unlisted = sorted(on_disk - set(files))
     if unlisted:
         raise BundleError(f"{folder / unlisted[0]}: file not listed in {MANIFEST} (refused: every bundle file "
                           f"must be covered; {len(unlisted)} unlisted)")
+
+
+# ----------------------------------------------------------------------------- verified copy
+def _open_beneath(folder: Path, rel: str) -> int:
+    """A read-only fd of ``folder/rel`` opened WITHOUT following a symlink at any component
+    below ``folder`` (``O_NOFOLLOW`` on each, relative to its parent's fd) and never blocking
+    (a FIFO swapped in would hang a plain open); one-line BundleError otherwise."""
+    parts = Path(rel).parts
+    p = folder / rel
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise BundleError(f"{p}: file listed in {MANIFEST} is missing") from None
+        if exc.errno == errno.ELOOP:
+            raise BundleError(f"{p}: a symlink inside the bundle (refused: files must be the bundle's own)") from None
+        raise BundleError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        os.close(dfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{p}: not a regular file (refused)")
+    return fd
+
+
+def _hash_copy(folder: Path, rel: str, copy_to: Path | None) -> str:
+    """sha256 of ``folder/rel`` read ONCE through a no-follow fd; with ``copy_to`` the same bytes
+    are written to ``copy_to/rel`` (0600, in the caller's private folder) as they are hashed."""
+    h = hashlib.sha256()
+    fd = _open_beneath(folder, rel)
+    out = None
+    try:
+        if copy_to is not None:
+            dst = copy_to / rel
+            dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        while block := os.read(fd, 1 << 20):
+            h.update(block)
+            if out is not None:
+                os.write(out, block)  # a regular file: a short write raises, never truncates silently
+    finally:
+        os.close(fd)
+        if out is not None:
+            os.close(out)
+    return h.hexdigest()
+
+
+def verify_manifest(folder: Path, copy_to: Path | None = None) -> dict:
+    """Check every listed file exists with its sha256; returns the manifest.
+
+    With ``copy_to`` (an empty private folder, see :func:`staged_bundle`) every file, the
+    manifest first, is copied there in the same single read that hashes it: load from the copy
+    and what is used is exactly what was verified (a file swapped by rename or symlink after
+    the check never reaches the loader)."""
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: bundle folder not found")
+    if not os.path.lexists(mpath):
+        raise BundleError(f"{mpath}: file not found (not a monitor bundle?)")
+    if copy_to is None:
+        doc = read_json(mpath, BundleError)
+    else:
+        _hash_copy(folder, MANIFEST, copy_to)
+        try:
+            doc = read_json(copy_to / MANIFEST, BundleError)  # the bytes just copied, not the file again
+        except BundleError as exc:
+            raise BundleError(str(exc).replace(str(copy_to / MANIFEST), str(mpath))) from None
+    files = doc.get("files")
+    if doc.get("format") != FORMAT or not isinstance(files, dict):
+        raise BundleError(f"{mpath}: field 'format'/'files': not a format-{FORMAT} manifest")
+    check_manifest_coverage(folder, files, mpath)  # every file listed, nothing unlisted, no symlink
+    for rel, digest in files.items():
+        p = folder / rel
+        if ".." in Path(rel).parts or rel == MANIFEST:
+            raise BundleError(f"{p}: file listed in {MANIFEST} is missing")
+        if _hash_copy(folder, rel, copy_to) != digest:
+            raise BundleError(f"{p}: sha256 does not match {MANIFEST} (tampered or corrupted)")
+    return doc
+
+
+@contextlib.contextmanager
+def staged_bundle(folder: str | Path) -> Iterator[tuple[Path, dict]]:
+    """``(private copy, manifest)`` of the bundle ``folder``, verified while copied (see
+    :func:`verify_manifest`) into a fresh ``mkdtemp`` folder (0700) that is removed on exit.
+    One-line errors raised inside the block name ``folder``, not the private copy."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="moodguard-bundle-") as private:
+        staged = Path(private) / "bundle"
+        staged.mkdir(mode=0o700)
+        try:
+            yield staged, verify_manifest(folder, copy_to=staged)
+        except MoodguardError as exc:
+            exc.args = tuple(a.replace(str(staged), str(folder)) if isinstance(a, str) else a for a in exc.args)
+            raise
 
 
 # ----------------------------------------------------------------------------- values
@@ -234,4 +341,5 @@ def adapter_folders(folder: Path, spec: dict, names: tuple[str, ...]) -> list[Pa
     return out
 
 
-__all__ = ["adapter_folders", "check_adapter", "check_manifest_coverage", "check_monitor_spec", "check_thresholds"]
+__all__ = ["FORMAT", "adapter_folders", "check_adapter", "check_manifest_coverage", "check_monitor_spec",
+           "check_thresholds", "files_on_disk", "staged_bundle", "verify_manifest"]

@@ -136,9 +136,8 @@ def files_to_upload(path: Path, kind: str) -> list[str]:
 
 def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, api=None, token: str | None = None,
          revision: str | None = None, commit_message: str | None = None, fpr: float = 0.01) -> PushResult:
-    """Write the card(s), create the repo if needed and upload the folder (one commit)."""
-    from huggingface_hub import HfApi
-
+    """Write the card(s), create the repo if needed and upload the folder (one commit). A
+    bundle's manifest is verified first and the verified private copy is what is uploaded."""
     path = Path(path).resolve()
     if not path.is_dir():
         raise BundleError(f"{path}: folder not found")
@@ -147,10 +146,24 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, api=No
         if not (path / "README.md").is_file():
             raise BundleError(f"{path}: bundle has no README.md model card (exported by an older moodguard: "
                               "export it again)")
-        if not read_json(path / "monitor.json", BundleError).get("monitor"):
-            raise BundleError(f"{path / 'monitor.json'}: field 'monitor': missing")
-    else:
-        write_cards(path, fpr)
+        from .bundle_check import staged_bundle
+
+        # verify the manifest while copying the bundle aside, and upload that copy: what goes to
+        # the Hub is exactly what was verified (a tampered file never leaves the machine)
+        with staged_bundle(path) as (staged, _):
+            if not read_json(staged / "monitor.json", BundleError).get("monitor"):
+                raise BundleError(f"{staged / 'monitor.json'}: field 'monitor': missing")
+            return _upload(staged, kind, repo_id, private, api, token, revision,
+                           commit_message or f"moodguard push: {kind} {path.name}")
+    write_cards(path, fpr)
+    return _upload(path, kind, repo_id, private, api, token, revision,
+                   commit_message or f"moodguard push: {kind} {path.name}")
+
+
+def _upload(path: Path, kind: str, repo_id: str, private: bool, api, token: str | None, revision: str | None,
+            commit_message: str) -> PushResult:
+    from huggingface_hub import HfApi
+
     files = files_to_upload(path, kind)
     if "README.md" not in files:
         raise BundleError(f"{path}: nothing to upload (no README.md among the files)")
@@ -158,7 +171,6 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, api=No
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     allow, ignore = upload_patterns(kind)
     api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision,
-                      allow_patterns=allow, ignore_patterns=ignore,
-                      commit_message=commit_message or f"moodguard push: {kind} {path.name}")
+                      allow_patterns=allow, ignore_patterns=ignore, commit_message=commit_message)
     url = str(getattr(repo, "url", None) or f"https://huggingface.co/{repo_id}")
     return PushResult(repo_id, kind, url, files)

@@ -52,12 +52,14 @@ def barrier() -> None:
 
 def start(device: str | None = None) -> None:
     """Join the launch's process group (through the device policy) and let only rank 0 write;
-    a no-op in a single process."""
+    a no-op in a single process. The rank dies with its launcher (``PR_SET_PDEATHSIG``)."""
     if not launched():
         return
     from mood_data import atomic
     from train.device import resolve_device
+    from mood_data.children import die_with_launcher
 
+    die_with_launcher()  # no rank outlives the launcher (or the command that started it)
     resolve_device(device)  # PartialState: gloo on CPU, NCCL on GPUs
     atomic.set_commit_policy(writer=is_main(), after_commit=barrier)
 

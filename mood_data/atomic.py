@@ -11,8 +11,9 @@ kill fit / evaluate / score / sweep at a deterministic point and check that a re
 then be removed).
 
 Files and folders are created with the process umask (0644 / 0755 by default), not the 0600 /
-0700 of ``tempfile``: a bundle written by one account can be read by the service scoring with
-it. JSON writers refuse NaN / inf (``allow_nan=False``): the error names the file and the key.
+0700 of ``tempfile``, and every finished temporary (a whole ``atomic_dir`` tree included) is
+given those modes before its rename, whatever wrote it (safetensors writes 0600): a bundle
+written by one account can be read by the service scoring with it. JSON writers refuse NaN / inf (``allow_nan=False``): the error names the file and the key.
 An ``OSError`` when creating the temporary or renaming it into place (disk full, read-only
 folder, ...) becomes a one-line :class:`~mood_data.errors.OutputError` naming the file; the
 temporary is removed first. Any other OSError propagates (the CLI prints it on one line).
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -111,6 +113,26 @@ def _tmp_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+def _umask_mode(path: Path, st: os.stat_result | None = None) -> None:
+    """Give a finished temporary (file) the mode a plain ``open`` would: ``0666 & ~umask``
+    (``0777`` for an executable or a folder). Writers such as safetensors create their files
+    0600, which a bundle then carried along to the service that must read it."""
+    st = st or os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+    if st.st_mode & 0o777 != full & ~umask():
+        os.chmod(path, full & ~umask())
+
+
+def _umask_tree(folder: Path) -> None:
+    """:func:`_umask_mode` for ``folder`` and everything under it (links never followed)."""
+    _umask_mode(folder)
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            _umask_mode(Path(root) / name)
+
+
 def _commit(tmp: Path, path: Path) -> None:
     """Move a finished temporary onto its final name (the one rename of every output)."""
     os.replace(tmp, path)
@@ -127,9 +149,21 @@ def _commit_or_fail(tmp: Path, path: Path) -> None:
         raise io_error(path, exc) from None
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's: its entries) data to the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success it is renamed onto ``path``, on error removed."""
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success it is renamed onto ``path``, on error removed.
+    ``durable``: the temporary and its folder are fsynced before the rename and the folder again
+    after it, so a power cut leaves the old file or the complete new one, never an empty file
+    under the final name."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a folder (expected a file path)")
@@ -137,9 +171,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     private = _private(path)
     try:
         yield tmp
+        _umask_mode(tmp)  # the writer may have replaced the temporary with a 0600 file
+        if durable and (_writer or private):
+            fsync_path(tmp)
+            fsync_path(path.parent)
         _test_kill_hook(before=True)
         if _writer or private:
             _commit_or_fail(tmp, path)
+            if durable:
+                fsync_path(path.parent)
         else:
             tmp.unlink()
         _test_kill_hook(before=False)
@@ -150,14 +190,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _committed(private)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> Path:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> Path:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -199,8 +239,8 @@ def dumps(obj: Any, path: str | os.PathLike, *, row: int | None = None, **kwargs
         raise OutputError(f"{at}: field '{key}': not a finite number (NaN/inf is never written to JSON)") from None
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    return write_text(path, dumps(obj, path, indent=indent, sort_keys=False) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, durable: bool = False) -> Path:
+    return write_text(path, dumps(obj, path, indent=indent, sort_keys=False) + "\n", durable=durable)
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> Path:
@@ -211,10 +251,13 @@ def write_jsonl(path: str | os.PathLike, rows) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, dispose: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Build a whole folder in a temporary sibling, then swap it into place.
 
-    An existing folder at ``path`` is replaced only once the new one is complete.
+    An existing folder at ``path`` is replaced only once the new one is complete. The old one
+    is then removed, or handed to ``dispose`` (moved into a private temporary folder first, which
+    is removed afterwards only if ``dispose`` emptied it): ``export`` deletes only a bundle's own
+    files that way.
     """
     path = Path(path)
     _mkdir_parent(path)
@@ -230,14 +273,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
         finally:
             _open_dirs.remove(tmp)
+        _umask_tree(tmp)  # files written into it by libraries (safetensors: 0600) included
         _test_kill_hook(before=True)
         if not (_writer or private):
             shutil.rmtree(tmp, ignore_errors=True)
-        elif path.exists():
+        elif os.path.lexists(path):
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             _commit_or_fail(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if dispose is None:
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                dispose(old / "x")
+                with contextlib.suppress(OSError):
+                    old.rmdir()
         else:
             _commit_or_fail(tmp, path)
         _test_kill_hook(before=False)

@@ -8,15 +8,24 @@ holder removes the file when it is done. The kernel drops a ``flock`` when its p
 the file a crashed or killed run leaves is stale by construction and simply taken over (the pid
 in it is rewritten).
 
+The lock file is never followed: it is created with ``O_EXCL`` and reopened with ``O_NOFOLLOW``,
+and a symlink, a hard link (a file with more than one link) or a non-regular file in its place
+is refused with one line naming it (a planted ``.X.moodguard.lock -> ~/precious`` would
+otherwise get its target truncated and overwritten with the pid).
+
 The lock is re-entrant within a process, and processes we start (``accelerate launch`` ranks,
 parallel seed members) inherit the holder's permission through ``MOODGUARD_LOCKS_HELD`` (the
-paths held by an ancestor) instead of deadlocking on their parent's lock.
+paths held by an ancestor) instead of deadlocking on their parent's lock. The holder shares its
+lock while it starts them (:func:`shared_with_children`) and each of them joins it (a shared
+``flock`` of the same file), so the lock is held by the processes that write: killing the
+holder (or the launcher) does not let a second writer in while a rank still runs.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -82,13 +91,111 @@ def output_file_lock(path: str | os.PathLike) -> Iterator[Path]:
         yield path
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (creating it if needed) the lock file ``path`` WITHOUT following a symlink: a new file
+    is created with ``O_EXCL`` (a dangling link is never followed to create its target), an
+    existing one is opened with ``O_NOFOLLOW`` and must be a regular file with one link (a
+    planted symlink or hard link would get its target truncated and overwritten with our pid)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(5):  # created / removed by another process between the two opens
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create the lock file ({exc.strerror or type(exc).__name__})") from None
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{path}: the lock file is a symlink (refused: a lock is never followed; remove "
+                                  "it if no moodguard run of yours made it)") from None
+            raise OutputError(f"{path}: cannot open the lock file ({exc.strerror or type(exc).__name__})") from None
+    else:  # pragma: no cover - five lost races in a row
+        raise OutputError(f"{path}: could not open the lock file")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise OutputError(f"{path}: the lock file is {what} (refused: it would be overwritten; remove it if no "
+                          "moodguard run of yours made it)")
+    return fd
+
+
+def _join(target: Path) -> int | None:
+    """In a process started by the holder of ``target``'s lock (``MOODGUARD_LOCKS_HELD``): take
+    a SHARED lock on the same file, so that the lock stays held while this process runs, even if
+    the holder is killed (a contender's exclusive lock fails while any share is held). None when
+    the holder did not share it (:func:`shared_with_children`): then its lock alone counts."""
+    import fcntl
+
+    path = lock_path(target)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    try:
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise BlockingIOError
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    if not _same_file(path, fd):
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def shared_with_children() -> Iterator[None]:
+    """Around starting the processes that write for this one (``accelerate launch`` ranks,
+    parallel seed members): every lock held here becomes a SHARED lock that those processes
+    join (:func:`_join`), so an output stays locked as long as any of them runs, the one that
+    writes included, even after this process is SIGKILLed. A contender's exclusive lock fails
+    while any share is held. (The kernel converts a flock by dropping and re-taking it: should a
+    contender win that instant, this process stops with a one-line error instead.)"""
+    import fcntl
+
+    for key, (fd, _) in list(_held.items()):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{key}: taken by another moodguard process while this one handed its lock to the "
+                              "processes it starts; run again") from None
+        if not _same_file(lock_path(Path(key)), fd):
+            raise OutputError(f"{key}: the lock file was replaced while this process held it; run again")
+    yield
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """``path`` (not followed) is still the file open as ``fd``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
+
 @contextlib.contextmanager
 def _locked(target: Path) -> Iterator[None]:
     import fcntl
 
     key = str(target)
-    if key in _inherited():
-        yield
+    if key in _inherited():  # a process an ancestor started to write for it (a launched rank, a member)
+        fd = _join(target)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
         return
     if key in _held:
         fd, depth = _held[key]
@@ -101,10 +208,7 @@ def _locked(target: Path) -> Iterator[None]:
         return
     path = lock_path(target)
     for _ in range(5):  # the file may be unlinked by its releasing holder between open and flock
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot create the lock file ({exc.strerror or type(exc).__name__})") from None
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,11 +216,7 @@ def _locked(target: Path) -> Iterator[None]:
             os.close(fd)
             raise OutputError(f"{target}: in use by another moodguard process (pid {holder}); wait for it to "
                               f"finish or choose another output") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _same_file(path, fd):
             break
         os.close(fd)
     else:  # pragma: no cover - five lost races in a row
@@ -134,10 +234,11 @@ def _locked(target: Path) -> Iterator[None]:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = previous
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still locked: a contender re-checks the inode after its flock
+        if _same_file(path, fd):  # never a file (or link) put in its place meanwhile
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still locked: a contender re-checks the inode after its flock
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
-__all__ = ["ENV", "lock_path", "output_file_lock", "output_lock", "prepare_folder"]
+__all__ = ["ENV", "lock_path", "output_file_lock", "output_lock", "prepare_folder", "shared_with_children"]

@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
 from train.detector_table import NAMES
 
-from .cli_common import add_device_argument, add_parallel_argument, add_recipe_arguments, parallel_run, recipe_from_args
+from .cli_common import (add_device_argument, add_parallel_argument, add_recipe_arguments, check_num_processes,
+                         parallel_run, recipe_from_args)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
     p.add_argument("--monitor", default="guard+maha+ppl",
                    help=f"the monitor to export: detectors joined by '+' ({', '.join(NAMES)}; default guard+maha+ppl)")
-    p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="bundle folder to write: new, empty, or a bundle moodguard wrote (replaced atomically, "
+                        "its own files deleted); any other existing path is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the bundle even where --out holds something else: that is moved aside to "
+                        "<out>.moodguard-old-<time>, never deleted (never the working folder or the run itself)")
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
 
 
@@ -21,10 +29,14 @@ def run_export(args) -> int:
 
     from mood_data.runlock import output_file_lock, output_lock
 
+    from eval.backbone import run_root
+    from eval.bundle import check_export_out
+
     recipe = recipe_from_args(args)
+    check_export_out(args.out, args.overwrite, (Path.cwd(), run_root(recipe)))  # before the lock and the work
     with output_lock(recipe.output_dir, "output_dir"), output_file_lock(args.out):
         out = export_bundle(recipe, args.out, args.monitor, source=args.source, predict_safe=args.predict_safe,
-                            device=args.device)
+                            device=args.device, overwrite=args.overwrite)
     print(f"bundle written: {out}")
     return 0
 
@@ -40,9 +52,15 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow a bundle whose monitor.json sets trust_remote_code to run its base model's own "
                         "Python code (refused without this flag)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the chunks a killed run committed for --out and score only the rest")
+                   help="keep the chunks a killed run committed for --out (each checked against its row count "
+                        "and sha256; a damaged one is rescored) and score only the rest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, or start afresh over a killed run's chunks (refused "
+                        "without it)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="score only shard I of N (0-based, contiguous rows; e.g. $SLURM_ARRAY_TASK_ID/8)")
+    # `--shard -1/3` is a (bad) value, not an unknown option: argparse would only say "expected one argument"
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+/-?\d+$")
     p.add_argument("--chunk-size", type=int, default=None, metavar="ROWS",
                    help="conversations scored and committed at a time (default 512; bounds memory)")
     add_device_argument(p)
@@ -73,7 +91,7 @@ def check_out_file(out: str | None) -> None:
 def run_score(args) -> int:
     import contextlib
 
-    from eval.streaming import parse_shard, scan_input
+    from eval.streaming import check_output, parse_shard, scan_input
     from mood_data.errors import MoodguardError
     from mood_data.runlock import output_file_lock
 
@@ -81,8 +99,12 @@ def run_score(args) -> int:
         raise MoodguardError("--resume: needs --out (the chunks of a killed run are kept next to that file)")
     if args.batch_size is not None and args.batch_size < 1:
         raise MoodguardError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise MoodguardError(f"--chunk-size {args.chunk_size}: expected a positive number of rows")
+    check_num_processes(args)
     check_out_file(args.out)  # before the (slow) model load and scoring
     shard = parse_shard(args.shard)
+    check_output(args.out, args.input, resume=args.resume, overwrite=args.overwrite)
     scan = scan_input(args.input)  # input errors before the (slow) model load
     # one writer per --out (the launched ranks inherit the lock)
     with output_file_lock(args.out) if args.out is not None else contextlib.nullcontext():
@@ -98,7 +120,8 @@ def _score(args, scan, shard) -> int:
 
     monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
                            trust_remote_code=args.trust_remote_code)
-    s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume, chunk=args.chunk_size or SCORE_CHUNK)
+    s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume, overwrite=args.overwrite,
+                     chunk=SCORE_CHUNK if args.chunk_size is None else args.chunk_size)
     per = s.seconds / max(s.rows - s.resumed_rows, 1)
     main_print(f"{monitor.name}: {s.rows} conversations ({s.rows - s.resumed_rows} scored now), "
                f"{per * 1000:.1f} ms per conversation; flagged "

@@ -33,11 +33,21 @@ def add_parallel_argument(p: argparse.ArgumentParser) -> None:
                         "gloo ranks on CPU); outputs equal one process's")
 
 
+def check_num_processes(args) -> None:
+    """``--num-processes`` is a positive number (0 or -2 was silently one process)."""
+    from mood_data.errors import MoodguardError
+
+    n = getattr(args, "num_processes", None)
+    if n is not None and n < 1:
+        raise MoodguardError(f"--num-processes {n}: expected a positive number of processes")
+
+
 def parallel_run(args, body) -> int:
     """Run ``body()`` once per rank: re-execute under ``accelerate launch`` for
     ``--num-processes N``; inside a launch, join its process group (rank 0 writes)."""
     from eval import parallel
 
+    check_num_processes(args)
     if parallel.wants_relaunch(getattr(args, "num_processes", None)):
         return parallel.relaunch(CLI_MODULE, args._argv, args.num_processes, args.device)
     parallel.start(args.device)

@@ -120,7 +120,7 @@ def test_score_two_processes_equal_one_and_resume_and_shards(runs, tiny_dataset_
     FIGURES["score_max_abs_score_diff"] = d
     print(f"\n2-process score: max |score diff| {d:.3g} over {len(rows2)} rows")
 
-    # SIGKILL after the 3rd commit (meta.json, chunk 0, chunk 1), then --resume
+    # SIGKILL after the 3rd commit (meta.json, chunk 0, chunk 0 recorded in meta.json), then --resume
     out = tmp / "killed" / "s.jsonl"
     argv = ["score", "--monitor", str(bundle), str(inp), "--out", str(out), "--chunk-size", "10"]
     killed(argv, "3", tmp)

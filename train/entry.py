@@ -85,6 +85,10 @@ def module_main(kind: str, train_fn: Callable[..., Any], argv: Sequence[str] | N
     from .recipe import load_recipe
 
     configure()  # the launching command's -v choice arrives through the environment
+    from mood_data.children import PARENT_ENV, die_with_launcher
+
+    if os.environ.get(PARENT_ENV) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        die_with_launcher()  # a rank or member never outlives the command that started it
 
     from mood_data.runlock import output_lock
 

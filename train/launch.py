@@ -15,6 +15,7 @@ from typing import Sequence
 
 import yaml
 
+from mood_data.children import run_child
 from mood_data.errors import RecipeError
 
 from .loop import adapter_dirname, end_distributed
@@ -67,7 +68,7 @@ def launch_command(config: str, module: str, argv: Sequence[str], num_processes:
 def relaunch(config: str, module: str, argv: Sequence[str], num_processes: int | None = None) -> int:
     cmd, env = launch_command(config, module, argv, num_processes)
     print("moodguard: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    return run_child(cmd, env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def train_members_parallel(kind: str, recipe: Recipe, recipe_path: str | os.Path
             cmd, env = member_command(kind, recipe, argv, seed)
             log = logs / f"{kind}-seed{seed}.log"
             with open(log, "w", encoding="utf-8") as fh:
-                rc = subprocess.call(cmd, env={**env, **extra_env}, stdout=fh, stderr=subprocess.STDOUT)
+                rc = run_child(cmd, {**env, **extra_env}, stdout=fh, stderr=subprocess.STDOUT)
             with lock:
                 bar.update(1)
                 if rc != 0:
