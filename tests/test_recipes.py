@@ -164,6 +164,45 @@ def test_value_checks(override, key):
     assert f"key '{key}'" in msg and msg.startswith(display_path(RECIPES_DIR / "tiny" / "s.yaml"))
 
 
+@pytest.mark.parametrize("override, key, expect", [
+    ("guard.head_learning_rate=0", "guard.head_learning_rate", "must be > 0, or null (= learning_rate)"),
+    ("guard.head_learning_rate=fast", "guard.head_learning_rate", "expected float or null, got 'fast'"),
+    ("guard.init_head=linear", "guard.init_head", "expected 'random' | 'probe', got 'linear'"),
+    ("guard.probe_c=-1", "guard.probe_c", "must be > 0"),
+    ("guard.class_weights=[1]", "guard.class_weights", "two weights [safe, unsafe], got 1 values"),
+    ("guard.class_weights=[1, 0]", "guard.class_weights", "weights must be > 0, got [1.0, 0.0]"),
+    ("guard.class_weights=equal", "guard.class_weights", "got 'equal'"),
+    ("guard.eval_every=0", "guard.eval_every", "must be 'epoch', a number of steps >= 1, or null"),
+    ("guard.eval_every=epochs", "guard.eval_every", "expected 'epoch' or int or null, got 'epochs'"),
+    ("guard.eval_every=true", "guard.eval_every", "got True"),
+    ("lm.init_head=probe", "lm.init_head", "guard only (the lm has no classification head); leave it at 'random'"),
+    ("lm.head_learning_rate=1e-2", "lm.head_learning_rate", "guard only (the lm has no classification head)"),
+    ("lm.class_weights=balanced", "lm.class_weights", "guard only (the lm has no classification head); leave it at null"),
+    ("judge.probe_c=0.1", "judge.probe_c", "guard only (the judge has no classification head)"),
+])
+def test_trainer_lever_checks(override, key, expect):
+    """One line naming the file and the key for every bad value of the guard's training levers."""
+    msg = error_of(RECIPES_DIR / "tiny" / "s.yaml", [override])
+    assert msg.startswith(f"{display_path(RECIPES_DIR / 'tiny' / 's.yaml')} (override): key '{key}': ") and expect in msg
+
+
+def test_trainer_lever_defaults_and_values():
+    """_base.yaml keeps today's training (no selection, random head at the shared lr, plain CE) for
+    the guard and, through the anchor, the lm; the levers parse."""
+    for kind in ("guard", "lm", "judge"):
+        sec = getattr(load_recipe(RECIPES_DIR / "tiny" / "s.yaml"), kind)
+        assert (sec.eval_every, sec.head_learning_rate, sec.init_head, sec.probe_c, sec.class_weights) == \
+            (None, None, "random", 1.0, None)
+    r = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", ["guard.eval_every=epoch", "guard.head_learning_rate=1e-2",
+                                                      "guard.init_head=probe", "guard.class_weights=[1, 4]",
+                                                      "lm.eval_every=50"])
+    assert (r.guard.eval_every, r.guard.head_learning_rate, r.guard.init_head, r.guard.class_weights, r.lm.eval_every) \
+        == ("epoch", 1e-2, "probe", [1.0, 4.0], 50)
+    assert load_recipe(RECIPES_DIR / "tiny" / "s.yaml", ["guard.class_weights=balanced"]).guard.class_weights == "balanced"
+    msg = error_of(RECIPES_DIR / "tiny" / "s.yaml", ["guard.eval_every=10", "guard.eval_steps=5"])
+    assert "key 'guard.eval_every': set either eval_every" in msg and "not both (eval_steps is 5)" in msg
+
+
 def test_bad_override_syntax():
     assert "expected key=value" in error_of(RECIPES_DIR / "tiny" / "s.yaml", ["guard.learning_rate"])
 

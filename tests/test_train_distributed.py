@@ -80,6 +80,61 @@ def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, tiny_dataset_
     assert m1["validation"]["eval_auroc"] == m2["validation"]["eval_auroc"]
 
 
+# every guard lever at once (train/probe.py, train/loop.py): LP-FT head, its own lr, class weights,
+# evaluation + best checkpoint every 2 steps
+LEVERS = dict(guard__max_steps=4, guard__eval_every=2, guard__save_total_limit=None, guard__init_head="probe",
+              guard__head_learning_rate=1e-2, guard__class_weights=[1, 2])
+
+
+@pytest.fixture(scope="module")
+def levers_one_process(tmp_path_factory, tiny_model_dir, tiny_dataset_dir) -> Path:
+    root = tmp_path_factory.mktemp("levers1")
+    rec = write_tiny_recipe(root / "r.yaml", tiny_model_dir, tiny_dataset_dir, root / "run", **LEVERS)
+    assert moodguard(["train", "guard", "--recipe", str(rec)]) == 0  # 1 process x 8
+    return root / "run"
+
+
+def check_levers_match(run: Path, one: Path, processes: int = 2) -> None:
+    """The same probe (features gathered over the ranks, fitted once, broadcast), the same
+    evaluations and best step, the same final adapter as one process at the same global batch."""
+    m1 = json.loads((one / "guard" / "metrics.json").read_text())
+    m2 = json.loads((run / "guard" / "metrics.json").read_text())
+    assert (m1["num_processes"], m2["num_processes"]) == (1, processes)
+    drop = {"seconds"}
+    assert {k: v for k, v in m2["init_head"].items() if k not in drop} == \
+        {k: v for k, v in m1["init_head"].items() if k not in drop}
+    assert m2["class_weights"] == m1["class_weights"] and m2["steps_per_epoch"] == m1["steps_per_epoch"]
+    s1, s2 = m1["selection"], m2["selection"]
+    assert (s2["best_step"], s2["best_checkpoint"]) == (s1["best_step"], s1["best_checkpoint"])
+    assert [e["step"] for e in s2["evaluations"]] == [e["step"] for e in s1["evaluations"]] == [2, 4]
+    for a, b in zip(s1["evaluations"], s2["evaluations"]):
+        assert b["eval_auroc"] == pytest.approx(a["eval_auroc"], abs=1e-6)
+    assert_same_adapter(run / "guard", one / "guard")
+    best = run / "checkpoints" / "guard" / s2["best_checkpoint"]
+    assert_same_adapter(run / "guard", best, atol=0)
+
+
+def test_levers_two_processes_equal_one_process(tmp_path, tiny_model_dir, tiny_dataset_dir, levers_one_process):
+    rec = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run", **LEVERS)
+    proc = train_two_ranks(tmp_path, rec, "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_levers_match(tmp_path / "run", levers_one_process)
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3", "fsdp"])
+def test_levers_other_engines_equal_one_process(tmp_path, tiny_model_dir, tiny_dataset_dir, levers_one_process, config):
+    """ZeRO-2 / ZeRO-3 (the probe pass gathers the partitioned weights, the head is written through
+    GatheredParameters) and FSDP (only rank 0 holds weights at load: it computes every feature;
+    load_best_model_at_end reads an FSDP checkpoint): the same probe, best step and adapter."""
+    rec = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run", **LEVERS)
+    if config == "fsdp":
+        proc = fsdp_launch(tmp_path, fsdp_cpu_config(tmp_path), rec)
+    else:
+        proc = train_two_ranks(tmp_path, rec, config, use_cpu_env=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_levers_match(tmp_path / "run", levers_one_process)
+
+
 def guard_logits(model_dir: Path, adapter_dir: Path, tokenizer_dir: Path) -> torch.Tensor:
     """The saved adapter loaded the way eval loads it (score head from the adapter), on 4 texts."""
     from train.modeling import load_guard_model, load_tokenizer

@@ -77,8 +77,15 @@ def guard_collator(recipe: Recipe, tokenizer):
     return make(tokenizer, recipe.guard.pad_to_multiple_of)
 
 
+def init_guard_head(recipe: Recipe, trainer, datasets) -> dict | None:
+    """``guard.init_head: probe``: the LP-FT head (train/probe.py); ``random``: peft's fresh head."""
+    from .probe import probe_head_init
+
+    return probe_head_init(recipe, trainer, datasets)
+
+
 GUARD_JOB = AdapterJob("guard", build_guard_model, build_guard_datasets, guard_collator, compute_guard_metrics,
-                       mean_loss=True)
+                       mean_loss=True, best_metric="auroc", greater_is_better=True, init_model=init_guard_head)
 
 
 def train_guard(recipe: Recipe, resume: bool = False, only_seeds: Sequence[int] | None = None) -> Path:

@@ -32,6 +32,12 @@ class AdapterJob:
     # True when the model's loss is a per-example mean that ignores num_items_in_batch
     # (sequence classification): Trainer must then not rescale it by the world size.
     mean_loss: bool = False
+    # model selection (<kind>.eval_every): the validation metric (without "eval_") and its direction
+    best_metric: str = "loss"
+    greater_is_better: bool = False
+    # called once before training with (recipe, trainer, datasets); may change the model (the
+    # guard's LP-FT head) and returns a record for metrics.json["init_head"] (or None)
+    init_model: Callable[[Recipe, Any, Any], dict | None] | None = None
 
 
 def adapter_dirname(kind: str, seeds: Sequence[int], seed: int) -> str:
@@ -45,6 +51,68 @@ def on_cpu() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
 
 
+HEAD_MARK = ".modules_to_save."  # peft's trainable copy of the classification head (score / classifier)
+
+
+def is_head_parameter(name: str) -> bool:
+    """A parameter of the trainable classification head (peft ``modules_to_save`` copy), by name:
+    the name survives DDP / DeepSpeed / FSDP2 wrapping (prefixes only)."""
+    return HEAD_MARK in name
+
+
+def optimizer_groups(named_parameters, decay_names, weight_decay: float, head_learning_rate: float | None) -> list[dict]:
+    """Trainer's two parameter groups (weight decay except biases / norms: ``decay_names``), each
+    split into body and head when the head has its own learning rate (the head groups carry
+    ``lr``; empty groups are dropped). Body groups come first: the logged learning rate (group 0)
+    stays the LoRA one."""
+    decay_names = set(decay_names)
+    cells: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (True, False)}
+    for name, p in named_parameters:
+        if p.requires_grad:
+            head = head_learning_rate is not None and is_head_parameter(name)
+            cells[(head, name in decay_names)].append(p)
+    groups = []
+    for (head, decay), params in cells.items():
+        if params:
+            group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+            if head:
+                group["lr"] = head_learning_rate
+            groups.append(group)
+    return groups
+
+
+def class_weight_vector(spec, labels: Sequence[int]) -> list[float] | None:
+    """Per-class loss weights ``[w_safe, w_unsafe]`` for ``<kind>.class_weights`` over the train
+    labels: "balanced" = n / (2 n_c); a given pair is rescaled so that the mean weight over the train
+    rows is 1 (balanced already is): only the ratio matters and the loss keeps the scale of plain
+    cross-entropy. None = unweighted."""
+    import numpy as np
+
+    from mood_data.errors import DataError
+
+    if spec is None:
+        return None
+    y = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(y, minlength=2).astype(np.float64)
+    if spec == "balanced":
+        if (counts == 0).any():
+            raise DataError(f"train rows: class_weights 'balanced' needs both classes; counts safe/unsafe {counts.astype(int).tolist()}")
+        w = len(y) / (2.0 * counts)
+    else:
+        w = np.asarray(spec, dtype=np.float64)
+    return (w / (float(w @ counts) / len(y))).tolist()
+
+
+def weighted_cross_entropy(logits, labels, weights):
+    """mean_i w[y_i] * CE(logits_i, y_i): normalised by the number of rows (not by the sum of the
+    weights, as torch's ``weight=`` does), so the loss stays a per-row mean: row chunks,
+    gradient accumulation and DDP average it exactly like the unweighted loss."""
+    import torch.nn.functional as F
+
+    per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (per_row * weights.to(per_row.device)[labels]).mean()
+
+
 def make_trainer_class():
     from transformers import Trainer
 
@@ -52,16 +120,23 @@ def make_trainer_class():
 
     class MoodTrainer(Trainer):
         """Trainer whose train sampler is seeded and grouped by *global* batch, so data order is
-        the same for every process count and after a resume."""
+        the same for every process count and after a resume. Optional: the classification head in
+        its own optimizer group (``head_learning_rate``), class-weighted cross-entropy
+        (``class_weights``: ``[w_safe, w_unsafe]``)."""
 
         def __init__(self, *args, lengths: Sequence[int], group_size: int, group_by_length: bool,
                      mean_loss: bool = False, mega_batch_mult: int | None = None,
-                     max_tokens_per_forward: int | None = None, pad_to_multiple_of: int | None = None, **kwargs):
+                     max_tokens_per_forward: int | None = None, pad_to_multiple_of: int | None = None,
+                     head_learning_rate: float | None = None, class_weights: Sequence[float] | None = None, **kwargs):
+            import torch
+
             super().__init__(*args, **kwargs)
             # a per-row-mean loss (the guard) lets a too-wide micro-batch run as row chunks
             self._max_tokens = max_tokens_per_forward if mean_loss else None
             self._pad_multiple = pad_to_multiple_of
             self._loss_scale = 1.0
+            self._head_lr = head_learning_rate
+            self._class_weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
             if mean_loss:
                 # transformers' sequence-classification loss ignores num_items_in_batch although
                 # forward() takes **kwargs; without this the DDP loss is multiplied by the world size
@@ -88,9 +163,33 @@ def make_trainer_class():
                 self._loss_scale = 1.0
             return total
 
+        def create_optimizer(self, model=None):
+            """Trainer's optimizer, with the head's parameters in groups of their own at
+            ``head_learning_rate`` (same weight-decay rule). Trainer calls this on every engine
+            path (plain / DDP, DeepSpeed without an optimizer block in its config, FSDP2 after
+            wrapping); the scheduler scales each group's own initial lr."""
+            if self._head_lr is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from transformers.trainer import is_optimizer_factory
+
+            opt_model = self.model if model is None else model
+            groups = optimizer_groups(opt_model.named_parameters(), self.get_decay_parameter_names(opt_model),
+                                      self.args.weight_decay, self._head_lr)
+            cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if is_optimizer_factory(cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+                raise RecipeError(f"key 'guard.head_learning_rate': optimizer {self.args.optim!r} builds its own "
+                                  "parameter groups; use an optimizer such as adamw_torch, or head_learning_rate: null")
+            self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
+            if self._class_weights is not None and "labels" in inputs:
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                loss = weighted_cross_entropy(outputs["logits"], inputs["labels"], self._class_weights)
+                out = (loss, outputs) if return_outputs else loss
+            else:
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
             if self._loss_scale == 1.0:
                 return out
             return (out[0] * self._loss_scale, out[1]) if return_outputs else out * self._loss_scale
@@ -98,7 +197,24 @@ def make_trainer_class():
     return MoodTrainer
 
 
-def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, ckpt_dir: Path, run_name: str):
+def evaluation_arguments(sec: TrainSection, best_metric: str = "loss", greater_is_better: bool = False) -> dict:
+    """TrainingArguments for evaluation, checkpoints and model selection. ``eval_every``: evaluate
+    and checkpoint at the same cadence (every epoch or every N steps; Trainer also evaluates and
+    saves the final step) and load the best checkpoint at the end (``metric_for_best_model``);
+    otherwise checkpoints every ``save_steps`` and plain evaluation every ``eval_steps``."""
+    if sec.eval_every is None:
+        return {"save_strategy": "steps", "save_steps": sec.save_steps,
+                "eval_strategy": "steps" if sec.eval_steps else "no", "eval_steps": sec.eval_steps}
+    strategy = "epoch" if sec.eval_every == "epoch" else "steps"
+    out = {"save_strategy": strategy, "eval_strategy": strategy, "load_best_model_at_end": True,
+           "metric_for_best_model": best_metric, "greater_is_better": greater_is_better}
+    if strategy == "steps":
+        out.update(save_steps=sec.eval_every, eval_steps=sec.eval_every)
+    return out
+
+
+def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, ckpt_dir: Path, run_name: str,
+                       selection: tuple[str, bool] = ("loss", False)):
     from accelerate import PartialState
     from transformers import TrainingArguments
 
@@ -134,11 +250,8 @@ def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, 
         max_grad_norm=sec.max_grad_norm,
         optim=sec.optim,
         logging_steps=sec.logging_steps,
-        save_strategy="steps",
-        save_steps=sec.save_steps,
         save_total_limit=sec.save_total_limit,
-        eval_strategy="steps" if sec.eval_steps else "no",
-        eval_steps=sec.eval_steps,
+        **evaluation_arguments(sec, *selection),
         activation_checkpointing=sec.gradient_checkpointing,  # the new name: no FutureWarning
         activation_checkpointing_kwargs={"use_reentrant": False} if sec.gradient_checkpointing else None,
         disable_tqdm=not show_progress(),  # a bar on a terminal, plain log lines in a log file
@@ -150,6 +263,46 @@ def training_arguments(recipe: Recipe, sec: TrainSection, kind: str, seed: int, 
         label_names=["labels"],
         dataloader_num_workers=0,
     )
+
+
+def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch, as Trainer counts them (a last partial accumulation counts)."""
+    return max(batches_per_epoch // accumulation + int(batches_per_epoch % accumulation > 0), 1)
+
+
+def make_schedule_callback(kind: str, n_train: int, global_batch: int):
+    """A ``TrainerCallback`` that records (``.record``) and logs, on the main process, how many
+    optimizer steps an epoch has and how many epochs the run's steps are."""
+    import sys
+
+    from transformers import TrainerCallback
+
+    class Schedule(TrainerCallback):
+        def __init__(self):
+            self.record: dict = {}
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            if train_dataloader is None:
+                return
+            per_epoch = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+            self.record = {"steps_per_epoch": per_epoch, "max_steps": state.max_steps,
+                           "epochs": round(state.max_steps / per_epoch, 4)}
+            if state.is_world_process_zero:
+                print(f"moodguard: {kind}: {n_train} train rows, global batch {global_batch}: {per_epoch} steps per "
+                      f"epoch; {state.max_steps} steps = {self.record['epochs']:g} epochs", file=sys.stderr, flush=True)
+
+    return Schedule()
+
+
+def selection_record(state, metric: str, greater_is_better: bool) -> dict:
+    """What model selection saw (metrics.json["selection"]): every evaluation's metric by step, and
+    the best step, its value and checkpoint (the final adapter's weights)."""
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    evaluations = [{"step": e["step"], key: e[key]} for e in state.log_history if key in e]
+    return {"metric": key, "greater_is_better": greater_is_better, "best_step": state.best_global_step,
+            "best_value": state.best_metric,
+            "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+            "last_step": state.global_step, "evaluations": evaluations}
 
 
 def _write_run_files(out: Path, recipe: Recipe, metrics: dict) -> None:
@@ -203,12 +356,14 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
         raise RecipeError(f"{recipe.source_file}: key '{key}': {recipe.tokenizer or recipe.model}: cannot be "
                           f"loaded ({why})") from None
     datasets_ = job.build_datasets(recipe, tokenizer)
+    weights = class_weight_vector(sec.class_weights, datasets_["train"]["labels"]) if sec.class_weights else None
     trainer_cls = make_trainer_class()
     finals: list[Path] = []
     for seed in (sec.seeds if only_seeds is None else [s for s in sec.seeds if s in only_seeds]):
         name = adapter_dirname(job.kind, sec.seeds, seed)
         ckpt_dir = out_root / "checkpoints" / name
-        args = training_arguments(recipe, sec, job.kind, seed, ckpt_dir, f"{recipe.name}-{name}")
+        args = training_arguments(recipe, sec, job.kind, seed, ckpt_dir, f"{recipe.name}-{name}",
+                                  selection=(job.best_metric, job.greater_is_better))
         set_seed(seed)
         model = job.build_model(recipe, tokenizer)
         trainer = trainer_cls(
@@ -224,18 +379,26 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
             group_size=sec.global_batch_size,
             group_by_length=sec.group_by_length,
             mean_loss=job.mean_loss,
+            head_learning_rate=sec.head_learning_rate,
+            class_weights=weights,
         )
+        schedule = make_schedule_callback(job.kind, len(datasets_["train"]), sec.global_batch_size)
+        trainer.add_callback(schedule)
         stop_path = stop_file()
         stopper = make_stop_callback(stop_path, trainer.accelerator) if stop_path else None
         if stopper is not None:
             trainer.add_callback(stopper)
         last = resume_point(recipe, job.kind, ckpt_dir, resume, main_process=trainer.is_world_process_zero())
         trainer.accelerator.wait_for_everyone()
+        # e.g. the guard's LP-FT head; also on a resume (deterministic; the checkpoint's head then wins)
+        init_record = job.init_model(recipe, trainer, datasets_) if job.init_model is not None else None
         train_out = trainer.train(resume_from_checkpoint=last)
         if stopper is not None and stopper.stopped:
             trainer.accelerator.wait_for_everyone()
             raise TrainingStopped(str(ckpt_dir / f"checkpoint-{trainer.state.global_step}"))
-        val = trainer.evaluate()
+        selection = (selection_record(trainer.state, job.best_metric, job.greater_is_better)
+                     if sec.eval_every is not None else None)
+        val = trainer.evaluate()  # after load_best_model_at_end: the selected checkpoint's weights
         staging = staging_dir(out_root, name, trainer.accelerator)
         save_full_adapter(trainer, staging)
         trainer.accelerator.wait_for_everyone()
@@ -254,6 +417,11 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
                 "num_processes": args.world_size,
                 "global_batch_size": sec.global_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                **schedule.record,  # steps_per_epoch, max_steps, epochs
+                "selection": selection,
+                "init_head": init_record,
+                "class_weights": weights,
+                "head_learning_rate": sec.head_learning_rate,
                 "resumed_from": last,
                 "engine": engine_record(trainer.accelerator),
                 # where the model actually trained (--device / accelerate), and its parameter dtype

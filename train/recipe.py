@@ -70,6 +70,19 @@ class TrainSection:
     save_total_limit: int | None = 2
     logging_steps: int = 10
     eval_steps: int | None = None
+    # model selection: evaluate on the validation slice every epoch ("epoch") or every N optimizer
+    # steps, checkpoint at every evaluation, and keep the best checkpoint as the final adapter
+    # (guard: highest validation AUROC; lm / judge: lowest validation loss); null = no selection
+    eval_every: Literal["epoch"] | int | None = None
+    # --- guard only (the causal LM and the judge have no classification head): see GUARD_ONLY
+    # learning rate of the classification head (peft modules_to_save copy of score/classifier);
+    # null = learning_rate
+    head_learning_rate: float | None = None
+    # LP-FT: "probe" starts the head from a logistic probe fitted on the frozen base's pooled features
+    init_head: Literal["random", "probe"] = "random"
+    probe_c: float = 1.0  # the probe's inverse L2 regularisation (sklearn C, on std-scaled features)
+    # weighted cross-entropy: "balanced" (n / (2 n_c) from the train rows) or [w_safe, w_unsafe]
+    class_weights: Literal["balanced"] | list[float] | None = None
     group_by_length: bool = True
     pad_to_multiple_of: int | None = 8
     # padding-free packing (DataCollatorWithFlattening + position ids); causal LM only
@@ -78,6 +91,11 @@ class TrainSection:
     # a share of the CPU threads otherwise); 1 = one after the other in this process
     parallel_members: int = 1
     lora: LoraSection = field(default_factory=LoraSection)
+
+
+# keys that only the guard may change from their defaults (the causal LM and the judge have no
+# classification head); their defaults leave training as it was before the keys existed
+GUARD_ONLY = ("head_learning_rate", "init_head", "probe_c", "class_weights")
 
 
 @dataclass
@@ -515,6 +533,7 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
             fail(f"{kind}.lora.target_modules", "expected a list of module names or 'all-linear'")
         if sec.pad_to_multiple_of is not None and sec.pad_to_multiple_of < 1:
             fail(f"{kind}.pad_to_multiple_of", "must be >= 1 or null")
+        _check_selection_and_head(kind, sec, fail)
         try:
             gradient_accumulation_steps(sec.global_batch_size, sec.per_device_batch_size, acc.num_processes)
         except RecipeError:
@@ -554,6 +573,32 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
             fail(f"eval.{key}", "must be >= 1")
     if ev.knn.k < 1 or ev.knn.max_ref < ev.knn.k:
         fail("eval.knn.k", "need 1 <= k <= max_ref")
+
+
+def _check_selection_and_head(kind: str, sec: TrainSection, fail) -> None:
+    """eval_every, and the guard-only keys (head learning rate, head init, class weights)."""
+    if isinstance(sec.eval_every, int) and sec.eval_every < 1:
+        fail(f"{kind}.eval_every", "must be 'epoch', a number of steps >= 1, or null")
+    if sec.eval_every is not None and sec.eval_steps is not None:
+        fail(f"{kind}.eval_every", f"set either eval_every (evaluate and keep the best checkpoint) or eval_steps "
+                                   f"(evaluate only), not both (eval_steps is {sec.eval_steps})")
+    if kind != "guard":
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainSection)}
+        for key in GUARD_ONLY:
+            if getattr(sec, key) != defaults[key]:
+                shown = "null" if defaults[key] is None else short_repr(defaults[key])
+                fail(f"{kind}.{key}", f"guard only (the {kind} has no classification head); leave it at {shown}")
+        return
+    if sec.head_learning_rate is not None and sec.head_learning_rate <= 0:
+        fail(f"{kind}.head_learning_rate", "must be > 0, or null (= learning_rate)")
+    if sec.probe_c <= 0:
+        fail(f"{kind}.probe_c", "must be > 0")
+    cw = sec.class_weights
+    if isinstance(cw, list):
+        if len(cw) != 2:
+            fail(f"{kind}.class_weights", f"expected 'balanced', null or two weights [safe, unsafe], got {len(cw)} values")
+        if any(w <= 0 for w in cw):
+            fail(f"{kind}.class_weights", f"weights must be > 0, got {cw}")
 
 
 _WARNED_TRUST: set[str] = set()
