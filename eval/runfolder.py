@@ -7,7 +7,6 @@ and plots from ``results.jsonl`` alone.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -17,7 +16,7 @@ import numpy as np
 from mood_data import atomic
 from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import DataError, where
-from mood_data.readers import jsonl_rows
+from mood_data.readers import jsonl_rows, read_json
 
 from .metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain_table
 
@@ -201,13 +200,13 @@ def reanalyze(
     run = Path(run_dir)
     rows = read_results(run / RESULTS)
     old = {}
-    meta = json.loads((run / META).read_text(encoding="utf-8")) if (run / META).is_file() else {}
-    neg = json.loads((run / NEGATIVES).read_text(encoding="utf-8")) if (run / NEGATIVES).is_file() else None
+    meta = read_json(run / META, DataError) if (run / META).is_file() else {}
+    neg = read_json(run / NEGATIVES, DataError) if (run / NEGATIVES).is_file() else None
     for name in (ANALYSIS, META):
         if (run / name).is_file():
             try:
-                old = {**json.loads((run / name).read_text(encoding="utf-8")), **old}
-            except json.JSONDecodeError:
+                old = {**read_json(run / name, DataError), **old}
+            except DataError:
                 pass
     score = np.array([float(r["score"]) for r in rows])
     malign = np.array([int(r["malign"]) for r in rows])

@@ -11,12 +11,9 @@ counted) for CSV, the position in the array / table for JSON, parquet and hub sp
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
-import io
 import json
 import os
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -24,7 +21,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .domains import DEFAULT_REGISTRY, DomainRegistry, load_registry
 from .errors import DataError, where
-from .readers import lone_surrogate_field, utf8_encodable
+from .readers import (MAX_LINE_BYTES, READ_ERRORS, DocumentRefused, loads_json, lone_surrogate_field, open_binary,
+                      read_capped, read_lines, utf8_encodable)
 from .render import ROLES, render
 
 COLUMNS: tuple[str, ...] = ("id", "conversation", "domain", "malign")
@@ -68,15 +66,11 @@ def infer_split(path: str | Path) -> str | None:
     return next((s for s in SPLITS if name.startswith(s)), None)
 
 
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-
-
 def _read_bytes(path: Path) -> bytes:
     try:
-        with _open_binary(path) as fh:
-            return fh.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        with open_binary(path) as fh:
+            return read_capped(fh, path)
+    except READ_ERRORS as exc:  # gzip.BadGzipFile is an OSError; a damaged stream zlib.error / EOFError
         raise DataError(f"{path}: cannot read file ({exc})") from None
 
 
@@ -90,8 +84,8 @@ def _parse_json_line(raw: bytes, label: str, n: int) -> Any:
     except UnicodeDecodeError as exc:
         byte = f"byte 0x{raw[exc.start]:02x}"
         try:  # name the field when the line still parses
-            field = _bad_utf8_field(json.loads(raw.decode("utf-8", "surrogateescape")))
-        except json.JSONDecodeError:
+            field = _bad_utf8_field(loads_json(raw.decode("utf-8", "surrogateescape")))
+        except (json.JSONDecodeError, DocumentRefused):
             field = None
         if field is not None:
             raise DataError(f"{where(label, n, field)}: not valid UTF-8 ({byte})") from None
@@ -100,9 +94,11 @@ def _parse_json_line(raw: bytes, label: str, n: int) -> Any:
     if n == 1:
         text = text.lstrip("\ufeff")
     try:
-        return json.loads(text)
+        return loads_json(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where(label, n)}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+    except DocumentRefused as exc:
+        raise DataError(f"{where(label, n)}: refused ({exc})") from None
 
 
 def _read_jsonl_lines(lines: Iterable[bytes], label: str) -> Iterator[Record]:
@@ -118,9 +114,9 @@ def _read_jsonl_lines(lines: Iterable[bytes], label: str) -> Iterator[Record]:
 
 def _read_jsonl(path: Path, label: str) -> Iterator[Record]:
     try:
-        with _open_binary(path) as fh:
-            yield from _read_jsonl_lines(fh, label)
-    except (OSError, EOFError) as exc:
+        with open_binary(path) as fh:
+            yield from _read_jsonl_lines(read_lines(fh, label), label)
+    except READ_ERRORS as exc:
         raise DataError(f"{label}: cannot read file ({exc})") from None
 
 
@@ -134,12 +130,14 @@ def _read_json(path: Path, label: str) -> Iterator[Record]:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{label}: line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x})") from None
     try:
-        doc = json.loads(text)
+        doc = loads_json(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON lines in a .json file
             yield from _read_jsonl_lines(raw.splitlines(), label)
             return
         raise DataError(f"{label}: line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except DocumentRefused as exc:
+        raise DataError(f"{label}: JSON document refused ({exc})") from None
     if isinstance(doc, dict):  # a single row object
         doc = [doc]
     if not isinstance(doc, list):
@@ -147,11 +145,18 @@ def _read_json(path: Path, label: str) -> Iterator[Record]:
     yield from enumerate(doc, 1)
 
 
+def _csv_text_lines(lines: Iterable[bytes]) -> Iterator[str]:
+    """Decoded CSV lines (a leading BOM dropped; bad bytes kept as surrogates, reported per cell)."""
+    for n, raw in enumerate(lines):
+        text = raw.decode("utf-8", "surrogateescape")
+        yield text.lstrip("\ufeff") if n == 0 else text
+
+
 def _read_csv(path: Path, label: str) -> Iterator[Record]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # conversations can be long
+    csv.field_size_limit(MAX_LINE_BYTES)  # conversations can be long, but never unbounded
     try:
-        with _open_binary(path) as fb, io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-            reader = csv.DictReader(fh)
+        with open_binary(path) as fb:
+            reader = csv.DictReader(_csv_text_lines(read_lines(fb, label)))
             if not reader.fieldnames:
                 raise DataError(f"{label}: empty file (no rows)")
             for n, row in enumerate(reader, 1):
@@ -163,7 +168,7 @@ def _read_csv(path: Path, label: str) -> Iterator[Record]:
                     if not utf8_encodable(value):
                         raise DataError(f"{where(label, n, key)}: not valid UTF-8")
                 yield n, _coerce_csv_row(row, label, n)
-    except (OSError, EOFError) as exc:
+    except READ_ERRORS as exc:
         raise DataError(f"{label}: cannot read file ({exc})") from None
     except csv.Error as exc:
         raise DataError(f"{label}: malformed CSV ({exc})") from None
@@ -177,9 +182,11 @@ def _coerce_csv_row(row: dict, label: str, n: int) -> dict:
             out[key] = _CSV_BOOL[out[key].strip().lower()]
     if out.get("messages") not in (None, ""):
         try:
-            out["messages"] = json.loads(out["messages"])
+            out["messages"] = loads_json(out["messages"])
         except json.JSONDecodeError as exc:
             raise DataError(f"{where(label, n, 'messages')}: not valid JSON ({exc.msg})") from None
+        except DocumentRefused as exc:
+            raise DataError(f"{where(label, n, 'messages')}: refused ({exc})") from None
     elif "messages" in out:
         out["messages"] = None
     if out.get("conversation") == "" and out.get("messages") is not None:

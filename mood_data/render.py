@@ -30,9 +30,11 @@ def _tool_call_text(call: Mapping[str, Any]) -> str:
     name = fn.get("name", "")
     args = fn.get("arguments", {})
     if isinstance(args, str):
+        from .readers import DocumentRefused, loads_json
+
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = loads_json(args)
+        except (json.JSONDecodeError, DocumentRefused):  # kept as the string it is
             pass
     return "<tool_call>" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False, sort_keys=True) + "</tool_call>"
 

@@ -122,12 +122,13 @@ def build_card(kind: str, *, name: str, base_model: str | None, recipe: dict | N
 
 def read_folder_info(folder: Path) -> tuple[dict, dict]:
     """(recipe dict, metrics dict) from ``recipe.yaml`` / ``metrics.json`` of a folder (either may be absent)."""
-    import json
+    from mood_data.errors import BundleError
+    from mood_data.readers import read_json, read_yaml
 
-    import yaml
-
-    recipe = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) if (folder / "recipe.yaml").is_file() else {}
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) if (folder / "metrics.json").is_file() else {}
+    recipe = read_yaml(folder / "recipe.yaml", BundleError) if (folder / "recipe.yaml").is_file() else {}
+    metrics = read_json(folder / "metrics.json", BundleError) if (folder / "metrics.json").is_file() else {}
+    if recipe is not None and not isinstance(recipe, dict):
+        raise BundleError(f"{folder / 'recipe.yaml'}: expected a mapping, got {type(recipe).__name__}")
     return recipe or {}, metrics or {}
 
 
