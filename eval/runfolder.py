@@ -2,8 +2,9 @@
 
 ``write_run`` writes, each file atomically: ``results.jsonl`` (one row per conversation),
 ``analysis.json`` (:func:`eval.metrics.analyze`), ``summary.md`` (per-group table),
-``meta.json`` and ``plots/<group>_{hist,roc}.png``. ``reanalyze`` recomputes analysis, summary
-and plots from ``results.jsonl`` alone.
+``meta.json`` and ``plots/<slug>-<hash>_{hist,roc}.png`` (one pair per analysis group, named
+by :func:`mood_data.domains.file_slug`: a group's name never becomes a path as it is).
+``reanalyze`` recomputes analysis, summary and plots from ``results.jsonl`` alone.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from mood_data import atomic
-from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
+from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry, check_domain_name, file_slug
 from mood_data.errors import DataError, where
-from mood_data.readers import jsonl_rows, read_json
+from mood_data.readers import jsonl_rows, read_json, short_repr
 
 from .metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain_table
 
@@ -125,8 +126,9 @@ def _analyse_and_report(out: Path, score, domains, malign, monitor, registry, fp
         safe = score[is_id & (malign == 0)] if negatives is None else np.asarray(negatives["scores"], dtype=float)
         for group in analysis["groups"]:
             sel = (is_id if group == "id" else dom == group) & (malign == 1)
-            plot_hist(safe, score[sel], out / "plots" / f"{group}_hist.png", title=group, fprs=analysis["fprs"])
-            plot_roc(safe, score[sel], out / "plots" / f"{group}_roc.png", title=group, fprs=analysis["fprs"])
+            stem = out / "plots" / file_slug(group)  # never the raw group name (a domain) as a path
+            plot_hist(safe, score[sel], f"{stem}_hist.png", title=group, fprs=analysis["fprs"])
+            plot_roc(safe, score[sel], f"{stem}_roc.png", title=group, fprs=analysis["fprs"])
     return analysis
 
 
@@ -179,7 +181,8 @@ def read_results(path: str | Path) -> list[dict]:
     for i, row in jsonl_rows(path, DataError):
         for field, typ in (("id", str), ("domain", str), ("malign", (int, bool)), ("score", (int, float))):
             if not isinstance(row.get(field), typ):
-                raise DataError(f"{where(path, i, field)}: missing or wrong type (got {row.get(field)!r})")
+                raise DataError(f"{where(path, i, field)}: missing or wrong type (got {short_repr(row.get(field))})")
+        check_domain_name(row["domain"], where(path, i, "domain"))
         rows.append(row)
     return rows
 

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .domains import DEFAULT_REGISTRY, DomainRegistry, load_registry
+from .domains import DEFAULT_REGISTRY, DomainRegistry, check_domain_name, load_registry
 from .errors import DataError, where
 from .readers import (MAX_LINE_BYTES, READ_ERRORS, DocumentRefused, loads_json, lone_surrogate_field, open_binary,
                       read_capped, read_lines, utf8_encodable)
@@ -324,6 +324,7 @@ def validate_row(row: Any, n: int, *, label: str, split: str, registry: DomainRe
     domain = values["domain"]
     loc = where(label, n, "domain")
     if domain not in registry.known:
+        check_domain_name(domain, loc)  # a path-like name is said to be one, not just unknown
         raise DataError(f"{loc}: unknown domain {domain!r} (declare it in a domains YAML, --domains)")
     if split == "train" and not registry.is_id(domain):
         raise DataError(

@@ -57,3 +57,48 @@ def test_read_lines_never_holds_more_than_the_cap():
         list(read_lines(fh, "f.jsonl", limit=1 << 20))
     assert raw.served <= (1 << 20) + (1 << 17)  # the cap plus read-ahead, not the endless line
     assert list(read_lines(io.BytesIO(b"a\nbb\n\nc"), "f")) == [b"a\n", b"bb\n", b"\n", b"c"]
+
+
+# ----------------------------------------------------------------------------- domain names (issue 22, high 4)
+@pytest.mark.parametrize("name", ["../../../../outside", "/abs/path", "a/b", "..", ".hidden", "a b", "x\ny",
+                                  "C:\\evil", "", "x" * 65, "é"])
+def test_unsafe_domain_names_are_refused_wherever_declared(tmp_path, name):
+    import json
+
+    from mood_data.domains import DomainRegistry, load_registry
+    from mood_data.load import load_split_file
+
+    with pytest.raises(DataError):
+        DomainRegistry(ood=("scheming", name))
+    reg = tmp_path / "domains.yaml"
+    reg.write_text(json.dumps({"ood": [name]}))
+    with pytest.raises(DataError, match=r"domains\.yaml: key 'ood'"):
+        load_registry(reg)
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"id": "a", "conversation": "hi", "domain": name, "malign": 1}) + "\n")
+    with pytest.raises(DataError, match=r"test\.jsonl: row 1: field 'domain'"):
+        load_split_file(data, "test")
+
+
+def test_plot_files_are_slug_plus_hash_inside_the_plots_folder(tmp_path):
+    import numpy as np
+
+    from eval.runfolder import write_run
+    from mood_data.domains import OOD_DOMAINS, DomainRegistry, file_slug
+
+    reg = DomainRegistry(ood=OOD_DOMAINS + ("Outside.Case", "outside.case"), source="test")
+    n = 24
+    domains = ["hh-rlhf-helpful"] * 12 + ["Outside.Case"] * 6 + ["outside.case"] * 6
+    malign = np.array([0] * 12 + [1] * 12)
+    out = tmp_path / "run" / "eval" / "guard"
+    write_run(out, ids=[f"r{i}" for i in range(n)], conversations=["c"] * n, domains=domains, malign=malign,
+              score=np.linspace(0, 1, n), monitor="guard", registry=reg, n_boot=10, fprs=(0.1,))
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    # two names differing only in case get two files (a case-insensitive file system keeps both)
+    assert plots == sorted(f"{file_slug(g)}_{k}.png" for g in ("id", "Outside.Case", "outside.case")
+                           for k in ("hist", "roc"))
+    assert file_slug("Outside.Case") != file_slug("outside.case")
+    assert {p.parent for p in tmp_path.rglob("*.png")} == {out / "plots"}
+    for raw in ("../../../../outside", "/abs/path", "a\\b", ""):
+        stem = file_slug(raw)
+        assert "/" not in stem and "\\" not in stem and not stem.startswith(".") and len(stem) <= 49

@@ -534,6 +534,14 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
         fail("judge.train_rubrics", "expected a non-empty list of 'alignment' / 'uncertainty'")
     if not 0.0 < recipe.data.validation_fraction < 1.0:
         fail("data.validation_fraction", "must be in (0, 1)")
+    if recipe.data.registry is not None:  # its domain names checked now, before any work
+        from mood_data.domains import load_registry
+        from mood_data.errors import DataError
+
+        try:
+            load_registry(recipe.data.registry)
+        except DataError as exc:
+            fail("data.registry", str(exc))
     ev = recipe.eval
     for i, fpr in enumerate(ev.fprs):
         if not 0.0 < fpr < 1.0:
