@@ -35,6 +35,7 @@ import numpy as np
 from mood_data import atomic
 from mood_data.errors import BundleError, DataError
 from mood_data.readers import read_json
+from mood_data.render import is_blank
 
 from train.data import train_validation_cut
 from train.detector_table import DETECTORS, parse_monitor
@@ -50,6 +51,8 @@ from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_rea
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+# the ``unscorable`` reason of an empty or all-whitespace conversation (``[]`` messages too)
+EMPTY_CONVERSATION = "empty conversation: no text to score (flagged at every FPR: fail closed)"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -277,13 +280,32 @@ class Monitor:
             return {n: p["coef"][n] * z[n] for n in names}
         return z
 
+    def unscorable_row(self, reason: str) -> dict:
+        """The row of a conversation that cannot be scored: no score, flagged at every FPR (fail
+        closed: never a finite score computed from padding), ``unscorable`` says why."""
+        names = self.fusion.detectors
+        return {"score": None, "detectors": dict.fromkeys(names), "contributions": dict.fromkeys(names),
+                "flags": {k: True for k in self.thresholds}, "latency_s": 0.0, "truncated": False,
+                "unscorable": reason}
+
     def score(self, conversations: Sequence[str]) -> list[dict]:
         """Per conversation: ``score`` (fused), ``detectors`` (raw scores), ``contributions``,
-        ``flags`` (``score > threshold`` per FPR), ``latency_s`` (wall time / row) and
-        ``truncated`` (the conversation was longer than ``max_length``: its start was cut)."""
+        ``flags`` (``score > threshold`` per FPR), ``latency_s`` (wall time / row),
+        ``truncated`` (the conversation was longer than ``max_length``: its start was cut) and
+        ``unscorable`` (null, or why the row has no score: an empty conversation is not run
+        through the model at all and is flagged at every FPR)."""
         conversations = list(conversations)
         if not conversations:
             return []
+        empty = {i for i, c in enumerate(conversations) if is_blank(c)}
+        if empty:
+            keep = [i for i in range(len(conversations)) if i not in empty]
+            try:
+                scored = iter(self.score([conversations[i] for i in keep]))
+            except UnscorableRow as exc:  # its index counts the kept rows: name the input's row
+                raise UnscorableRow(keep[exc.index], exc.detector, exc.value, exc.n_rows) from None
+            return [self.unscorable_row(EMPTY_CONVERSATION) if i in empty else next(scored)
+                    for i in range(len(conversations))]
         t0 = time.perf_counter()
         truncated: list[int] = []
         names = self.fusion.detectors
@@ -319,6 +341,7 @@ class Monitor:
                 "flags": {k: bool(fused[i] > float(t)) for k, t in self.thresholds.items()},
                 "latency_s": per_row,
                 "truncated": i in cut,
+                "unscorable": None,
             })
         return out
 

@@ -41,7 +41,7 @@ _SHARD = re.compile(r"(\d+)/(\d+)")
 def iter_conversations(path: str | Path, template: str = "mood") -> Iterator[tuple[Any, str]]:
     """``(id, rendered conversation)`` for each row of a jsonl file with ``conversation``
     (str) or ``messages`` (list), streamed; ``id`` defaults to the 1-based row number."""
-    from mood_data.render import render
+    from mood_data.render import render_or_empty
 
     path = Path(path)
     for n, row in jsonl_rows(path, DataError):
@@ -49,7 +49,7 @@ def iter_conversations(path: str | Path, template: str = "mood") -> Iterator[tup
             conv = row["conversation"]
         elif isinstance(row.get("messages"), list):
             try:
-                conv = render(row["messages"], template)
+                conv = render_or_empty(row["messages"], template)  # "" when no message holds text
             except (ValueError, AttributeError, TypeError) as exc:
                 raise DataError(f"{path}: row {n}: field 'messages': {exc}") from None
         else:
@@ -117,9 +117,11 @@ class Summary:
     flagged: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     resumed_rows: int = 0
+    unscorable: int = 0
 
     def add(self, row: dict) -> None:
         self.rows += 1
+        self.unscorable += int(bool(row.get("unscorable")))
         self.truncated += int(bool(row["truncated"]))
         for k, v in row["flags"].items():
             self.flagged[k] = self.flagged.get(k, 0) + int(bool(v))

@@ -23,7 +23,7 @@ from .domains import DEFAULT_REGISTRY, DomainRegistry, check_domain_name, load_r
 from .errors import DataError, where
 from .readers import (MAX_LINE_BYTES, READ_ERRORS, DocumentRefused, loads_json, lone_surrogate_field, open_binary,
                       read_capped, read_lines, utf8_encodable)
-from .render import ROLES, render
+from .render import ROLES, has_text, is_blank, render
 
 COLUMNS: tuple[str, ...] = ("id", "conversation", "domain", "malign")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("source", "meta", "messages", "safe")
@@ -284,11 +284,13 @@ def _conversation(row: Mapping, label: str, n: int, template: Any) -> str:
     if conv is None and row.get("messages") is not None:
         loc = where(label, n, "messages")
         messages = _check_messages(row["messages"], loc)
+        if not has_text(messages):
+            raise DataError(f"{loc}: no message holds any text (an empty conversation)")
         try:
             conv = render(messages, template)
         except Exception as exc:  # a user chat template can fail in many ways
             raise DataError(f"{loc}: cannot render ({_first_line(exc)})") from None
-        if not conv.strip():
+        if is_blank(conv):
             raise DataError(f"{loc}: renders to an empty conversation")
         return conv
     loc = where(label, n, "conversation")
@@ -296,8 +298,8 @@ def _conversation(row: Mapping, label: str, n: int, template: Any) -> str:
         raise DataError(f"{loc}: missing column (and no 'messages' column to render)")
     if not isinstance(conv, str):
         raise DataError(f"{loc}: expected a string, got {_type(conv)}")
-    if not conv.strip():
-        raise DataError(f"{loc}: empty conversation")
+    if is_blank(conv):
+        raise DataError(f"{loc}: empty conversation")  # only whitespace or invisible characters
     return conv
 
 

@@ -116,15 +116,16 @@ def expand(text: str) -> str:
 
 
 def make_inputs(folder: Path, specs: list[dict]) -> None:
-    """Write each generated input file (``{deep}`` / ``{digits}`` / ``{long}`` expanded; a ``.gz``
-    name is gzipped, ``truncate: true`` cuts the compressed stream in half, ``bytes`` is written
+    """Write each generated input file (``text``, or ``lines`` joined with newlines; ``{deep}`` /
+    ``{digits}`` / ``{long}`` expanded; a ``.gz`` name is gzipped, ``truncate: true`` cuts the compressed stream in half, ``bytes`` is written
     as it is)."""
     import gzip
 
     for spec in specs:
         path = folder / spec["file"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = spec["bytes"].encode("latin-1") if "bytes" in spec else expand(spec["text"]).encode()
+        text = "".join(line + "\n" for line in spec["lines"]) if "lines" in spec else spec.get("text", "")
+        data = spec["bytes"].encode("latin-1") if "bytes" in spec else expand(text).encode()
         if path.name.endswith(".gz") and "bytes" not in spec:
             data = gzip.compress(data, compresslevel=1)
             if spec.get("truncate"):

@@ -102,3 +102,67 @@ def test_plot_files_are_slug_plus_hash_inside_the_plots_folder(tmp_path):
     for raw in ("../../../../outside", "/abs/path", "a\\b", ""):
         stem = file_slug(raw)
         assert "/" not in stem and "\\" not in stem and not stem.startswith(".") and len(stem) <= 49
+
+
+# ----------------------------------------------------------------------------- empty conversations (issue 22, high 8)
+_GUARD_BUNDLE: dict = {}
+
+
+@pytest.fixture
+def guard_bundle(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
+    """A guard-only bundle of the shared monitor run (the issue's case: no ppl to fail closed)."""
+    from eval.bundle import export_bundle
+    from test_monitor import shared_run
+
+    _, _, recipe, _ = shared_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory)
+    if "b" not in _GUARD_BUNDLE:
+        _GUARD_BUNDLE["b"] = export_bundle(recipe, tmp_path_factory.mktemp("guard_bundle") / "b", "guard")
+    return _GUARD_BUNDLE["b"]
+
+
+EMPTY_ROWS = [{"id": "e1", "conversation": ""}, {"id": "e2", "messages": []},
+              {"id": "e3", "conversation": " \u200b\n\t"}, {"id": "e4", "messages": [{"role": "user", "content": "  "}]}]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("with_text", [True, False], ids=["in_a_batch", "alone"])
+def test_empty_conversations_are_flagged_unscorable_never_scored(guard_bundle, tmp_path, capsys, with_text):
+    import json
+
+    from moodguard.cli import main
+
+    text = {"id": "ok", "conversation": "<start_of_turn>user\nplease help me write a note<end_of_turn>\n"}
+    rows = [EMPTY_ROWS[0], text, *EMPTY_ROWS[1:]] if with_text else EMPTY_ROWS
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    code = main(["score", "--monitor", str(guard_bundle), str(inp), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "unscorable (flagged: fail closed): 4" in err
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(got) == [r["id"] for r in rows]
+    for r in EMPTY_ROWS:
+        row = got[r["id"]]
+        assert row["score"] is None and row["unscorable"].startswith("empty conversation: no text to score")
+        assert row["flags"] and all(row["flags"].values())  # fail closed at every FPR
+        assert set(row["detectors"].values()) == {None}
+    if with_text:
+        assert isinstance(got["ok"]["score"], float) and got["ok"]["unscorable"] is None
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"conversation": " \u200b\n"}, "field 'conversation': empty conversation"),
+    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]},
+     "field 'messages': no message holds any text"),
+    ({"messages": []}, "field 'messages': empty list of messages"),
+])
+def test_data_validate_refuses_empty_conversations(tmp_path, row, message):
+    import json
+
+    from mood_data.load import load_split_file
+
+    p = tmp_path / "test.jsonl"
+    p.write_text(json.dumps({"id": "a", "domain": "jailbroken", "malign": 1, **row}) + "\n")
+    with pytest.raises(DataError, match=f"test.jsonl: row 1: {message}"):
+        load_split_file(p, "test")
