@@ -168,7 +168,7 @@ def check_error_line(err: str, case: dict, command: str) -> None:
     assert len(lines) == 1, f"{case['name']}: expected one stderr line, got {lines}"
     assert "Traceback" not in err
     line = lines[0]
-    assert line.startswith(f"moodguard {command}: error: "), line
+    assert line.startswith(f"moodguard {command}: {case.get('prefix', 'error')}: "), line
     for sub in case["expect"]:
         assert sub in line, f"{case['name']}: {sub!r} not in {line!r}"
 
@@ -193,7 +193,7 @@ def test_case_in_process(case_env, capsys):
             for row, want in zip(rows, case["rows"]):
                 assert {k: row.get(k) for k in want} == want, row
         return
-    assert code == 2
+    assert code == case.get("exit", 2), err
     check_error_line(err, case, command)
     after = [snapshot(w) for w in watched]
     assert after == before, f"{case['name']}: output written or changed"
@@ -208,6 +208,6 @@ def test_case_in_subprocess_has_no_traceback(case_env, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "moodguard.cli", *fill(case["argv"], subs)], cwd=watched[0],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == case.get("exit", 2), proc.stderr[-2000:]
     check_error_line(proc.stderr, case, case["argv"][0])
     assert [snapshot(w) for w in watched] == before

@@ -166,3 +166,72 @@ def test_data_validate_refuses_empty_conversations(tmp_path, row, message):
     p.write_text(json.dumps({"id": "a", "domain": "jailbroken", "malign": 1, **row}) + "\n")
     with pytest.raises(DataError, match=f"test.jsonl: row 1: {message}"):
         load_split_file(p, "test")
+
+
+# ----------------------------------------------------------------------------- compare on nothing (issue 22, high 9)
+def _custom_run(root, unsafe_score: float, ood: tuple[str, ...] = ("my-failure",), n: int = 40):
+    """An eval folder whose rows are all in custom domains (my-chats ID, ``ood`` OOD)."""
+    import numpy as np
+
+    from eval.runfolder import write_run
+    from mood_data.domains import DomainRegistry, ID_DOMAINS, OOD_DOMAINS
+
+    reg = DomainRegistry(id=ID_DOMAINS + ("my-chats",), ood=OOD_DOMAINS + ood, source="test")
+    domains = ["my-chats"] * n + [d for d in ood for _ in range(n // 2)]
+    malign = np.array([0] * n + [1] * (len(domains) - n))
+    score = np.r_[np.linspace(0, 1, n), np.full(len(domains) - n, unsafe_score)]
+    write_run(root / "eval" / "guard", ids=[f"r{i}" for i in range(len(domains))], conversations=["c"] * len(domains),
+              domains=domains, malign=malign, score=score, monitor="guard", registry=reg, n_boot=10, plots=False)
+    return root
+
+
+@pytest.fixture
+def custom_domains_yaml(tmp_path):
+    p = tmp_path / "domains.yaml"
+    p.write_text("id: [my-chats]\nood: [my-failure, my-other]\n")
+    return p
+
+
+def test_compare_with_custom_domains_needs_them_and_then_finds_the_regression(tmp_path, capsys, custom_domains_yaml):
+    from moodguard.cli import main
+
+    old, new = _custom_run(tmp_path / "old", 5.0), _custom_run(tmp_path / "new", -1.0)  # recall 1 -> 0
+    # without --domains nothing can be compared: never "regressed: none" with exit 0
+    code = main(["compare", str(old), str(new), "--fail-on-regression", "--n-boot", "50"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "regressed: none" not in out and "not compared: guard:my-failure" in out
+    assert "no ID-safe rows" in out and "--domains" in out
+    code = main(["compare", str(old), str(new), "--fail-on-regression", "--n-boot", "50",
+                 "--domains", str(custom_domains_yaml)])
+    out = capsys.readouterr().out
+    assert code == 1 and "regressed: guard:my-failure" in out and "not compared" not in out
+    same = _custom_run(tmp_path / "same", 5.0)
+    assert main(["compare", str(old), str(same), "--fail-on-regression", "--n-boot", "50",
+                 "--domains", str(custom_domains_yaml)]) == 0
+    assert "regressed: none" in capsys.readouterr().out
+
+
+def test_compare_names_a_group_missing_on_one_side(tmp_path, capsys, custom_domains_yaml):
+    from moodguard.cli import main
+
+    old = _custom_run(tmp_path / "old", 5.0, ood=("my-failure", "my-other"))
+    new = _custom_run(tmp_path / "new", 5.0, ood=("my-failure",))
+    args = ["--n-boot", "50", "--domains", str(custom_domains_yaml)]
+    assert main(["compare", str(old), str(new), *args, "--fail-on-regression"]) == 1  # a lost group fails the gate
+    out = capsys.readouterr().out
+    assert "not compared: guard:my-other (only in old)" in out
+    assert main(["compare", str(new), str(old), *args, "--fail-on-regression"]) == 0  # a new group is named only
+    out = capsys.readouterr().out
+    assert "guard:my-other (only in new)" in out and "regressed: none" in out
+
+
+def test_nan_delta_is_never_a_pass():
+    import math
+
+    from eval.compare import Delta
+
+    for d in (Delta("m", "g", math.nan, 0.5, math.nan, math.nan, math.nan, "bootstrap"),
+              Delta("m", "g", 0.5, 0.5, 0.0, math.nan, math.nan, "bootstrap"),
+              Delta("m", "g", None, 0.5, None, None, None, "analysis-ci")):
+        assert not d.regressed and not d.compared
