@@ -181,8 +181,20 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
     return names
 
 
+def _fpr_key(path: Path, field: str, key: str) -> str:
+    """A thresholds key: an FPR in (0, 1) written as ``format(fpr, "g")`` ("0.01"); anything else
+    (``<script>``, ``nan``, ``1e-2``) would be printed into summaries and model cards."""
+    try:
+        value = float(key)
+    except ValueError:
+        value = math.nan
+    if not (0.0 < value < 1.0) or format(value, "g") != key:
+        _fail(path, field, f"key {short_repr(key)} is not an FPR in (0, 1) written like \"0.01\"")
+    return key
+
+
 def check_thresholds(folder: Path) -> dict[str, float]:
-    """``thresholds.json``: ``thresholds`` maps each FPR key to a finite number."""
+    """``thresholds.json``: ``thresholds`` maps each FPR key ("0.01") to a finite number."""
     path = folder / "thresholds.json"
     doc = read_json(path, BundleError)
     th = doc.get("thresholds")
@@ -190,7 +202,7 @@ def check_thresholds(folder: Path) -> dict[str, float]:
         _fail(path, "thresholds", "missing or empty (expected {fpr: threshold})")
     out = {}
     for k, v in th.items():
-        out[str(k)] = _number(path, f"thresholds.{k}", v)
+        out[_fpr_key(path, "thresholds", k)] = _number(path, f"thresholds.{k}", v)
     fprs = doc.get("fprs")
     if fprs is not None:
         if not isinstance(fprs, list):
@@ -199,6 +211,54 @@ def check_thresholds(folder: Path) -> dict[str, float]:
             if not 0.0 < _number(path, f"fprs[{i}]", f) < 1.0:
                 _fail(path, f"fprs[{i}]", f"must be in (0, 1), got {f}")
     return out
+
+
+def check_fusion(path: Path, params: Any, methods: tuple[str, ...]) -> dict:
+    """``fusion.json``'s ``fusion`` mapping (one of ``methods``): every value the scorer computes
+    with is a finite number of the right kind; ``sigma`` is > 0 (a negative one would invert a
+    detector, zero divide by it); rank references are sorted finite lists; the lambda anchor is
+    one of the detectors."""
+    if not isinstance(params, dict):
+        _fail(path, "fusion", f"expected a mapping, got {short_repr(params)}")
+    method = _str(path, "fusion.method", params.get("method"), methods)
+    names = params.get("detectors")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names):
+        _fail(path, "fusion.detectors", f"expected a list of distinct detector names, got {short_repr(names)}")
+    need = {"lambda": ("anchor", "lam"), "rank": ("reference",), "logistic": ("coef", "intercept")}
+    for key in ("mu", "sigma") + need.get(method, ()):
+        if key not in params:
+            _fail(path, f"fusion.{key}", "missing")
+    per_detector = ("mu", "sigma") + (("coef",) if method == "logistic" else ())
+    for key in per_detector:
+        table = params[key]
+        if not isinstance(table, dict) or set(table) != set(names):
+            _fail(path, f"fusion.{key}", f"expected a number for each of {names}, got {short_repr(table)}")
+        for n in names:
+            _number(path, f"fusion.{key}.{n}", table[n])
+    for n in names:
+        if params["sigma"][n] <= 0:
+            _fail(path, f"fusion.sigma.{n}", f"must be > 0, got {params['sigma'][n]} (a negative scale inverts "
+                                             "the detector)")
+    if method == "lambda":
+        if params["anchor"] not in names:
+            _fail(path, "fusion.anchor", f"{short_repr(params['anchor'])} is not one of the detectors {names}")
+        if _number(path, "fusion.lam", params["lam"]) < 0:
+            _fail(path, "fusion.lam", f"must be >= 0, got {params['lam']}")
+    if method == "logistic":
+        _number(path, "fusion.intercept", params["intercept"])
+    if method == "rank":
+        ref = params["reference"]
+        if not isinstance(ref, dict) or set(ref) != set(names):
+            _fail(path, "fusion.reference", f"expected a list for each of {names}")
+        for n in names:
+            values = ref[n]
+            if not isinstance(values, list) or not values:
+                _fail(path, f"fusion.reference.{n}", "expected a non-empty list of numbers")
+            floats = [_number(path, f"fusion.reference.{n}[{i}]", v) for i, v in enumerate(values)]
+            if any(a > b for a, b in zip(floats, floats[1:])):
+                _fail(path, f"fusion.reference.{n}", "must be sorted ascending")
+    return params
 
 
 def check_adapter(folder: Path) -> None:
@@ -234,4 +294,5 @@ def adapter_folders(folder: Path, spec: dict, names: tuple[str, ...]) -> list[Pa
     return out
 
 
-__all__ = ["adapter_folders", "check_adapter", "check_manifest_coverage", "check_monitor_spec", "check_thresholds"]
+__all__ = ["adapter_folders", "check_adapter", "check_fusion", "check_manifest_coverage", "check_monitor_spec",
+           "check_thresholds"]
