@@ -42,7 +42,8 @@ from train.detector_table import DETECTORS, parse_monitor
 
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
 from mood_data.readers import sha256_file
-from .bundle_check import adapter_folders, check_adapter, check_manifest_coverage, check_monitor_spec, check_thresholds
+from .bundle_check import (adapter_folders, check_adapter, check_context, check_manifest_coverage, check_monitor_spec,
+                           check_thresholds, check_vocab)
 from .cache import read_calibration
 from .detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
@@ -252,6 +253,10 @@ class Monitor:
                                                   trust_remote_code=remote)
         check_feature_dims(folder, spec, dets, backbone)
         tok = load_tokenizer(folder / "tokenizer")
+        base_name = base or spec["base"]
+        check_vocab(folder / "tokenizer", tok, backbone.model, base_name)
+        check_context(folder / "monitor.json", "settings.max_length", spec["settings"]["max_length"], backbone.model,
+                      base_name)
         loaded = Loaded(backbone, tok, folder / "guard", lm, adapter_hash(folder / "guard"),
                         None if lm is None else adapter_hash(lm))
         mon = cls(folder, spec, loaded, dets, fusion, thresholds)
