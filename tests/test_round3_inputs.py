@@ -235,3 +235,27 @@ def test_nan_delta_is_never_a_pass():
               Delta("m", "g", 0.5, 0.5, 0.0, math.nan, math.nan, "bootstrap"),
               Delta("m", "g", None, 0.5, None, None, None, "analysis-ci")):
         assert not d.regressed and not d.compared
+
+
+# ----------------------------------------------------------------------------- ranks bounded by the machine
+def test_num_processes_is_bounded_by_the_machine_before_anything_starts(monkeypatch):
+    import subprocess
+
+    from eval import parallel
+    from mood_data.errors import RecipeError
+
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    with pytest.raises(RecipeError, match=r"--num-processes 1000000: 1000000 ranks on this machine, but it has room "
+                                          r"for \d+ CPU ranks"):
+        parallel.relaunch("moodguard.cli", ["score", "x.jsonl"], 1_000_000, "cpu")
+    assert started == []  # the launcher never ran
+    from train.launch import CPU_RANKS_PER_CORE, check_ranks
+
+    check_ranks("cpu", 2 * CPU_RANKS_PER_CORE, n_cpus=2)  # oversubscribed but bounded: fine
+    with pytest.raises(RecipeError, match="room for 8 CPU ranks"):
+        check_ranks("cpu", 9, n_cpus=2)
+    check_ranks("ddp", 2, gpus=["0", "1"])
+    with pytest.raises(RecipeError, match=r"3 ranks on this machine, but it has room for 2 GPUs \(one a rank\)"):
+        check_ranks("ddp", 3, gpus=["0", "1"])
+    check_ranks("zero3", 16, num_machines=2, gpus=[str(i) for i in range(8)])  # 8 a node: fits
