@@ -259,3 +259,41 @@ def test_num_processes_is_bounded_by_the_machine_before_anything_starts(monkeypa
     with pytest.raises(RecipeError, match=r"3 ranks on this machine, but it has room for 2 GPUs \(one a rank\)"):
         check_ranks("ddp", 3, gpus=["0", "1"])
     check_ranks("zero3", 16, num_machines=2, gpus=[str(i) for i in range(8)])  # 8 a node: fits
+
+
+# ----------------------------------------------------------------------------- push and model cards
+def test_push_without_network_is_one_line(tmp_path):
+    from unittest import mock
+
+    from eval.hub import push
+    from mood_data.errors import MoodguardError
+    from test_hub import make_run
+
+    run = make_run(tmp_path / "run")
+    api = mock.MagicMock()
+    api.create_repo.side_effect = ConnectionError("[Errno -2] Name or service not known")
+    with pytest.raises(MoodguardError, match=r"push org/smol: the Hugging Face Hub could not be reached .*"
+                                             r"ConnectionError: \[Errno -2\] Name or service not known"):
+        push(run, "org/smol", api=api)
+    api.upload_folder.assert_not_called()
+
+
+def test_model_cards_carry_no_markup_and_no_local_paths(tmp_path):
+    import json
+
+    from eval.hub import write_cards
+    from test_hub import make_run
+
+    run = make_run(tmp_path / "run")
+    local = tmp_path / "secret-home" / "alice"
+    evil = "evil\n# Owned <script>alert(1)</script> [click](https://e.vil) | x"
+    for f in [run / "recipe.yaml", run / "guard" / "recipe.yaml", run / "lm" / "recipe.yaml"]:
+        f.write_text(json.dumps({"model": str(local / "models" / "base"), "name": evil, "dtype": "bfloat16",
+                                 "data": {"source": str(local / "data"), "registry": str(local / "domains.yaml")},
+                                 "guard": {"max_steps": "<b>60</b>", "seeds": [0]}}))
+    for card in write_cards(run):
+        text = card.read_text()
+        assert str(tmp_path) not in text and "secret-home" not in text and "alice" not in text
+        assert "<script" not in text and "<b>" not in text and "](https" not in text
+        assert "\n# Owned" not in text
+        assert "local:data" in text and "local:domains.yaml" in text
