@@ -297,3 +297,25 @@ def test_model_cards_carry_no_markup_and_no_local_paths(tmp_path):
         assert "<script" not in text and "<b>" not in text and "](https" not in text
         assert "\n# Owned" not in text
         assert "local:data" in text and "local:domains.yaml" in text
+
+
+# ----------------------------------------------------------------------------- intermixed parsing
+@pytest.mark.parametrize("argv, overrides", [
+    (["train", "guard", "--recipe", "R", "--resume", "guard.max_steps=2"], ["guard.max_steps=2"]),
+    (["train", "lm", "a=1", "--recipe", "R", "--resume", "b=2"], ["a=1", "b=2"]),
+    (["fit", "--recipe", "R", "a=1", "--device", "cpu", "b=2"], ["a=1", "b=2"]),
+    (["evaluate", "--recipe", "R", "a=1", "--no-plots", "b=2"], ["a=1", "b=2"]),
+    (["export", "--recipe", "R", "--out", "o", "a=1", "--monitor", "guard", "b=2"], ["a=1", "b=2"]),
+])
+def test_overrides_may_come_after_flags(argv, overrides):
+    from moodguard.cli import build_parser
+
+    assert build_parser(argv[0]).parse_args(argv).overrides == overrides
+
+
+def test_parsers_with_subcommands_or_remainder_still_parse():
+    from moodguard.cli import build_parser
+
+    assert build_parser("data").parse_args(["data", "build", "--out", "x"]).build_args == ["--out", "x"]
+    args = build_parser("score").parse_args(["score", "--monitor", "B", "in.jsonl", "--out", "o"])
+    assert (args.monitor, args.input, args.out) == ("B", "in.jsonl", "o")
