@@ -95,8 +95,11 @@ def _copy_adapter(src: Path, dst: Path) -> None:
 def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
                   predict_safe: bool = False, device: str | None = None) -> Path:
     """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed)."""
+    from mood_data.load import check_source
+
     detectors = parse_monitor(monitor)
     monitor = "+".join(detectors)
+    check_source(source or recipe.data.source)  # a missing data file first, not a missing adapter
     guard_dir, lm_dir = adapter_dirs(recipe)
     uses_lm = [d for d in detectors if DETECTORS[d].forward == "lm"]
     if uses_lm and lm_dir is None:

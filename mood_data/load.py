@@ -453,13 +453,49 @@ def has_local_test_split(source: str | os.PathLike | None) -> bool:
     return sum(1 for p in folder.iterdir() if p.is_file() and p.name.lower() in names) == 1
 
 
+def _near_local(source: str) -> list[str]:
+    """Entries of the local folder ``source`` points into whose names are close to its last
+    component (a mistyped folder: ``my-data/mood-tset`` next to ``my-data/mood-test``)."""
+    import difflib
+
+    path = Path(source).expanduser()
+    parent = path.parent
+    try:
+        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        return []
+    return [str(parent / n) if str(parent) != "." else n
+            for n in difflib.get_close_matches(path.name, names, n=3, cutoff=0.8)]
+
+
 def _looks_like_local(source: str) -> bool:
-    """A missing path the user surely meant as a file, not a hub id."""
+    """A missing path the user surely meant as a local file or folder, not a hub id: absolute,
+    ``.``/``~``, a data-file suffix, more than one ``/`` or a ``\\``, or a path that exists in part
+    (its folder exists here, or a local entry has a close name)."""
     if os.path.isabs(source) or source.startswith((".", "~")):
         return True
     if any(source.lower().endswith(s) for s in SUFFIXES):
         return True
-    return source.count("/") > 1 or "\\" in source  # hub ids are "owner/name"
+    if source.count("/") > 1 or "\\" in source:  # hub ids are "owner/name"
+        return True
+    parent = Path(source).expanduser().parent
+    return (str(parent) != "." and parent.is_dir()) or bool(_near_local(source))
+
+
+def _not_found(source: str) -> str:
+    near = _near_local(source)
+    return f"{source}: file not found" + (f" (no such local file or folder; did you mean {', '.join(near)}?)"
+                                          if near else "")
+
+
+def check_source(source: str | os.PathLike | None) -> None:
+    """A one-line DataError at once when ``source`` names a local path that does not exist:
+    called before any model or adapter is looked at (a mistyped data file is reported as such,
+    not as a missing adapter), and never retried as a hub id."""
+    if source is None or str(source) == "embedded" or Path(source).exists():
+        return
+    if _looks_like_local(str(source)):
+        raise DataError(_not_found(str(source)))
 
 
 # --------------------------------------------------------------------------- leakage
@@ -576,7 +612,7 @@ def load_splits(source: str | os.PathLike | None = None, *, splits: Sequence[str
 
         regular_file(Path(source), DataError)
     elif _looks_like_local(str(source)):
-        raise DataError(f"{source}: file not found")
+        raise DataError(_not_found(str(source)))
     else:
         for split in splits:
             sources[split] = (f"{source}[{split}]", read_hub_records(str(source), split))

@@ -319,3 +319,25 @@ def test_parsers_with_subcommands_or_remainder_still_parse():
     assert build_parser("data").parse_args(["data", "build", "--out", "x"]).build_args == ["--out", "x"]
     args = build_parser("score").parse_args(["score", "--monitor", "B", "in.jsonl", "--out", "o"])
     assert (args.monitor, args.input, args.out) == ("B", "in.jsonl", "o")
+
+
+# ----------------------------------------------------------------------------- data.source typos
+def test_mistyped_local_folder_is_said_at_once_never_tried_on_the_hub(tmp_path, monkeypatch):
+    from mood_data import load
+    from mood_data.load import load_splits
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-data" / "mood-test").mkdir(parents=True)
+    (tmp_path / "mood-data").mkdir()
+
+    def hub(*a, **k):
+        raise AssertionError("tried as a hub dataset")
+
+    monkeypatch.setattr(load, "read_hub_records", hub)
+    with pytest.raises(DataError, match=r"^my-data/mood-tset: file not found \(no such local file or folder; did you "
+                                        r"mean my-data/mood-test\?\)$"):
+        load_splits("my-data/mood-tset")
+    with pytest.raises(DataError, match=r"^my-data/other: file not found$"):  # its folder exists here
+        load_splits("my-data/other")
+    with pytest.raises(DataError, match=r"did you mean mood-data\?"):  # no slash, but a close local name
+        load_splits("mood-dat")
