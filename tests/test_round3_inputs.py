@@ -255,6 +255,7 @@ def test_num_processes_is_bounded_by_the_machine_before_anything_starts(monkeypa
     check_ranks("cpu", 2 * CPU_RANKS_PER_CORE, n_cpus=2)  # oversubscribed but bounded: fine
     with pytest.raises(RecipeError, match="room for 8 CPU ranks"):
         check_ranks("cpu", 9, n_cpus=2)
+    check_ranks("zero2", 2, gpus=[], n_cpus=2)  # no GPU: DeepSpeed runs gloo ranks on the CPU
     check_ranks("ddp", 2, gpus=["0", "1"])
     with pytest.raises(RecipeError, match=r"3 ranks on this machine, but it has room for 2 GPUs \(one a rank\)"):
         check_ranks("ddp", 3, gpus=["0", "1"])

@@ -69,18 +69,20 @@ CPU_RANKS_PER_CORE = 4  # gloo ranks beyond this many a core only slow every ran
 
 def check_ranks(config: str, num_processes: int | None, num_machines: int = 1, *, what: str = "--num-processes",
                 gpus: Sequence[str] | None = None, n_cpus: int | None = None) -> None:
-    """The ranks this machine is asked to start fit it: one GPU a rank under a GPU config,
-    at most :data:`CPU_RANKS_PER_CORE` a core under a CPU one (each rank holds its own copy of
-    the model: a million ranks would exhaust memory long before any work)."""
+    """The ranks this machine is asked to start fit it: one GPU a rank when GPUs are visible
+    (and the config is not a CPU one), else at most :data:`CPU_RANKS_PER_CORE` a core (gloo
+    ranks; DeepSpeed configs run that way on a CPU-only machine). Each rank holds its own copy
+    of the model: a million ranks would exhaust memory long before any work."""
     from mood_data.errors import RecipeError
 
     if num_processes is None:
         return
     here = -(-num_processes // max(num_machines, 1))
-    if config in CPU_CONFIGS:
+    gpus = visible_gpus() if gpus is None and config not in CPU_CONFIGS else gpus or []
+    if config in CPU_CONFIGS or not gpus:
         limit, unit = CPU_RANKS_PER_CORE * (n_cpus if n_cpus is not None else os.cpu_count() or 1), "CPU ranks"
     else:
-        limit, unit = len(gpus if gpus is not None else visible_gpus()), "GPUs (one a rank)"
+        limit, unit = len(gpus), "GPUs (one a rank)"
     if here > limit:
         raise RecipeError(f"{what} {num_processes}: {here} ranks on this machine, but it has room for {limit} "
                           f"{unit}")
