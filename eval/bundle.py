@@ -45,14 +45,16 @@ import numpy as np
 from mood_data import atomic
 from mood_data.errors import BundleError, DataError, OutputError
 from mood_data.readers import read_json
+from mood_data.render import is_blank
 
 from train.data import train_validation_cut
 from train.detector_table import DETECTORS, parse_monitor
 
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
 from mood_data.readers import sha256_file
-from .bundle_check import (FORMAT, adapter_folders, check_adapter, check_monitor_spec, check_thresholds,
-                           files_on_disk, staged_bundle, verify_manifest)
+from .bundle_check import (FORMAT, adapter_folders, check_adapter, check_context,
+                           check_monitor_spec, check_thresholds, check_vocab, files_on_disk, staged_bundle,
+                           verify_manifest)
 from .cache import read_calibration
 from .detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
@@ -61,6 +63,8 @@ from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_rea
 
 MANIFEST = "manifest.json"
 MARKER = "moodguard-bundle.json"  # with the manifest: "a bundle this tool wrote" (export may replace it)
+# the ``unscorable`` reason of an empty or all-whitespace conversation (``[]`` messages too)
+EMPTY_CONVERSATION = "empty conversation: no text to score (flagged at every FPR: fail closed)"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -171,10 +175,13 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed).
     ``out_dir`` may be new, empty or a bundle this tool wrote; anything else only with
     ``overwrite`` (moved aside, never deleted): :func:`check_export_out`."""
+    from mood_data.load import check_source
+
     protect = (Path.cwd(), run_root(recipe))
     check_export_out(out_dir, overwrite, protect)  # before the (slow) evaluation
     detectors = parse_monitor(monitor)
     monitor = "+".join(detectors)
+    check_source(source or recipe.data.source)  # a missing data file first, not a missing adapter
     guard_dir, lm_dir = adapter_dirs(recipe)
     uses_lm = [d for d in detectors if DETECTORS[d].forward == "lm"]
     if uses_lm and lm_dir is None:
@@ -345,6 +352,10 @@ class Monitor:
                                                   trust_remote_code=remote)
         check_feature_dims(staged, spec, dets, backbone)
         tok = load_tokenizer(staged / "tokenizer")
+        base_name = base or spec["base"]
+        check_vocab(folder / "tokenizer", tok, backbone.model, base_name)  # loaded from the copy, named as the bundle's
+        check_context(folder / "monitor.json", "settings.max_length", spec["settings"]["max_length"], backbone.model,
+                      base_name)
         loaded = Loaded(backbone, tok, folder / "guard", None if lm is None else folder / "lm",
                         adapter_hash(staged / "guard"), None if lm is None else adapter_hash(lm))
         mon = cls(folder, spec, loaded, dets, fusion, thresholds)
@@ -379,13 +390,32 @@ class Monitor:
             return {n: p["coef"][n] * z[n] for n in names}
         return z
 
+    def unscorable_row(self, reason: str) -> dict:
+        """The row of a conversation that cannot be scored: no score, flagged at every FPR (fail
+        closed: never a finite score computed from padding), ``unscorable`` says why."""
+        names = self.fusion.detectors
+        return {"score": None, "detectors": dict.fromkeys(names), "contributions": dict.fromkeys(names),
+                "flags": {k: True for k in self.thresholds}, "latency_s": 0.0, "truncated": False,
+                "unscorable": reason}
+
     def score(self, conversations: Sequence[str]) -> list[dict]:
         """Per conversation: ``score`` (fused), ``detectors`` (raw scores), ``contributions``,
-        ``flags`` (``score > threshold`` per FPR), ``latency_s`` (wall time / row) and
-        ``truncated`` (the conversation was longer than ``max_length``: its start was cut)."""
+        ``flags`` (``score > threshold`` per FPR), ``latency_s`` (wall time / row),
+        ``truncated`` (the conversation was longer than ``max_length``: its start was cut) and
+        ``unscorable`` (null, or why the row has no score: an empty conversation is not run
+        through the model at all and is flagged at every FPR)."""
         conversations = list(conversations)
         if not conversations:
             return []
+        empty = {i for i, c in enumerate(conversations) if is_blank(c)}
+        if empty:
+            keep = [i for i in range(len(conversations)) if i not in empty]
+            try:
+                scored = iter(self.score([conversations[i] for i in keep]))
+            except UnscorableRow as exc:  # its index counts the kept rows: name the input's row
+                raise UnscorableRow(keep[exc.index], exc.detector, exc.value, exc.n_rows) from None
+            return [self.unscorable_row(EMPTY_CONVERSATION) if i in empty else next(scored)
+                    for i in range(len(conversations))]
         t0 = time.perf_counter()
         truncated: list[int] = []
         names = self.fusion.detectors
@@ -421,6 +451,7 @@ class Monitor:
                 "flags": {k: bool(fused[i] > float(t)) for k, t in self.thresholds.items()},
                 "latency_s": per_row,
                 "truncated": i in cut,
+                "unscorable": None,
             })
         return out
 

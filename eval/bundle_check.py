@@ -31,6 +31,8 @@ from typing import Any, Iterator
 
 from mood_data.errors import BundleError, MoodguardError
 from mood_data.readers import read_json, short_repr
+from train.modeling import target_problem
+from train.recipe import MAX_BATCH, MAX_TOKENS  # the same bounds as a recipe's
 
 FORMAT = 1  # of the bundle layout and its manifest
 MANIFEST = "manifest.json"
@@ -184,11 +186,13 @@ def _fail(path: Path, field: str, message: str):
     raise BundleError(f"{path}: field '{field}': {message}")
 
 
-def _int(path: Path, field: str, value: Any, minimum: int) -> int:
+def _int(path: Path, field: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         _fail(path, field, f"expected an integer, got {short_repr(value)}")
     if value < minimum:
         _fail(path, field, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        _fail(path, field, f"must be <= {maximum}, got {short_repr(value)}")
     return value
 
 
@@ -248,8 +252,8 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
     for key in ("max_length", "batch_size", "pooling", "assistant_only", "predict_safe"):
         if key not in s:
             _fail(path, f"settings.{key}", "missing")
-    _int(path, "settings.max_length", s["max_length"], 1)
-    _int(path, "settings.batch_size", s["batch_size"], 1)
+    _int(path, "settings.max_length", s["max_length"], 1, MAX_TOKENS)
+    _int(path, "settings.batch_size", s["batch_size"], 1, MAX_BATCH)
     _str(path, "settings.pooling", s["pooling"], POOLINGS)
     _boolean(path, "settings.assistant_only", s["assistant_only"])
     _boolean(path, "settings.predict_safe", s["predict_safe"])
@@ -280,7 +284,7 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
         if js["model"] is not None:
             _str(path, "judge.model", js["model"])
         _boolean(path, "judge.adapter", js["adapter"])
-        _int(path, "judge.max_length", js["max_length"], 1)
+        _int(path, "judge.max_length", js["max_length"], 1, MAX_TOKENS)
         if not isinstance(js["rubrics"], list) or not isinstance(js["shots"], list):
             _fail(path, "judge.rubrics/shots", "expected lists")
         for i, r in enumerate(js["rubrics"]):
@@ -288,8 +292,20 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
     return names
 
 
+def _fpr_key(path: Path, field: str, key: str) -> str:
+    """A thresholds key: an FPR in (0, 1) written as ``format(fpr, "g")`` ("0.01"); anything else
+    (``<script>``, ``nan``, ``1e-2``) would be printed into summaries and model cards."""
+    try:
+        value = float(key)
+    except ValueError:
+        value = math.nan
+    if not (0.0 < value < 1.0) or format(value, "g") != key:
+        _fail(path, field, f"key {short_repr(key)} is not an FPR in (0, 1) written like \"0.01\"")
+    return key
+
+
 def check_thresholds(folder: Path) -> dict[str, float]:
-    """``thresholds.json``: ``thresholds`` maps each FPR key to a finite number."""
+    """``thresholds.json``: ``thresholds`` maps each FPR key ("0.01") to a finite number."""
     path = folder / "thresholds.json"
     doc = read_json(path, BundleError)
     th = doc.get("thresholds")
@@ -297,7 +313,7 @@ def check_thresholds(folder: Path) -> dict[str, float]:
         _fail(path, "thresholds", "missing or empty (expected {fpr: threshold})")
     out = {}
     for k, v in th.items():
-        out[str(k)] = _number(path, f"thresholds.{k}", v)
+        out[_fpr_key(path, "thresholds", k)] = _number(path, f"thresholds.{k}", v)
     fprs = doc.get("fprs")
     if fprs is not None:
         if not isinstance(fprs, list):
@@ -306,6 +322,54 @@ def check_thresholds(folder: Path) -> dict[str, float]:
             if not 0.0 < _number(path, f"fprs[{i}]", f) < 1.0:
                 _fail(path, f"fprs[{i}]", f"must be in (0, 1), got {f}")
     return out
+
+
+def check_fusion(path: Path, params: Any, methods: tuple[str, ...]) -> dict:
+    """``fusion.json``'s ``fusion`` mapping (one of ``methods``): every value the scorer computes
+    with is a finite number of the right kind; ``sigma`` is > 0 (a negative one would invert a
+    detector, zero divide by it); rank references are sorted finite lists; the lambda anchor is
+    one of the detectors."""
+    if not isinstance(params, dict):
+        _fail(path, "fusion", f"expected a mapping, got {short_repr(params)}")
+    method = _str(path, "fusion.method", params.get("method"), methods)
+    names = params.get("detectors")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names):
+        _fail(path, "fusion.detectors", f"expected a list of distinct detector names, got {short_repr(names)}")
+    need = {"lambda": ("anchor", "lam"), "rank": ("reference",), "logistic": ("coef", "intercept")}
+    for key in ("mu", "sigma") + need.get(method, ()):
+        if key not in params:
+            _fail(path, f"fusion.{key}", "missing")
+    per_detector = ("mu", "sigma") + (("coef",) if method == "logistic" else ())
+    for key in per_detector:
+        table = params[key]
+        if not isinstance(table, dict) or set(table) != set(names):
+            _fail(path, f"fusion.{key}", f"expected a number for each of {names}, got {short_repr(table)}")
+        for n in names:
+            _number(path, f"fusion.{key}.{n}", table[n])
+    for n in names:
+        if params["sigma"][n] <= 0:
+            _fail(path, f"fusion.sigma.{n}", f"must be > 0, got {params['sigma'][n]} (a negative scale inverts "
+                                             "the detector)")
+    if method == "lambda":
+        if params["anchor"] not in names:
+            _fail(path, "fusion.anchor", f"{short_repr(params['anchor'])} is not one of the detectors {names}")
+        if _number(path, "fusion.lam", params["lam"]) < 0:
+            _fail(path, "fusion.lam", f"must be >= 0, got {params['lam']}")
+    if method == "logistic":
+        _number(path, "fusion.intercept", params["intercept"])
+    if method == "rank":
+        ref = params["reference"]
+        if not isinstance(ref, dict) or set(ref) != set(names):
+            _fail(path, "fusion.reference", f"expected a list for each of {names}")
+        for n in names:
+            values = ref[n]
+            if not isinstance(values, list) or not values:
+                _fail(path, f"fusion.reference.{n}", "expected a non-empty list of numbers")
+            floats = [_number(path, f"fusion.reference.{n}[{i}]", v) for i, v in enumerate(values)]
+            if any(a > b for a, b in zip(floats, floats[1:])):
+                _fail(path, f"fusion.reference.{n}", "must be sorted ascending")
+    return params
 
 
 def check_adapter(folder: Path) -> None:
@@ -326,6 +390,74 @@ def check_adapter(folder: Path) -> None:
         raise BundleError(f"{weights}: not a valid safetensors file ({text or type(exc).__name__})") from None
 
 
+def check_adapter_fits(model, adapter: Path, base: str) -> None:
+    """Before peft builds anything: the adapter's ``target_modules`` exist in ``model`` (the base
+    it is about to be loaded onto), every stored LoRA matrix has the shape of the base module it
+    adapts (``--base`` of a different size is named here, not as a size-mismatch traceback), and
+    ``r`` is no larger than the ranks stored in the weights (peft allocates ``r`` per module
+    before loading: an ``r`` of 1e9 would ask for hundreds of GB)."""
+    from safetensors import safe_open
+
+    cpath, wpath = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel: its module paths
+    cfg = read_json(cpath, BundleError)
+    problem = target_problem(model, cfg.get("target_modules"))
+    if problem:
+        _fail(cpath, "target_modules", problem)
+    r = _int(cpath, "r", cfg.get("r"), 1)
+    ranks = []
+    with safe_open(str(wpath), framework="np") as fh:
+        for key in fh.keys():
+            if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+                continue
+            shape = fh.get_slice(key).get_shape()
+            path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise BundleError(f"{wpath}: tensor '{key}': module '{path}' is not in the base model {base} "
+                                  "(an adapter for another architecture?)") from None
+            want_in, want_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+            if want_in is None or want_out is None or len(shape) != 2:
+                continue
+            is_a = key.endswith(".lora_A.weight")
+            have = shape[1] if is_a else shape[0]
+            want = want_in if is_a else want_out
+            if have != want:
+                raise BundleError(f"{wpath}: tensor '{key}' has shape {list(shape)} but module '{path}' of the base "
+                                  f"model {base} has {'in' if is_a else 'out'}_features {want} (an adapter trained "
+                                  "on a base of another size? check --base)")
+            ranks.append(shape[0] if is_a else shape[1])
+    pattern = cfg.get("rank_pattern") or {}
+    biggest = max(ranks, default=0)
+    for field, value in [("r", r), *((f"rank_pattern.{k}", v) for k, v in pattern.items())]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (ranks and value > biggest):
+            _fail(cpath, field, f"{short_repr(value)} does not match the LoRA ranks stored in "
+                                f"{wpath.name} (at most {biggest}): refused before allocating")
+
+
+def check_vocab(tokenizer_dir: Path, tokenizer, model, base: str) -> None:
+    """Every token id the tokenizer can produce indexes a row of the base model's input
+    embeddings (an id beyond them would be an index error mid-scoring)."""
+    rows = model.get_input_embeddings().num_embeddings
+    ids = list(tokenizer.get_vocab().values())
+    top = max(ids, default=-1)
+    if top >= rows:
+        _fail(tokenizer_dir, "vocab", f"token id {top} is beyond the {rows} embedding rows of the base model "
+                                      f"{base} (a tokenizer of another model? check --base)")
+
+
+def check_context(path: Path, field: str, max_length: int, model, base: str) -> None:
+    """``max_length`` no longer than the base model's context (``max_position_embeddings``,
+    when its config declares one): a longer window only costs memory the model cannot use."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and max_length > limit:
+        _fail(path, field, f"{max_length} exceeds the context of the base model {base} "
+                           f"(max_position_embeddings {limit})")
+
+
 def adapter_folders(folder: Path, spec: dict, names: tuple[str, ...]) -> list[Path]:
     """Every adapter folder the bundle's monitor will load."""
     from train.detector_table import DETECTORS
@@ -341,5 +473,6 @@ def adapter_folders(folder: Path, spec: dict, names: tuple[str, ...]) -> list[Pa
     return out
 
 
-__all__ = ["FORMAT", "adapter_folders", "check_adapter", "check_manifest_coverage", "check_monitor_spec",
-           "check_thresholds", "files_on_disk", "staged_bundle", "verify_manifest"]
+__all__ = ["FORMAT", "adapter_folders", "check_adapter", "check_adapter_fits", "check_context", "check_fusion",
+           "check_manifest_coverage", "check_monitor_spec", "check_thresholds", "check_vocab", "files_on_disk",
+           "staged_bundle", "verify_manifest"]

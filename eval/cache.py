@@ -11,7 +11,7 @@ import numpy as np
 
 from mood_data import atomic
 from mood_data.errors import BundleError
-from mood_data.readers import read_json
+from mood_data.readers import loads_json, read_json
 
 from .backbone import run_root
 
@@ -43,12 +43,12 @@ def cache_intact(folder: Path) -> bool:
     from mood_data.readers import sha256_file
 
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = loads_json((folder / "meta.json").read_text(encoding="utf-8"))
         recorded = meta.get("sha256") if isinstance(meta, dict) else None
         if not isinstance(recorded, dict) or not recorded:
             return False
         return all("/" not in name and sha256_file(folder / name) == digest for name, digest in recorded.items())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON, refused (DocumentRefused)
         return False
 
 

@@ -96,7 +96,10 @@ def fit_detectors(recipe, *, source=None, loaded: Loaded | None = None, predict_
     ``device``: ``--device``."""
     from train.detector_table import needed, parse_monitors
 
+    from mood_data.load import check_source
+
     used = set(needed(parse_monitors(monitors or recipe.eval.monitors)))
+    check_source(source or recipe.data.source)  # a missing data file first, not a missing adapter
     loaded = loaded or load_backbone(recipe, device=device)
     train_rows, val_rows = cut or train_validation_cut(recipe, source)
     stat_dirs = fit_feature_detectors(recipe, loaded, train_rows, [k for k in FEATURE_DETECTORS if k in used])

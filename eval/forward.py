@@ -215,12 +215,15 @@ class SharedBackbone:
 
         if placement is None:
             placement = device_policy.placement(dtype, None if device is None else str(device))
+        from .bundle_check import check_adapter_fits
+
         model = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=trust_remote_code,
                                                      **placement.load_kwargs())
         adapters = [(n, Path(d)) for n, d in (("lm", lm_dir), ("guard", guard_dir)) if d is not None]
         for i, (name, d) in enumerate(adapters):
             if not (d / "adapter_config.json").is_file():
                 raise BundleError(f"{d}: adapter_config.json not found ({name} adapter)")
+            check_adapter_fits(model, d, str(base))  # before peft allocates anything for it
             if i == 0:
                 model = PeftModel.from_pretrained(model, str(d), adapter_name=name)
             else:  # the guard's score head is an unexpected key here; we load it ourselves
@@ -238,9 +241,12 @@ class SharedBackbone:
         their ``score`` head is read from the adapter; a judge LoRA without). Never reloads the base."""
         from peft import PeftModel
 
+        from .bundle_check import check_adapter_fits
+
         d = Path(adapter_dir)
         if not (d / "adapter_config.json").is_file():
             raise BundleError(f"{d}: adapter_config.json not found ({name} adapter)")
+        check_adapter_fits(self.model, d, "the loaded base")
         if hasattr(self.model, "load_adapter") and hasattr(self.model, "peft_config"):
             self.model.load_adapter(str(d), adapter_name=name)
         else:

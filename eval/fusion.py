@@ -157,19 +157,14 @@ class Fusion:
 
     @classmethod
     def load(cls, path: str | Path) -> "Fusion":
+        """A saved fusion, every value checked (:func:`eval.bundle_check.check_fusion`)."""
+        from .bundle_check import check_fusion
+
         path = Path(path)
         doc = read_json(path, BundleError)
-        params = doc.get("fusion")
-        if not isinstance(params, dict) or not isinstance(params.get("detectors"), list):
+        if "fusion" not in doc:
             raise BundleError(f"{path}: field 'fusion': missing or malformed")
-        need = {"lambda": ("anchor", "lam"), "rank": ("reference",), "logistic": ("coef", "intercept")}
-        for key in ("mu", "sigma") + need.get(params.get("method"), ()):
-            if key not in params:
-                raise BundleError(f"{path}: field 'fusion.{key}': missing")
-        try:
-            return cls(params)
-        except RecipeError as exc:
-            raise BundleError(f"{path}: {exc}") from None
+        return cls(check_fusion(path, doc["fusion"], METHODS))
 
 
 def _lambda_score(z: np.ndarray, names: list[str], anchor: str, lam: float) -> np.ndarray:

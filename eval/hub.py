@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mood_data.errors import BundleError
-from mood_data.readers import read_json
+from mood_data.errors import BundleError, MoodguardError
+from mood_data.readers import read_json, short_repr
 from train.card import EvalSummary, build_card, read_folder_info, write_card
 
 from .metrics import OVERALL, value_at_fpr
@@ -134,10 +134,29 @@ def files_to_upload(path: Path, kind: str) -> list[str]:
     return list(filter_repo_objects(rels, allow_patterns=allow, ignore_patterns=ignore))
 
 
+def check_push_arguments(repo_id: str, fpr: float) -> None:
+    """What ``push`` is asked to do, checked before any card is written: a valid Hub repository
+    id and an FPR in (0, 1) (``nan`` would be written into the card)."""
+    import math
+
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(fpr, (int, float)) or isinstance(fpr, bool) or not math.isfinite(fpr) or not 0 < fpr < 1:
+        raise MoodguardError(f"--fpr {fpr}: expected an FPR in (0, 1), e.g. 0.01")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise MoodguardError(f"--repo-id {short_repr(repo_id)}: not a valid Hub repository id "
+                             f"({' '.join(str(exc).split())[:200]})") from None
+
+
 def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, api=None, token: str | None = None,
          revision: str | None = None, commit_message: str | None = None, fpr: float = 0.01) -> PushResult:
     """Write the card(s), create the repo if needed and upload the folder (one commit). A
-    bundle's manifest is verified first and the verified private copy is what is uploaded."""
+    bundle's manifest is verified first and the verified private copy is what is uploaded; a Hub
+    that cannot be reached or refuses the upload is a one-line error naming the repository."""
+    check_push_arguments(repo_id, fpr)
     path = Path(path).resolve()
     if not path.is_dir():
         raise BundleError(f"{path}: folder not found")
@@ -168,9 +187,16 @@ def _upload(path: Path, kind: str, repo_id: str, private: bool, api, token: str 
     if "README.md" not in files:
         raise BundleError(f"{path}: nothing to upload (no README.md among the files)")
     api = api or HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     allow, ignore = upload_patterns(kind)
-    api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision,
-                      allow_patterns=allow, ignore_patterns=ignore, commit_message=commit_message)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision,
+                          allow_patterns=allow, ignore_patterns=ignore, commit_message=commit_message)
+    except MoodguardError:
+        raise
+    except Exception as exc:  # the client raises many types: HTTP errors, connection errors, offline mode
+        text = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise MoodguardError(f"push {repo_id}: the Hugging Face Hub could not be reached or refused the upload "
+                             f"({type(exc).__name__}: {text})") from None
     url = str(getattr(repo, "url", None) or f"https://huggingface.co/{repo_id}")
     return PushResult(repo_id, kind, url, files)

@@ -110,7 +110,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     for every monitor. Fits / reuses detector statistics first (see :func:`fit_detectors`).
     ``splits`` + ``cut``: what :func:`eval_splits` returned, for a caller that needs the cut too."""
     from mood_data.domains import load_registry
-    from mood_data.load import cap_groups
+    from mood_data.load import cap_groups, check_source
     from train.modeling import count_parameters, save_versions
 
     from .caveats import print_warnings
@@ -118,6 +118,7 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
 
     monitors = parse_monitors(monitors or recipe.eval.monitors)
     needed = needed_detectors(monitors)
+    check_source(source or recipe.data.source)  # a missing data file first, not a missing adapter
     loaded = loaded or load_backbone(recipe, device=device)
     lm_needed = [d for d in needed if DETECTORS[d].forward == "lm"]
     if lm_needed and loaded.lm_dir is None:

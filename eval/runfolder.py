@@ -2,12 +2,12 @@
 
 ``write_run`` writes, each file atomically: ``results.jsonl`` (one row per conversation),
 ``analysis.json`` (:func:`eval.metrics.analyze`), ``summary.md`` (per-group table),
-``meta.json`` and ``plots/<group>_{hist,roc}.png``. ``reanalyze`` recomputes analysis, summary
-and plots from ``results.jsonl`` alone.
+``meta.json`` and ``plots/<slug>-<hash>_{hist,roc}.png`` (one pair per analysis group, named
+by :func:`mood_data.domains.file_slug`: a group's name never becomes a path as it is).
+``reanalyze`` recomputes analysis, summary and plots from ``results.jsonl`` alone.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -15,9 +15,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from mood_data import atomic
-from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
+from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry, check_domain_name, file_slug
 from mood_data.errors import DataError, where
-from mood_data.readers import jsonl_rows
+from mood_data.readers import jsonl_rows, read_json, short_repr
 
 from .metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain_table
 
@@ -126,8 +126,9 @@ def _analyse_and_report(out: Path, score, domains, malign, monitor, registry, fp
         safe = score[is_id & (malign == 0)] if negatives is None else np.asarray(negatives["scores"], dtype=float)
         for group in analysis["groups"]:
             sel = (is_id if group == "id" else dom == group) & (malign == 1)
-            plot_hist(safe, score[sel], out / "plots" / f"{group}_hist.png", title=group, fprs=analysis["fprs"])
-            plot_roc(safe, score[sel], out / "plots" / f"{group}_roc.png", title=group, fprs=analysis["fprs"])
+            stem = out / "plots" / file_slug(group)  # never the raw group name (a domain) as a path
+            plot_hist(safe, score[sel], f"{stem}_hist.png", title=group, fprs=analysis["fprs"])
+            plot_roc(safe, score[sel], f"{stem}_roc.png", title=group, fprs=analysis["fprs"])
     return analysis
 
 
@@ -180,7 +181,8 @@ def read_results(path: str | Path) -> list[dict]:
     for i, row in jsonl_rows(path, DataError):
         for field, typ in (("id", str), ("domain", str), ("malign", (int, bool)), ("score", (int, float))):
             if not isinstance(row.get(field), typ):
-                raise DataError(f"{where(path, i, field)}: missing or wrong type (got {row.get(field)!r})")
+                raise DataError(f"{where(path, i, field)}: missing or wrong type (got {short_repr(row.get(field))})")
+        check_domain_name(row["domain"], where(path, i, "domain"))
         rows.append(row)
     return rows
 
@@ -201,13 +203,13 @@ def reanalyze(
     run = Path(run_dir)
     rows = read_results(run / RESULTS)
     old = {}
-    meta = json.loads((run / META).read_text(encoding="utf-8")) if (run / META).is_file() else {}
-    neg = json.loads((run / NEGATIVES).read_text(encoding="utf-8")) if (run / NEGATIVES).is_file() else None
+    meta = read_json(run / META, DataError) if (run / META).is_file() else {}
+    neg = read_json(run / NEGATIVES, DataError) if (run / NEGATIVES).is_file() else None
     for name in (ANALYSIS, META):
         if (run / name).is_file():
             try:
-                old = {**json.loads((run / name).read_text(encoding="utf-8")), **old}
-            except json.JSONDecodeError:
+                old = {**read_json(run / name, DataError), **old}
+            except DataError:
                 pass
     score = np.array([float(r["score"]) for r in rows])
     malign = np.array([int(r["malign"]) for r in rows])

@@ -51,15 +51,16 @@ _SHARD = re.compile(r"(\d+)/(\d+)")
 # ----------------------------------------------------------------------------- input
 def _input_rows(path: Path, template: str = "mood") -> Iterator[tuple[int, Any, str]]:
     """``(row number, id, rendered conversation)`` of every row; an ``id`` given in a row must be
-    a non-empty string (as ``data validate`` requires), else it is the row number."""
-    from mood_data.render import render
+    a non-empty string (as ``data validate`` requires), else it is the row number. A row with no
+    text renders as ``""`` (scored as unscorable, never through the model)."""
+    from mood_data.render import render_or_empty
 
     for n, row in jsonl_rows(path, DataError):
         if isinstance(row.get("conversation"), str):
             conv = row["conversation"]
         elif isinstance(row.get("messages"), list):
             try:
-                conv = render(row["messages"], template)
+                conv = render_or_empty(row["messages"], template)  # "" when no message holds text
             except (ValueError, AttributeError, TypeError) as exc:
                 raise DataError(f"{path}: row {n}: field 'messages': {exc}") from None
         else:
@@ -158,9 +159,11 @@ class Summary:
     flagged: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     resumed_rows: int = 0
+    unscorable: int = 0
 
     def add(self, row: dict) -> None:
         self.rows += 1
+        self.unscorable += int(bool(row.get("unscorable")))
         self.truncated += int(bool(row["truncated"]))
         for k, v in row["flags"].items():
             self.flagged[k] = self.flagged.get(k, 0) + int(bool(v))

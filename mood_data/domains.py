@@ -9,12 +9,20 @@ declare extra domains in a small YAML file::
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Any
 
 from .errors import DataError
-from .readers import read_yaml
+from .readers import read_yaml, short_repr
+
+# a domain name: letters, digits, '.', '_', '-', starting with a letter or digit, at most 64
+# characters. Names become report rows and (through file_slug) file names: never '..', '/',
+# '\\', an absolute path, a space or a control character
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DOMAIN_NAME_RULE = "letters, digits, '.', '_', '-', starting with a letter or digit, at most 64 characters"
 
 ID_DOMAINS: tuple[str, ...] = ("hh-rlhf-helpful", "hh-rlhf-harmless", "function-calling")
 OOD_DOMAINS: tuple[str, ...] = (
@@ -29,6 +37,31 @@ OOD_DOMAINS: tuple[str, ...] = (
 OPT_IN_DOMAINS: tuple[str, ...] = ("swahili",)
 
 
+def domain_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a domain name (None when it can)."""
+    if not isinstance(name, str):
+        return f"expected a string, got {type(name).__name__}"
+    if not DOMAIN_NAME.fullmatch(name):
+        return f"domain {short_repr(name)} is not a safe name ({DOMAIN_NAME_RULE})"
+    return None
+
+
+def check_domain_name(name: Any, where: str) -> str:
+    """``name`` if it is a safe domain name, else a one-line DataError prefixed by ``where``."""
+    problem = domain_name_problem(name)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    return name
+
+
+def file_slug(name: str) -> str:
+    """A file-name stem for ``name`` (a domain or analysis group): a sanitised slug plus a short
+    hash of the exact name, so that no name, however written, reaches the file system raw, and
+    two names differing only in case or in refused characters never share a file."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", str(name).lower()).strip(".-")[:40] or "group"
+    return f"{slug}-{hashlib.sha256(str(name).encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class DomainRegistry:
     id: tuple[str, ...] = ID_DOMAINS
@@ -36,6 +69,11 @@ class DomainRegistry:
     opt_in: tuple[str, ...] = OPT_IN_DOMAINS
     source: str = "built-in"
     extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):  # however a registry is built, its names are safe
+        for key in ("id", "ood", "opt_in"):
+            for name in getattr(self, key):
+                check_domain_name(name, f"{self.source}: key '{key}'")
 
     @property
     def known(self) -> tuple[str, ...]:
@@ -76,6 +114,8 @@ def load_registry(path: str | Path | None = None) -> DomainRegistry:
         value = doc.get(key, []) or []
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise DataError(f"{path}: key '{key}' must be a list of domain names")
+        for name in value:
+            check_domain_name(name, f"{path}: key '{key}'")
         lists[key] = tuple(value)
     seen = set(DEFAULT_REGISTRY.known)
     for key in ("id", "ood", "opt_in"):

@@ -11,21 +11,19 @@ counted) for CSV, the position in the array / table for JSON, parquet and hub sp
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
-import io
 import json
 import os
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .domains import DEFAULT_REGISTRY, DomainRegistry, load_registry
+from .domains import DEFAULT_REGISTRY, DomainRegistry, check_domain_name, load_registry
 from .errors import DataError, where
-from .readers import lone_surrogate_field, utf8_encodable
-from .render import ROLES, render
+from .readers import (MAX_LINE_BYTES, READ_ERRORS, DocumentRefused, loads_json, lone_surrogate_field, open_binary,
+                      read_capped, read_lines, utf8_encodable)
+from .render import ROLES, has_text, is_blank, render
 
 COLUMNS: tuple[str, ...] = ("id", "conversation", "domain", "malign")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("source", "meta", "messages", "safe")
@@ -68,15 +66,11 @@ def infer_split(path: str | Path) -> str | None:
     return next((s for s in SPLITS if name.startswith(s)), None)
 
 
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-
-
 def _read_bytes(path: Path) -> bytes:
     try:
-        with _open_binary(path) as fh:
-            return fh.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        with open_binary(path) as fh:
+            return read_capped(fh, path)
+    except READ_ERRORS as exc:  # gzip.BadGzipFile is an OSError; a damaged stream zlib.error / EOFError
         raise DataError(f"{path}: cannot read file ({exc})") from None
 
 
@@ -90,8 +84,8 @@ def _parse_json_line(raw: bytes, label: str, n: int) -> Any:
     except UnicodeDecodeError as exc:
         byte = f"byte 0x{raw[exc.start]:02x}"
         try:  # name the field when the line still parses
-            field = _bad_utf8_field(json.loads(raw.decode("utf-8", "surrogateescape")))
-        except json.JSONDecodeError:
+            field = _bad_utf8_field(loads_json(raw.decode("utf-8", "surrogateescape")))
+        except (json.JSONDecodeError, DocumentRefused):
             field = None
         if field is not None:
             raise DataError(f"{where(label, n, field)}: not valid UTF-8 ({byte})") from None
@@ -100,9 +94,11 @@ def _parse_json_line(raw: bytes, label: str, n: int) -> Any:
     if n == 1:
         text = text.lstrip("\ufeff")
     try:
-        return json.loads(text)
+        return loads_json(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where(label, n)}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+    except DocumentRefused as exc:
+        raise DataError(f"{where(label, n)}: refused ({exc})") from None
 
 
 def _read_jsonl_lines(lines: Iterable[bytes], label: str) -> Iterator[Record]:
@@ -118,9 +114,9 @@ def _read_jsonl_lines(lines: Iterable[bytes], label: str) -> Iterator[Record]:
 
 def _read_jsonl(path: Path, label: str) -> Iterator[Record]:
     try:
-        with _open_binary(path) as fh:
-            yield from _read_jsonl_lines(fh, label)
-    except (OSError, EOFError) as exc:
+        with open_binary(path) as fh:
+            yield from _read_jsonl_lines(read_lines(fh, label), label)
+    except READ_ERRORS as exc:
         raise DataError(f"{label}: cannot read file ({exc})") from None
 
 
@@ -134,12 +130,14 @@ def _read_json(path: Path, label: str) -> Iterator[Record]:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{label}: line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x})") from None
     try:
-        doc = json.loads(text)
+        doc = loads_json(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON lines in a .json file
             yield from _read_jsonl_lines(raw.splitlines(), label)
             return
         raise DataError(f"{label}: line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except DocumentRefused as exc:
+        raise DataError(f"{label}: JSON document refused ({exc})") from None
     if isinstance(doc, dict):  # a single row object
         doc = [doc]
     if not isinstance(doc, list):
@@ -147,11 +145,18 @@ def _read_json(path: Path, label: str) -> Iterator[Record]:
     yield from enumerate(doc, 1)
 
 
+def _csv_text_lines(lines: Iterable[bytes]) -> Iterator[str]:
+    """Decoded CSV lines (a leading BOM dropped; bad bytes kept as surrogates, reported per cell)."""
+    for n, raw in enumerate(lines):
+        text = raw.decode("utf-8", "surrogateescape")
+        yield text.lstrip("\ufeff") if n == 0 else text
+
+
 def _read_csv(path: Path, label: str) -> Iterator[Record]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # conversations can be long
+    csv.field_size_limit(MAX_LINE_BYTES)  # conversations can be long, but never unbounded
     try:
-        with _open_binary(path) as fb, io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-            reader = csv.DictReader(fh)
+        with open_binary(path) as fb:
+            reader = csv.DictReader(_csv_text_lines(read_lines(fb, label)))
             if not reader.fieldnames:
                 raise DataError(f"{label}: empty file (no rows)")
             for n, row in enumerate(reader, 1):
@@ -163,7 +168,7 @@ def _read_csv(path: Path, label: str) -> Iterator[Record]:
                     if not utf8_encodable(value):
                         raise DataError(f"{where(label, n, key)}: not valid UTF-8")
                 yield n, _coerce_csv_row(row, label, n)
-    except (OSError, EOFError) as exc:
+    except READ_ERRORS as exc:
         raise DataError(f"{label}: cannot read file ({exc})") from None
     except csv.Error as exc:
         raise DataError(f"{label}: malformed CSV ({exc})") from None
@@ -177,9 +182,11 @@ def _coerce_csv_row(row: dict, label: str, n: int) -> dict:
             out[key] = _CSV_BOOL[out[key].strip().lower()]
     if out.get("messages") not in (None, ""):
         try:
-            out["messages"] = json.loads(out["messages"])
+            out["messages"] = loads_json(out["messages"])
         except json.JSONDecodeError as exc:
             raise DataError(f"{where(label, n, 'messages')}: not valid JSON ({exc.msg})") from None
+        except DocumentRefused as exc:
+            raise DataError(f"{where(label, n, 'messages')}: refused ({exc})") from None
     elif "messages" in out:
         out["messages"] = None
     if out.get("conversation") == "" and out.get("messages") is not None:
@@ -277,11 +284,13 @@ def _conversation(row: Mapping, label: str, n: int, template: Any) -> str:
     if conv is None and row.get("messages") is not None:
         loc = where(label, n, "messages")
         messages = _check_messages(row["messages"], loc)
+        if not has_text(messages):
+            raise DataError(f"{loc}: no message holds any text (an empty conversation)")
         try:
             conv = render(messages, template)
         except Exception as exc:  # a user chat template can fail in many ways
             raise DataError(f"{loc}: cannot render ({_first_line(exc)})") from None
-        if not conv.strip():
+        if is_blank(conv):
             raise DataError(f"{loc}: renders to an empty conversation")
         return conv
     loc = where(label, n, "conversation")
@@ -289,8 +298,8 @@ def _conversation(row: Mapping, label: str, n: int, template: Any) -> str:
         raise DataError(f"{loc}: missing column (and no 'messages' column to render)")
     if not isinstance(conv, str):
         raise DataError(f"{loc}: expected a string, got {_type(conv)}")
-    if not conv.strip():
-        raise DataError(f"{loc}: empty conversation")
+    if is_blank(conv):
+        raise DataError(f"{loc}: empty conversation")  # only whitespace or invisible characters
     return conv
 
 
@@ -317,6 +326,7 @@ def validate_row(row: Any, n: int, *, label: str, split: str, registry: DomainRe
     domain = values["domain"]
     loc = where(label, n, "domain")
     if domain not in registry.known:
+        check_domain_name(domain, loc)  # a path-like name is said to be one, not just unknown
         raise DataError(f"{loc}: unknown domain {domain!r} (declare it in a domains YAML, --domains)")
     if split == "train" and not registry.is_id(domain):
         raise DataError(
@@ -443,13 +453,49 @@ def has_local_test_split(source: str | os.PathLike | None) -> bool:
     return sum(1 for p in folder.iterdir() if p.is_file() and p.name.lower() in names) == 1
 
 
+def _near_local(source: str) -> list[str]:
+    """Entries of the local folder ``source`` points into whose names are close to its last
+    component (a mistyped folder: ``my-data/mood-tset`` next to ``my-data/mood-test``)."""
+    import difflib
+
+    path = Path(source).expanduser()
+    parent = path.parent
+    try:
+        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        return []
+    return [str(parent / n) if str(parent) != "." else n
+            for n in difflib.get_close_matches(path.name, names, n=3, cutoff=0.8)]
+
+
 def _looks_like_local(source: str) -> bool:
-    """A missing path the user surely meant as a file, not a hub id."""
+    """A missing path the user surely meant as a local file or folder, not a hub id: absolute,
+    ``.``/``~``, a data-file suffix, more than one ``/`` or a ``\\``, or a path that exists in part
+    (its folder exists here, or a local entry has a close name)."""
     if os.path.isabs(source) or source.startswith((".", "~")):
         return True
     if any(source.lower().endswith(s) for s in SUFFIXES):
         return True
-    return source.count("/") > 1 or "\\" in source  # hub ids are "owner/name"
+    if source.count("/") > 1 or "\\" in source:  # hub ids are "owner/name"
+        return True
+    parent = Path(source).expanduser().parent
+    return (str(parent) != "." and parent.is_dir()) or bool(_near_local(source))
+
+
+def _not_found(source: str) -> str:
+    near = _near_local(source)
+    return f"{source}: file not found" + (f" (no such local file or folder; did you mean {', '.join(near)}?)"
+                                          if near else "")
+
+
+def check_source(source: str | os.PathLike | None) -> None:
+    """A one-line DataError at once when ``source`` names a local path that does not exist:
+    called before any model or adapter is looked at (a mistyped data file is reported as such,
+    not as a missing adapter), and never retried as a hub id."""
+    if source is None or str(source) == "embedded" or Path(source).exists():
+        return
+    if _looks_like_local(str(source)):
+        raise DataError(_not_found(str(source)))
 
 
 # --------------------------------------------------------------------------- leakage
@@ -566,7 +612,7 @@ def load_splits(source: str | os.PathLike | None = None, *, splits: Sequence[str
 
         regular_file(Path(source), DataError)
     elif _looks_like_local(str(source)):
-        raise DataError(f"{source}: file not found")
+        raise DataError(_not_found(str(source)))
     else:
         for split in splits:
             sources[split] = (f"{source}[{split}]", read_hub_records(str(source), split))

@@ -19,6 +19,7 @@ Two ways:
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any, Iterable, Mapping
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -30,9 +31,11 @@ def _tool_call_text(call: Mapping[str, Any]) -> str:
     name = fn.get("name", "")
     args = fn.get("arguments", {})
     if isinstance(args, str):
+        from .readers import DocumentRefused, loads_json
+
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = loads_json(args)
+        except (json.JSONDecodeError, DocumentRefused):  # kept as the string it is
             pass
     return "<tool_call>" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False, sort_keys=True) + "</tool_call>"
 
@@ -71,6 +74,24 @@ def render_mood(messages: Iterable[Mapping[str, Any]]) -> str:
     if pending_system:  # a system message with no user turn after it
         turns.insert(0, ("user", "\n\n".join(pending_system)))
     return "".join(f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in turns)
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` holds nothing to read: only whitespace, control characters and
+    invisible format characters (zero-width space, BOM, ...). An empty conversation."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
+
+
+def has_text(messages: Iterable[Any]) -> bool:
+    """True when some message holds visible text (its content or a tool call)."""
+    return any(isinstance(m, Mapping) and not is_blank(message_text(m)) for m in messages)
+
+
+def render_or_empty(messages: Iterable[Mapping[str, Any]], template: Any = "mood") -> str:
+    """:func:`render`, or ``""`` when no message holds any text (``[]``, blank contents): the
+    turn markers alone are not a conversation, and ``""`` is what a scorer refuses to score."""
+    messages = list(messages)
+    return render(messages, template) if has_text(messages) else ""
 
 
 def render(messages: Iterable[Mapping[str, Any]], template: Any = "mood") -> str:

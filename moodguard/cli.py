@@ -43,8 +43,30 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose leaf commands parse *intermixed*: ``key=value`` overrides may
+    come before, between or after flags (``train guard --recipe R --resume guard.max_steps=2``,
+    ``fit --recipe R a=1 --device cpu b=2``). A parser with sub-commands (or a ``REMAINDER``
+    positional, ``data build``) parses the ordinary way and hands the rest to the sub-command."""
+
+    _intermixing = False
+
+    def _intermixable(self) -> bool:
+        return not any(isinstance(a, argparse._SubParsersAction) or a.nargs in (argparse.REMAINDER, argparse.PARSER)
+                       for a in self._actions)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or not self._intermixable():
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moodguard", description="moodguard: train, fit, evaluate and report guard monitors for LLM conversations.",
         epilog="Quiet by default (no library progress bars or expected loader notices in logs); -v shows them.")
     parser.add_argument("-v", "--verbose", action="store_true",

@@ -126,7 +126,8 @@ def _score(args, scan, shard) -> int:
     main_print(f"{monitor.name}: {s.rows} conversations ({s.rows - s.resumed_rows} scored now), "
                f"{per * 1000:.1f} ms per conversation; flagged "
                + ", ".join(f"{s.flagged.get(k, 0)}/{s.rows} at FPR {k}" for k in monitor.thresholds)
-               + f"; left-truncated to {monitor.settings.max_length} tokens: {s.truncated}", file=sys.stderr)
+               + f"; left-truncated to {monitor.settings.max_length} tokens: {s.truncated}"
+               + (f"; unscorable (flagged: fail closed): {s.unscorable}" if s.unscorable else ""), file=sys.stderr)
     return 0
 
 

@@ -128,15 +128,31 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fpr", type=_fpr, default=0.01, help="fixed FPR (default 0.01)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a domain regressed")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit 1 when a domain regressed, or when a group of OLD could not be compared (NaN, no "
+                        "ID-safe rows, missing in NEW): nothing compared is never a pass")
+    p.add_argument("--domains", metavar="YAML", default=None,
+                   help="the domains YAML the runs were evaluated with (custom ID domains hold the negatives)")
 
 
 def run_compare(args) -> int:
-    from eval.compare import compare_roots, format_deltas
+    import sys
 
-    deltas = compare_roots(args.old, args.new, fpr=args.fpr, n_boot=args.n_boot, seed=args.seed)
+    from eval.compare import compare_roots, format_deltas, gate_failures
+    from mood_data.domains import load_registry
+
+    registry = load_registry(args.domains)  # before any folder is read: a bad file is one line
+    deltas = compare_roots(args.old, args.new, fpr=args.fpr, n_boot=args.n_boot, seed=args.seed, registry=registry)
     print(format_deltas(deltas, args.fpr), end="")
-    return 1 if args.fail_on_regression and any(d.regressed for d in deltas) else 0
+    failed = gate_failures(deltas)
+    if args.fail_on_regression and failed:
+        n_reg = sum(d.regressed for d in failed)
+        named = "; ".join(f"{d.monitor + ':' if d.monitor else ''}{d.group}: "
+                          f"{'regressed' if d.regressed else d.note or 'NaN'}" for d in failed[:3])
+        print(f"moodguard compare: failing (--fail-on-regression): {n_reg} regressed, {len(failed) - n_reg} not "
+              f"compared ({named}{'; ...' if len(failed) > 3 else ''})", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------- demo

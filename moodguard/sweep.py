@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from mood_data import atomic
 from mood_data.errors import RecipeError
-from mood_data.readers import read_yaml
+from mood_data.readers import read_json, read_yaml
 from train.detector_table import parse_monitors
 from train.recipe import EvalSection
 
@@ -263,9 +263,9 @@ def read_state(out_dir: Path) -> dict:
     if not path.is_file():
         return {"stages": {}}
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise RecipeError(f"{path}: not valid JSON; delete it to restart the sweep from scratch") from None
+        state = read_json(path, RecipeError)  # bounded: a deeply nested file is one line too
+    except RecipeError as exc:
+        raise RecipeError(f"{exc}; delete it to restart the sweep from scratch") from None
     state.setdefault("stages", {})
     return state
 

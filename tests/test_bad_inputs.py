@@ -55,8 +55,8 @@ def tamper(folder: Path, spec: dict) -> None:
     from eval.bundle import write_manifest
 
     op, target = spec["op"], folder / spec["file"]
-    if op == "add_file":  # a file the manifest does not list
-        target.write_text(spec.get("content", "{}"))
+    if op == "add_file":  # a file the manifest does not list (or a replaced manifest)
+        target.write_text(expand(spec.get("content", "{}")))
         return
     if op == "manifest_empty":  # a manifest that lists nothing (so would check nothing)
         target.write_text(json.dumps({"format": 1, "files": {}}))
@@ -85,7 +85,7 @@ def tamper(folder: Path, spec: dict) -> None:
         doc.pop(spec.get("drop", ""), None)
         target.write_text(json.dumps(doc))
     elif op == "write_bytes":  # replace a file's content (then re-manifest: only the content check can catch it)
-        target.write_bytes(spec.get("bytes", "").encode())
+        target.write_bytes(expand(spec.get("bytes", "")).encode())
     else:  # pragma: no cover
         raise ValueError(op)
     write_manifest(folder)
@@ -96,8 +96,41 @@ def fill(argv: list[str], subs: dict[str, str]) -> list[str]:
     for a in argv:
         for k, v in subs.items():
             a = a.replace("{" + k + "}", v)
-        out.append(a)
+        out.append(expand(a))
     return out
+
+
+# generated content for ``make`` / ``tamper`` text: too big (or too odd) to keep in the repository
+GENERATED = {
+    "deep": lambda: "[" * 100_000 + "]" * 100_000,  # 100k nesting levels, JSON and YAML alike
+    "digits": lambda: "7" * 5001,  # an integer longer than Python's 4300-digit conversion limit
+    "long": lambda: "a" * (65 << 20),  # one 65 MiB string: a line longer than the 64 MiB cap
+}
+
+
+def expand(text: str) -> str:
+    for key, make in GENERATED.items():
+        if "{" + key + "}" in text:
+            text = text.replace("{" + key + "}", make())
+    return text
+
+
+def make_inputs(folder: Path, specs: list[dict]) -> None:
+    """Write each generated input file (``text``, or ``lines`` joined with newlines; ``{deep}`` /
+    ``{digits}`` / ``{long}`` expanded; a ``.gz`` name is gzipped, ``truncate: true`` cuts the compressed stream in half, ``bytes`` is written
+    as it is)."""
+    import gzip
+
+    for spec in specs:
+        path = folder / spec["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(line + "\n" for line in spec["lines"]) if "lines" in spec else spec.get("text", "")
+        data = spec["bytes"].encode("latin-1") if "bytes" in spec else expand(text).encode()
+        if path.name.endswith(".gz") and "bytes" not in spec:
+            data = gzip.compress(data, compresslevel=1)
+            if spec.get("truncate"):
+                data = data[: len(data) // 2]
+        path.write_bytes(data)
 
 
 @pytest.fixture
@@ -107,8 +140,11 @@ def case_env(request, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    subs = {"here": str(HERE), "out": str(work / "scored.jsonl")}
+    subs = {"here": str(HERE), "out": str(work / "scored.jsonl"), "inputs": str(tmp_path / "inputs")}
     watched = [work]
+    if case.get("make"):
+        make_inputs(tmp_path / "inputs", case["make"])
+        watched.append(tmp_path / "inputs")
     if "{recipe}" in " ".join(case["argv"]) or "{bundle}" in " ".join(case["argv"]):
         folder, eval_dir, recipe_path = request.getfixturevalue("bundle")
         subs["recipe"] = str(recipe_path)
@@ -132,7 +168,7 @@ def check_error_line(err: str, case: dict, command: str) -> None:
     assert len(lines) == 1, f"{case['name']}: expected one stderr line, got {lines}"
     assert "Traceback" not in err
     line = lines[0]
-    assert line.startswith(f"moodguard {command}: error: "), line
+    assert line.startswith(f"moodguard {command}: {case.get('prefix', 'error')}: "), line
     for sub in case["expect"]:
         assert sub in line, f"{case['name']}: {sub!r} not in {line!r}"
 
@@ -145,16 +181,19 @@ def test_case_in_process(case_env, capsys):
     code = moodguard(fill(case["argv"], subs))
     out, err = capsys.readouterr()
     command = case["argv"][0]
-    if case.get("ok"):
+    if case.get("ok"):  # not an error: exit 0, ONE summary line (stderr for score, stdout for data)
         assert code == 0, err
-        lines = message_lines(err)
+        lines = message_lines(err) or message_lines(out)
         assert len(lines) == 1 and "Traceback" not in err
         for sub in case["expect"]:
             assert sub in lines[0]
-        rows = [json.loads(x) for x in open(subs["out"])]
-        assert [r["truncated"] for r in rows] == [False, True]
+        if "rows" in case:  # each written row holds the case's fields
+            rows = [json.loads(x) for x in open(subs["out"])]
+            assert len(rows) == len(case["rows"])
+            for row, want in zip(rows, case["rows"]):
+                assert {k: row.get(k) for k in want} == want, row
         return
-    assert code == 2
+    assert code == case.get("exit", 2), err
     check_error_line(err, case, command)
     after = [snapshot(w) for w in watched]
     assert after == before, f"{case['name']}: output written or changed"
@@ -169,6 +208,6 @@ def test_case_in_subprocess_has_no_traceback(case_env, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "moodguard.cli", *fill(case["argv"], subs)], cwd=watched[0],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == case.get("exit", 2), proc.stderr[-2000:]
     check_error_line(proc.stderr, case, case["argv"][0])
     assert [snapshot(w) for w in watched] == before

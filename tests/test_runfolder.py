@@ -8,6 +8,7 @@ import pytest
 
 from eval.metrics import analyze
 from eval.runfolder import read_results, reanalyze, write_run
+from mood_data.domains import file_slug
 from mood_data.errors import DataError
 
 
@@ -34,9 +35,9 @@ def test_write_run_writes_all_files(tmp_path):
                          fprs=(0.01, 0.05), n_boot=100)
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     expected = {"results.jsonl", "analysis.json", "summary.md", "meta.json"}
-    expected |= {f"plots/{g}_{k}.png" for g in ("jailbroken", "scheming", "id") for k in ("hist", "roc")}
+    expected |= {f"plots/{file_slug(g)}_{k}.png" for g in ("jailbroken", "scheming", "id") for k in ("hist", "roc")}
     assert names == expected  # and no temp files left behind
-    assert (out / "plots" / "id_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "plots" / f"{file_slug('id')}_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_results(out / "results.jsonl")
     assert len(rows) == len(inp["ids"])
     assert list(rows[3]) == ["id", "conversation", "domain", "malign", "score", "score_guard", "score_maha"]

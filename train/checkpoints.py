@@ -16,14 +16,13 @@
 """
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
 from mood_data.errors import OutputError, RecipeError
-from mood_data.readers import short_repr
+from mood_data.readers import loads_json, short_repr
 
 RECIPE_FILE = "recipe.json"
 # section keys that do not change what is trained (book-keeping, scheduling of saves/logs)
@@ -64,10 +63,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if not state.is_file():
         return "incomplete (no trainer_state.json: killed while saving?)"
     try:
-        doc = json.loads(state.read_text(encoding="utf-8"))
+        doc = loads_json(state.read_text(encoding="utf-8"))
         if not isinstance(doc, dict) or not isinstance(doc.get("global_step"), int):
             return "trainer_state.json has no global_step"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # not UTF-8 / not JSON / refused are ValueErrors
         return f"trainer_state.json unreadable ({type(exc).__name__})"
     weights = sorted(ckpt.glob("*.safetensors"))
     for w in weights:
@@ -101,8 +100,8 @@ def resume_point(recipe, kind: str, ckpt_dir: Path, resume: bool, *, main_proces
     if steps:
         if record.is_file():
             try:
-                old = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                old = loads_json(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # unreadable, not UTF-8, not JSON, refused (DocumentRefused)
                 old = None
             diff = _first_difference(old, current) if isinstance(old, dict) else "its recipe record is unreadable"
             if diff:

@@ -65,7 +65,33 @@ def launch_command(config: str, module: str, argv: Sequence[str], num_processes:
     return cmd, env
 
 
-def relaunch(config: str, module: str, argv: Sequence[str], num_processes: int | None = None) -> int:
+CPU_RANKS_PER_CORE = 4  # gloo ranks beyond this many a core only slow every rank down
+
+
+def check_ranks(config: str, num_processes: int | None, num_machines: int = 1, *, what: str = "--num-processes",
+                gpus: Sequence[str] | None = None, n_cpus: int | None = None) -> None:
+    """The ranks this machine is asked to start fit it: one GPU a rank when GPUs are visible
+    (and the config is not a CPU one), else at most :data:`CPU_RANKS_PER_CORE` a core (gloo
+    ranks; DeepSpeed configs run that way on a CPU-only machine). Each rank holds its own copy
+    of the model: a million ranks would exhaust memory long before any work."""
+    from mood_data.errors import RecipeError
+
+    if num_processes is None:
+        return
+    here = -(-num_processes // max(num_machines, 1))
+    gpus = visible_gpus() if gpus is None and config not in CPU_CONFIGS else gpus or []
+    if config in CPU_CONFIGS or not gpus:
+        limit, unit = CPU_RANKS_PER_CORE * (n_cpus if n_cpus is not None else os.cpu_count() or 1), "CPU ranks"
+    else:
+        limit, unit = len(gpus), "GPUs (one a rank)"
+    if here > limit:
+        raise RecipeError(f"{what} {num_processes}: {here} ranks on this machine, but it has room for {limit} "
+                          f"{unit}")
+
+
+def relaunch(config: str, module: str, argv: Sequence[str], num_processes: int | None = None,
+             num_machines: int = 1) -> int:
+    check_ranks(config, num_processes, num_machines)
     cmd, env = launch_command(config, module, argv, num_processes)
     print("moodguard: " + " ".join(cmd), file=sys.stderr)
     return run_child(cmd, env)
@@ -199,7 +225,8 @@ def run_training(kind: str, recipe: Recipe, recipe_path: str | os.PathLike, over
             return 0
         if recipe.accelerate.config is not None:
             argv = ["--recipe", str(recipe_path), *relaunch_flags(recipe, resume), *overrides]
-            return relaunch(recipe.accelerate.config, f"train.{kind}", argv, recipe.accelerate.num_processes)
+            return relaunch(recipe.accelerate.config, f"train.{kind}", argv, recipe.accelerate.num_processes,
+                            recipe.accelerate.num_machines)
         from .distributed import EXIT_STOPPED, TrainingStopped
 
         ok = False

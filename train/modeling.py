@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mood_data.errors import BundleError, RecipeError
+from mood_data.readers import short_repr
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -174,6 +175,55 @@ def save_versions() -> dict:
         "peft": peft.__version__,
         "accelerate": accelerate.__version__,
     }
+
+
+def _module_names(model) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def target_problem(model, target_modules: Any) -> str | None:
+    """Why LoRA ``target_modules`` (a list of module names, a regex string, or 'all-linear')
+    match no module of ``model`` (peft's suffix / full-match rules), or None."""
+    import re
+
+    names = _module_names(model)
+    if target_modules == "all-linear" or target_modules is None:
+        return None
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            return f"{short_repr(target_modules)} is not a valid regular expression ({exc})"
+        return None if any(pattern.fullmatch(n) for n in names) else \
+            f"{short_repr(target_modules)} matches no module of the base model"
+    if not isinstance(target_modules, list) or not all(isinstance(t, str) and t for t in target_modules):
+        return f"expected a list of module names, got {short_repr(target_modules)}"
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")})
+    for t in target_modules:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            return (f"module {short_repr(t)} is not in the base model (its modules include "
+                    f"{', '.join(leaves[:8])}{', ...' if len(leaves) > 8 else ''})")
+    return None
+
+
+def check_lora(model, recipe, kind: str) -> None:
+    """The recipe's LoRA for ``kind`` fits the loaded ``model`` before peft builds it: every
+    target module exists, and ``r`` is at most min(in, out) of some module it adapts (a larger
+    rank adds nothing and, at 1e9, asks for hundreds of GB)."""
+    from .recipe import display_path
+
+    lo = recipe.section(kind).lora
+    where = display_path(recipe.source_file) if recipe.source_file else "recipe"
+    problem = target_problem(model, lo.target_modules)
+    if problem:
+        raise RecipeError(f"{where}: key '{kind}.lora.target_modules': {problem}")
+    dims = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)
+            and (lo.target_modules == "all-linear" or isinstance(lo.target_modules, str)
+                 or any(name == t or name.endswith("." + t) for t in lo.target_modules))]
+    if dims and lo.r > max(dims):
+        raise RecipeError(f"{where}: key '{kind}.lora.r': {lo.r} is larger than the modules it adapts "
+                          f"(at most {max(dims)} for this model)")
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:

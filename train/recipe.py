@@ -31,6 +31,23 @@ from mood_data.readers import YamlTooLarge, read_yaml, safe_load_bounded, short_
 
 from .detector_table import NAMES, parse_monitor
 
+# upper bounds of the size keys: a value past them asks for more memory than any machine has
+# (a per-device batch of 1e26, a 1e9-token window, a LoRA rank of 1e9) and is refused when the
+# recipe is read; max_length and lora.r are checked again against the model when it is loaded
+MAX_TOKENS = 1 << 20  # a context window, tokens
+MAX_BATCH = 1 << 16  # conversations in one forward / per-device batch
+MAX_GLOBAL_BATCH = 1 << 24
+MAX_LORA_R = 1 << 16
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_PROCESSES = 1 << 16
+SIZE_LIMITS: dict[str, int] = {  # dotted key ("*" = guard, lm and judge) -> largest value
+    "*.global_batch_size": MAX_GLOBAL_BATCH, "*.per_device_batch_size": MAX_BATCH, "*.max_length": MAX_TOKENS,
+    "*.lora.r": MAX_LORA_R, "*.parallel_members": MAX_PROCESSES, "eval.batch_size": MAX_BATCH,
+    "eval.max_length": MAX_TOKENS, "eval.knn.k": MAX_BATCH, "eval.knn.max_ref": 1 << 24,
+    "accelerate.num_processes": MAX_PROCESSES, "accelerate.num_machines": MAX_PROCESSES,
+    "judge.n_shots": 1 << 10, "judge.shot_max_chars": 1 << 24,
+}
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 ACCELERATE_CONFIGS_DIR = REPO_ROOT / "accelerate_configs"
@@ -490,6 +507,12 @@ def _missing_model(name: str | None) -> str | None:
     return None
 
 
+def _dotted(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
     def fail(dotted: str, message: str):
         raise RecipeError(f"{_where(dotted, origin, fallback)}: key '{dotted}': {message}")
@@ -542,6 +565,15 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
                 f"{sec.global_batch_size} is not divisible by per_device_batch_size {sec.per_device_batch_size} "
                 f"x accelerate.num_processes {acc.num_processes}",
             )
+    for pattern, limit in SIZE_LIMITS.items():
+        for dotted in ([pattern.replace("*", k) for k in ("guard", "lm", "judge")] if "*" in pattern else [pattern]):
+            value = _dotted(recipe, dotted)
+            if value is not None and value > limit:
+                fail(dotted, f"{short_repr(value)} is too large (at most {limit:,})")
+    for kind in ("guard", "lm", "judge"):
+        for i, seed in enumerate(recipe.section(kind).seeds):
+            if not 0 <= seed <= MAX_SEED:
+                fail(f"{kind}.seeds[{i}]", f"{short_repr(seed)} is not a seed in [0, {MAX_SEED}]")
     if recipe.guard.packing:
         fail("guard.packing", "packing is only supported for the causal LM (lm.packing)")
     if recipe.judge.packing:
@@ -553,6 +585,14 @@ def _check(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
         fail("judge.train_rubrics", "expected a non-empty list of 'alignment' / 'uncertainty'")
     if not 0.0 < recipe.data.validation_fraction < 1.0:
         fail("data.validation_fraction", "must be in (0, 1)")
+    if recipe.data.registry is not None:  # its domain names checked now, before any work
+        from mood_data.domains import load_registry
+        from mood_data.errors import DataError
+
+        try:
+            load_registry(recipe.data.registry)
+        except DataError as exc:
+            fail("data.registry", str(exc))
     ev = recipe.eval
     for i, fpr in enumerate(ev.fprs):
         if not 0.0 < fpr < 1.0:
