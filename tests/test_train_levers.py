@@ -146,6 +146,8 @@ def test_probe_head_starts_equal_to_the_fitted_probe(tmp_path, tiny_model_dir, t
     assert record["method"] == "probe" and record["c"] == 0.5 and record["intercept"] is False
     assert record["n_train"] == 66 and record["n_features"] == x.shape[1]
     assert record["train_auroc"] == pytest.approx(roc_auc_score(y, x @ w), abs=1e-9)
+    card = (tmp_path / "run" / "guard" / "README.md").read_text()
+    assert f"logistic probe on the frozen base's features (LP-FT; C 0.5): train AUROC {record['train_auroc']:.3f}" in card
     # the saved adapter holds the head that trained on from the probe (not peft's random one)
     saved = head_of(tmp_path / "run" / "guard")
     torch.testing.assert_close(saved, spy.head_end)
@@ -211,6 +213,8 @@ def test_final_adapter_is_the_best_checkpoint_not_the_last(tmp_path, tiny_model_
     assert (sel["metric"], sel["best_step"], sel["best_value"], sel["best_checkpoint"], sel["last_step"]) == \
         ("eval_auroc", 2, 0.9, "checkpoint-2", 6)
     assert [(e["step"], e["eval_auroc"]) for e in sel["evaluations"]] == [(2, 0.9), (4, 0.6), (6, 0.7)]
+    card = (run / "guard" / "README.md").read_text()
+    assert "- Selected checkpoint: step 2 of 6 (auroc 0.900, the best of 3 validation evaluations)" in card
 
 
 def test_selection_survives_a_resume(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
