@@ -393,3 +393,27 @@ def test_lm_selects_on_validation_loss(tmp_path, tiny_model_dir, tiny_dataset_di
     assert sel["metric"] == "eval_loss" and sel["greater_is_better"] is False and len(losses) == 3
     assert sel["best_step"] == 1 + int(np.argmin(losses)) and sel["best_value"] == min(losses)
     assert m["validation"]["eval_loss"] == pytest.approx(min(losses), rel=1e-6)
+
+
+def test_checkpoints_from_before_the_levers_still_resume(tmp_path):
+    """A checkpoint record written before the lever keys existed resumes with a recipe that leaves
+    them at their defaults (the behaviour that run had), and is refused with a non-default one."""
+    from mood_data.errors import RecipeError
+    from train.checkpoints import RECIPE_FILE, resume_point
+    from train.recipe import RECIPES_DIR
+
+    recipe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}"])
+    ckpt = tmp_path / "checkpoints" / "guard"
+    assert resume_point(recipe, "guard", ckpt, resume=False) is None
+    record = json.loads((ckpt / RECIPE_FILE).read_text())
+    for key in ("eval_every", "head_learning_rate", "init_head", "probe_c", "class_weights"):
+        del record["guard"][key]  # what the old code wrote
+    (ckpt / RECIPE_FILE).write_text(json.dumps(record))
+    step = ckpt / "checkpoint-2"
+    step.mkdir()
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert resume_point(recipe, "guard", ckpt, resume=True) == str(step)
+    (ckpt / RECIPE_FILE).write_text(json.dumps(record))
+    probe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}", "guard.init_head=probe"])
+    with pytest.raises(RecipeError, match="key 'guard.init_head': 'random' in the checkpoints, 'probe' now"):
+        resume_point(probe, "guard", ckpt, resume=True)
