@@ -146,6 +146,8 @@ def test_probe_head_starts_equal_to_the_fitted_probe(tmp_path, tiny_model_dir, t
     assert record["method"] == "probe" and record["c"] == 0.5 and record["intercept"] is False
     assert record["n_train"] == 66 and record["n_features"] == x.shape[1]
     assert record["train_auroc"] == pytest.approx(roc_auc_score(y, x @ w), abs=1e-9)
+    card = (tmp_path / "run" / "guard" / "README.md").read_text()
+    assert f"logistic probe on the frozen base's features (LP-FT; C 0.5): train AUROC {record['train_auroc']:.3f}" in card
     # the saved adapter holds the head that trained on from the probe (not peft's random one)
     saved = head_of(tmp_path / "run" / "guard")
     torch.testing.assert_close(saved, spy.head_end)
@@ -211,6 +213,8 @@ def test_final_adapter_is_the_best_checkpoint_not_the_last(tmp_path, tiny_model_
     assert (sel["metric"], sel["best_step"], sel["best_value"], sel["best_checkpoint"], sel["last_step"]) == \
         ("eval_auroc", 2, 0.9, "checkpoint-2", 6)
     assert [(e["step"], e["eval_auroc"]) for e in sel["evaluations"]] == [(2, 0.9), (4, 0.6), (6, 0.7)]
+    card = (run / "guard" / "README.md").read_text()
+    assert "- Selected checkpoint: step 2 of 6 (auroc 0.900, the best of 3 validation evaluations)" in card
 
 
 def test_selection_survives_a_resume(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
@@ -389,3 +393,27 @@ def test_lm_selects_on_validation_loss(tmp_path, tiny_model_dir, tiny_dataset_di
     assert sel["metric"] == "eval_loss" and sel["greater_is_better"] is False and len(losses) == 3
     assert sel["best_step"] == 1 + int(np.argmin(losses)) and sel["best_value"] == min(losses)
     assert m["validation"]["eval_loss"] == pytest.approx(min(losses), rel=1e-6)
+
+
+def test_checkpoints_from_before_the_levers_still_resume(tmp_path):
+    """A checkpoint record written before the lever keys existed resumes with a recipe that leaves
+    them at their defaults (the behaviour that run had), and is refused with a non-default one."""
+    from mood_data.errors import RecipeError
+    from train.checkpoints import RECIPE_FILE, resume_point
+    from train.recipe import RECIPES_DIR
+
+    recipe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}"])
+    ckpt = tmp_path / "checkpoints" / "guard"
+    assert resume_point(recipe, "guard", ckpt, resume=False) is None
+    record = json.loads((ckpt / RECIPE_FILE).read_text())
+    for key in ("eval_every", "head_learning_rate", "init_head", "probe_c", "class_weights"):
+        del record["guard"][key]  # what the old code wrote
+    (ckpt / RECIPE_FILE).write_text(json.dumps(record))
+    step = ckpt / "checkpoint-2"
+    step.mkdir()
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert resume_point(recipe, "guard", ckpt, resume=True) == str(step)
+    (ckpt / RECIPE_FILE).write_text(json.dumps(record))
+    probe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}", "guard.init_head=probe"])
+    with pytest.raises(RecipeError, match="key 'guard.init_head': 'random' in the checkpoints, 'probe' now"):
+        resume_point(probe, "guard", ckpt, resume=True)

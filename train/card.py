@@ -154,6 +154,7 @@ def build_card(kind: str, *, name: str, base_model: str | None, recipe: dict | N
     if val:
         lines += ["", "## Validation (ID)", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {k.removeprefix('eval_')} | {_number(v, '.3f')} |" for k, v in val.items()]
+    lines += _training_choices(metrics)
     if evals:
         lines += ["", "## Evaluation (OOD)", "",
                   "TPR = recall of unsafe rows at the threshold that flags the given fraction (FPR) of ID-safe "
@@ -172,6 +173,21 @@ def build_card(kind: str, *, name: str, base_model: str | None, recipe: dict | N
     if extra:
         lines += ["", extra]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _training_choices(metrics: dict) -> list[str]:
+    """What the weights are: the selected checkpoint, the LP-FT probe the head started from."""
+    out = []
+    sel = metrics.get("selection")
+    if sel and sel.get("best_step") is not None:
+        out.append(f"- Selected checkpoint: step {sel['best_step']} of {sel.get('last_step', '?')} "
+                   f"({sel.get('metric', '?').removeprefix('eval_')} {_f(sel.get('best_value'))}, the best of "
+                   f"{len(sel.get('evaluations') or [])} validation evaluations)")
+    probe = metrics.get("init_head")
+    if probe:
+        out.append(f"- Head initialised from a logistic probe on the frozen base's features (LP-FT; C {probe.get('c')}): "
+                   f"train AUROC {_f(probe.get('train_auroc'))}, validation AUROC {_f(probe.get('validation_auroc'))}")
+    return ["", *out] if out else []
 
 
 def read_folder_info(folder: Path) -> tuple[dict, dict]:

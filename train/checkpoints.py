@@ -37,6 +37,19 @@ def training_fingerprint(recipe, kind: str) -> dict[str, Any]:
     return {"model": d["model"], "tokenizer": d["tokenizer"], "dtype": d["dtype"], "data": d["data"], kind: sec}
 
 
+def with_new_key_defaults(old: dict, recipe, kind: str) -> dict:
+    """A record written before a section key existed (e.g. ``guard.init_head``) trained with that
+    key's default: the missing keys of its section read as their defaults, so such checkpoints
+    still resume with a recipe that leaves the new keys at their defaults."""
+    import dataclasses
+
+    sec = old.get(kind)
+    if not isinstance(sec, dict):
+        return old
+    defaults = dataclasses.asdict(type(recipe.section(kind))())
+    return {**old, kind: {**{k: v for k, v in defaults.items() if k not in _NOT_TRAINING}, **sec}}
+
+
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in list(dict.fromkeys([*old, *new])):
@@ -103,7 +116,8 @@ def resume_point(recipe, kind: str, ckpt_dir: Path, resume: bool, *, main_proces
                 old = loads_json(record.read_text(encoding="utf-8"))
             except (OSError, ValueError):  # unreadable, not UTF-8, not JSON, refused (DocumentRefused)
                 old = None
-            diff = _first_difference(old, current) if isinstance(old, dict) else "its recipe record is unreadable"
+            diff = (_first_difference(with_new_key_defaults(old, recipe, kind), current) if isinstance(old, dict)
+                    else "its recipe record is unreadable")
             if diff:
                 raise RecipeError(f"{where}: --resume refused: {ckpt_dir} was written by a different recipe ({diff}); "
                                   "resume with the same recipe, or train into another output_dir")

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
