@@ -37,6 +37,17 @@ SETTINGS: dict[str, list[str]] = {
     "lpft_head_lr": ["guard.init_head=probe", "guard.head_learning_rate=1.0e-3"],
     "epochs": ["guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
     "lpft_epochs": ["guard.init_head=probe", "guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
+    "all_linear": ["guard.lora.r=16", "guard.lora.alpha=32",
+                   "guard.lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"],
+    "all_linear_lpft_epochs": ["guard.lora.r=16", "guard.lora.alpha=32",
+                               "guard.lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
+                               "guard.init_head=probe", "guard.max_steps=-1", "guard.num_epochs=5", "guard.eval_every=epoch"],
+    "embed": ["guard.lora.r=16", "guard.lora.alpha=32",
+              "guard.lora.target_modules=[embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"],
+    "embed_lr3e-3_epochs": ["guard.lora.r=16", "guard.lora.alpha=32",
+                            "guard.lora.target_modules=[embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
+                            "guard.learning_rate=3.0e-3", "guard.max_steps=-1", "guard.num_epochs=3",
+                            "guard.eval_every=epoch"],
     "full": ["guard.init_head=probe", "guard.head_learning_rate=1.0e-3", "guard.class_weights=balanced",
              "guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
 }
@@ -169,13 +180,9 @@ def main(argv=None) -> int:
         for name in args.settings.split(","):
             res["settings"][name] = run_setting(args.recipe, name, args.work, test, args.override)
             print(name, json.dumps(res["settings"][name]), flush=True)
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(res, indent=1) + "\n")
+            common.write_json(args.json, res)  # after each setting: a long run keeps what it measured
     print(json.dumps(res, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    common.write_json(args.json, res)
     return 0
 
 

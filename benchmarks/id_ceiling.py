@@ -339,9 +339,7 @@ def main(argv=None) -> int:
     else:
         res = guards(args.size, args.settings.split(","), args.work)
     print(json.dumps(res, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    common.write_json(args.json, res)
     return 0
 
 
