@@ -174,7 +174,7 @@ def recipe_classes() -> set[type]:
     import dataclasses
     import typing
 
-    from train.recipe import Recipe
+    from train.recipe_schema import Recipe
 
     out, todo = set(), [Recipe]
     while todo:

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from mood_data.errors import BundleError, MoodguardError
 from mood_data.readers import read_json, short_repr
 from train.modeling import target_problem
-from train.recipe import MAX_BATCH, MAX_TOKENS  # the same bounds as a recipe's
+from train.recipe_checks import MAX_BATCH, MAX_TOKENS# the same bounds as a recipe's
 
 FORMAT = 1  # of the bundle layout and its manifest
 MANIFEST = "manifest.json"

@@ -162,7 +162,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args) -> int:
-    from train.recipe import RECIPES_DIR
+    from train.recipe_files import RECIPES_DIR
 
     name = "embedded-smoke" if args.smoke else "embedded"
     sweep = RECIPES_DIR / "sweeps" / f"{name}.yaml"

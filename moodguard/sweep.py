@@ -24,7 +24,7 @@ from mood_data import atomic
 from mood_data.errors import RecipeError
 from mood_data.readers import read_json, read_yaml
 from train.detector_table import parse_monitors
-from train.recipe import EvalSection
+from train.recipe_schema import EvalSection
 
 STAGES: tuple[str, ...] = ("train-guard", "train-lm", "fit", "evaluate")
 # train-judge (judge SFT LoRA) is planned only for recipes with judge.enabled: true
@@ -73,7 +73,7 @@ def _override_strings(value: Any, where: str) -> tuple[str, ...]:
 
 def resolve_recipe_path(text: str, sweep_file: Path) -> Path:
     """Absolute paths as given; relative ones against the cwd, then the repo root, then the sweep file."""
-    from train.recipe import REPO_ROOT
+    from train.recipe_files import REPO_ROOT
 
     p = Path(text)
     if p.is_absolute():
@@ -358,7 +358,7 @@ def _train_job_lines(stage: Stage) -> list[str]:
 
 def emit_slurm(sweep: Sweep, stages: list[Stage], out_dir: Path, workdir: Path | None = None) -> Path:
     """Write ``<sweep>/slurm/NN-<run>-<stage>.sbatch`` + ``submit.sh``; returns submit.sh."""
-    from train.recipe import REPO_ROOT
+    from train.recipe_files import REPO_ROOT
 
     out_dir = Path(out_dir).resolve()
     slurm_dir = out_dir / "slurm"

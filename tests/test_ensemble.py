@@ -57,7 +57,8 @@ def test_member_dirs_errors(tmp_path):
 
 def test_monitor_names_parse():
     from eval.monitor import parse_monitor
-    from train.recipe import RECIPES_DIR, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import RECIPES_DIR
 
     assert parse_monitor("guard+ensemble-disagreement") == ("guard", "ensemble-disagreement")
     r = load_recipe(RECIPES_DIR / "tiny" / "s.yaml",

@@ -181,7 +181,8 @@ def test_judge_is_an_adapter_on_the_shared_base(judge_run):
 def test_no_judge_is_a_one_line_error(tmp_path):
     from eval.judge import load_judge
     from mood_data.errors import BundleError
-    from train.recipe import RECIPES_DIR, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import RECIPES_DIR
 
     recipe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}"])
     with pytest.raises(BundleError, match="judge.model") as err:
@@ -195,7 +196,8 @@ def test_smollm2_instruct_judge(tiny_dataset_dir):
     next-token mass sits on the answer digits."""
     from eval.judge import judge_scores, load_judge, recipe_rubrics
     from mood_data.load import load_splits
-    from train.recipe import RECIPES_DIR, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import RECIPES_DIR
     from train.smollm2 import smollm2_path
 
     path = smollm2_path()

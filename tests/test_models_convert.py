@@ -10,7 +10,8 @@ import pytest
 
 from mood_data.errors import RecipeError
 from train import convert
-from train.recipe import RECIPES_DIR, load_recipe
+from train.recipe import load_recipe
+from train.recipe_files import RECIPES_DIR
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed (pip install gguf)"),

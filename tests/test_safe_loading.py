@@ -87,7 +87,9 @@ def test_code_has_no_unsafe_loading():
 def test_trust_remote_code_defaults_off():
     from eval.forward import SharedBackbone
     from train.modeling import load_tokenizer
-    from train.recipe import Recipe, list_recipes, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import list_recipes
+    from train.recipe_schema import Recipe
 
     assert Recipe.__dataclass_fields__["trust_remote_code"].default is False
     for fn in (SharedBackbone.from_pretrained, load_tokenizer):

@@ -17,7 +17,8 @@ import pytest
 from moodguard import sweep as sw
 from mood_data.errors import RecipeError
 from train import slurm
-from train.recipe import RECIPES_DIR, REPO_ROOT, load_recipe
+from train.recipe import load_recipe
+from train.recipe_files import RECIPES_DIR, REPO_ROOT
 
 MULTI_NODE = f"""
 name: mn

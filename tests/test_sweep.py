@@ -9,7 +9,7 @@ import pytest
 
 from moodguard import sweep as sw
 from mood_data.errors import RecipeError
-from train.recipe import RECIPES_DIR
+from train.recipe_files import RECIPES_DIR
 
 SWEEP_YAML = f"""
 name: t

@@ -24,7 +24,7 @@ from typing import Sequence
 from .entry import module_main
 from .loop import AdapterJob, train_adapter
 from .lm import build_lm_model
-from .recipe import Recipe
+from .recipe_schema import Recipe
 
 
 def judge_recipe(recipe: Recipe) -> Recipe:
