@@ -175,7 +175,7 @@ def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", 
     """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed).
     ``out_dir`` may be new, empty or a bundle this tool wrote; anything else only with
     ``overwrite`` (moved aside, never deleted): :func:`check_export_out`."""
-    from mood_data.load import check_source
+    from mood_data.sources import check_source
 
     protect = (Path.cwd(), run_root(recipe))
     check_export_out(out_dir, overwrite, protect)  # before the (slow) evaluation

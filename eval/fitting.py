@@ -96,7 +96,7 @@ def fit_detectors(recipe, *, source=None, loaded: Loaded | None = None, predict_
     ``device``: ``--device``."""
     from train.detector_table import needed, parse_monitors
 
-    from mood_data.load import check_source
+    from mood_data.sources import check_source
 
     used = set(needed(parse_monitors(monitors or recipe.eval.monitors)))
     check_source(source or recipe.data.source)  # a missing data file first, not a missing adapter

@@ -93,7 +93,8 @@ def eval_splits(recipe, source=None, cut=None) -> tuple[dict, tuple]:
     where :func:`train.data.train_validation_cut` would read it too (a source with a local test
     split, for its leakage check), the train split comes from the same ``load_splits`` call.
     ``cut``: an already computed cut (then only the test split is read)."""
-    from mood_data.load import has_local_test_split, load_splits
+    from mood_data.load import load_splits
+    from mood_data.sources import has_local_test_split
 
     src = source or recipe.data.source
     both = cut is None and has_local_test_split(src)
@@ -110,7 +111,8 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     for every monitor. Fits / reuses detector statistics first (see :func:`fit_detectors`).
     ``splits`` + ``cut``: what :func:`eval_splits` returned, for a caller that needs the cut too."""
     from mood_data.domains import load_registry
-    from mood_data.load import cap_groups, check_source
+    from mood_data.load import cap_groups
+    from mood_data.sources import check_source
     from train.modeling import count_parameters, save_versions
 
     from .caveats import print_warnings

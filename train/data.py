@@ -21,7 +21,8 @@ def load_train_split(source: str | None, template: str = "mood", registry: str |
     domain, malign), read by ``mood_data.load.load_splits``. When the source has a test split it
     is loaded too: load_splits then refuses a source whose test rows leak from train BEFORE
     anything is trained on it (not only later, in evaluate)."""
-    from mood_data.load import has_local_test_split, load_splits
+    from mood_data.load import load_splits
+    from mood_data.sources import has_local_test_split
 
     splits = ("train", "test") if has_local_test_split(source) else ("train",)
     kwargs = {"splits": splits, "template": template}
