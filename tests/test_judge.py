@@ -212,7 +212,9 @@ def test_smollm2_instruct_judge(tiny_dataset_dir):
 
 
 def test_sweep_plans_train_judge_and_accepts_new_monitors(tmp_path):
-    from moodguard.sweep import load_sweep, plan_sweep, stage_command
+    from moodguard.sweep_emit import stage_command
+    from moodguard.sweep_file import load_sweep
+    from moodguard.sweep_plan import plan_sweep
 
     sweep = tmp_path / "s.yaml"
     sweep.write_text("name: j\nmonitors: [guard, ensemble-disagreement, guard+judge-uncertainty]\n"
