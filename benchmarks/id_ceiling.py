@@ -246,7 +246,7 @@ def probe(sizes: list[str], max_length: int, models: Path | None = None) -> dict
     from sklearn.preprocessing import StandardScaler
     from transformers import AutoModel, AutoTokenizer
 
-    from eval.forward import collate, encode, length_batches, pool
+    from eval.engine.forward import collate, encode, length_batches, pool
     from mood_data.embedded import models_dir
 
     torch.set_num_threads(1)

@@ -36,10 +36,10 @@ import torch  # noqa: E402
 from benchmarks.common import (benchmark_tokenizer, device, device_name, free_memory, is_oom,  # noqa: E402
                                length_summary, load_rows, peak_memory_mb, random_model, recipe_config, reset_peak,
                                run_dtype, sync, token_rows, write_json)
-from eval.forward import Encoded, SharedBackbone, collate, guard_pass, length_batches, padding_fraction  # noqa: E402
-from eval.forward import pad_id as backbone_pad_id  # noqa: E402
-from eval.monitor import FeatureScorer, guard_scores  # noqa: E402
-from eval.perplexity import full_logits_nll, perplexity_from_nll, perplexity_pass, target_mask  # noqa: E402
+from eval.engine.forward import Encoded, SharedBackbone, collate, guard_pass, length_batches, padding_fraction  # noqa: E402
+from eval.engine.forward import pad_id as backbone_pad_id  # noqa: E402
+from eval.run.evaluate import FeatureScorer, guard_scores  # noqa: E402
+from eval.engine.perplexity import full_logits_nll, perplexity_from_nll, perplexity_pass, target_mask  # noqa: E402
 
 
 def random_backbone(recipe, tok, dtype: torch.dtype) -> SharedBackbone:
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from eval.detectors import MahalanobisFitter
-    from eval.monitor import adapter_dirs
+    from eval.engine.detectors import MahalanobisFitter
+    from eval.run.evaluate import adapter_dirs
     from train.modeling import resolve_model
     from train.recipe import load_recipe
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "fit_detectors": "eval.fitting", "evaluate_recipe": "eval.monitor", "load_backbone": "eval.backbone",
-    "score_rows": "eval.scoring", "export_bundle": "eval.bundle", "Monitor": "eval.bundle",
-    "score_stream": "eval.streaming", "scan_input": "eval.streaming", "analyze": "eval.metrics", "tpr_at_fpr": "eval.metrics",
+    "fit_detectors": "eval.run.fitting", "evaluate_recipe": "eval.run.evaluate", "load_backbone": "eval.run.backbone",
+    "score_rows": "eval.engine.scoring", "export_bundle": "eval.run.bundle", "Monitor": "eval.run.bundle",
+    "score_stream": "eval.run.streaming", "scan_input": "eval.run.streaming", "analyze": "eval.engine.metrics",
+    "tpr_at_fpr": "eval.engine.metrics",
 }
 __all__ = sorted(_EXPORTS)
 

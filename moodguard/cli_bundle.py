@@ -25,12 +25,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args) -> int:
-    from eval.bundle import export_bundle
+    from eval.run.bundle import export_bundle
 
     from mood_data.runlock import output_file_lock, output_lock
 
-    from eval.backbone import run_root
-    from eval.bundle import check_export_out
+    from eval.run.backbone import run_root
+    from eval.run.bundle import check_export_out
 
     recipe = recipe_from_args(args)
     check_export_out(args.out, args.overwrite, (Path.cwd(), run_root(recipe)))  # before the lock and the work
@@ -91,7 +91,7 @@ def check_out_file(out: str | None) -> None:
 def run_score(args) -> int:
     import contextlib
 
-    from eval.streaming import check_output, parse_shard, scan_input
+    from eval.run.streaming import check_output, parse_shard, scan_input
     from mood_data.errors import MoodguardError
     from mood_data.runlock import output_file_lock
 
@@ -114,9 +114,9 @@ def run_score(args) -> int:
 def _score(args, scan, shard) -> int:
     import sys
 
-    from eval.bundle import Monitor
-    from eval.parallel import main_print
-    from eval.streaming import SCORE_CHUNK, score_stream
+    from eval.run.bundle import Monitor
+    from eval.engine.parallel import main_print
+    from eval.run.streaming import SCORE_CHUNK, score_stream
 
     monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
                            trust_remote_code=args.trust_remote_code)
@@ -141,7 +141,7 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_push(args) -> int:
-    from eval.hub import push
+    from eval.run.hub import push
 
     res = push(args.path, args.repo_id, private=args.private, revision=args.revision, fpr=args.fpr)
     print(f"pushed {res.kind} {args.path} -> {res.url} ({len(res.files)} files)")

@@ -45,7 +45,7 @@ def check_num_processes(args) -> None:
 def parallel_run(args, body) -> int:
     """Run ``body()`` once per rank: re-execute under ``accelerate launch`` for
     ``--num-processes N``; inside a launch, join its process group (rank 0 writes)."""
-    from eval import parallel
+    from eval.engine import parallel
 
     check_num_processes(args)
     if parallel.wants_relaunch(getattr(args, "num_processes", None)):

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:
     """Compact per-domain TPR@fpr table: one row per group, one column per monitor."""
-    from eval.metrics import per_domain_table
+    from eval.engine.metrics import per_domain_table
 
     rows = {m: {r["group"]: r["tpr"] for r in per_domain_table(a, fpr)} for m, a in analyses.items()}
     groups = list(dict.fromkeys(g for r in rows.values() for g in r))
@@ -63,8 +63,8 @@ def run(args) -> int:
 def _evaluate(args, recipe) -> int:
     import json
 
-    from eval.monitor import evaluate_recipe
-    from eval.parallel import main_print
+    from eval.run.evaluate import evaluate_recipe
+    from eval.engine.parallel import main_print
 
     folders = evaluate_recipe(recipe, monitors=None,
                               source=args.source, predict_safe=args.predict_safe, n_boot=args.n_boot,

@@ -29,8 +29,8 @@ def run(args) -> int:
 
 
 def _fit(args, recipe) -> int:
-    from eval.monitor import fit_detectors
-    from eval.parallel import main_print
+    from eval.run.evaluate import fit_detectors
+    from eval.engine.parallel import main_print
 
     out = fit_detectors(recipe, source=args.source, predict_safe=args.predict_safe, device=args.device)
     for kind, per_layer in out["stats"].items():

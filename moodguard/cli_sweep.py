@@ -49,7 +49,7 @@ def _sweep_and_dir(path: str, out: str | None, domains: str | None = None):
 def run_sweep_command(sweep_path: str, out: str | None = None, emit: str | None = None, only: str | None = None,
                       runs=None, mark_done: bool = False, fpr: float | None = None, wandb: bool = False,
                       domains: str | None = None) -> Path:
-    from eval.scaling import wandb_enabled
+    from eval.report.scaling import wandb_enabled
 
     from .sweep_emit import emit_shell, emit_slurm
     from .sweep_plan import plan_sweep, select
@@ -90,7 +90,7 @@ def add_chart_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_chart(args) -> int:
-    from eval.scaling import log_chart_to_wandb, make_chart, wandb_enabled
+    from eval.report.scaling import log_chart_to_wandb, make_chart, wandb_enabled
 
     chart = make_chart(args.sweep_dir, fpr=args.fpr, guard_monitor=args.guard, reference=args.reference)
     print(chart.match.sentence() if chart.match else "no guard-alone monitor in the sweep: nothing to match")
@@ -115,7 +115,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args) -> int:
-    from eval.report import DEFAULT_GPU_HOUR_COST, write_report
+    from eval.report.report import DEFAULT_GPU_HOUR_COST, write_report
 
     cost = DEFAULT_GPU_HOUR_COST if args.gpu_hour_cost is None else args.gpu_hour_cost
     files = write_report(args.root, fpr=args.fpr, gpu_hour_cost=cost, out_dir=args.out,
@@ -141,7 +141,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def run_compare(args) -> int:
     import sys
 
-    from eval.compare import compare_roots, format_deltas, gate_failures
+    from eval.report.compare import compare_roots, format_deltas, gate_failures
     from mood_data.domains import load_registry
 
     registry = load_registry(args.domains)  # before any folder is read: a bad file is one line

@@ -29,13 +29,13 @@ def _run_train(stage: Stage, recipe, monitors) -> None:
 
 
 def _run_fit(stage: Stage, recipe, monitors) -> None:
-    from eval.monitor import fit_detectors
+    from eval.run.evaluate import fit_detectors
 
     fit_detectors(recipe)
 
 
 def _run_evaluate(stage: Stage, recipe, monitors) -> None:
-    from eval.monitor import evaluate_recipe
+    from eval.run.evaluate import evaluate_recipe
 
     evaluate_recipe(recipe, monitors=list(monitors))
 
@@ -105,8 +105,8 @@ def run_stages(stages: list[Stage], out_dir: str | os.PathLike, load: Callable =
 
 def finish(sweep: Sweep, out_dir: Path, wandb: bool = False, fpr: float | None = None) -> dict[str, Path]:
     """Chart + report (+ wandb) after the stages."""
-    from eval.report import write_report
-    from eval.scaling import log_chart_to_wandb, log_to_wandb, make_chart
+    from eval.report.report import write_report
+    from eval.report.scaling import log_chart_to_wandb, log_to_wandb, make_chart
 
     chart = make_chart(out_dir, fpr=fpr or sweep.chart_fpr)
     if chart.match is not None:

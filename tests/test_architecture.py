@@ -171,14 +171,73 @@ def test_adding_a_detector_is_one_entry(monkeypatch):
     monitor parser and the one guard pass score it."""
     import numpy as np
 
-    from eval.detectors.logits import guard_logprob
-    from eval.scoring import logit_detectors
+    from eval.engine.detectors.logits import guard_logprob
+    from eval.engine.scoring import logit_detectors
     from train import detector_table as dt
 
-    entry = dt.Detector("logprob", "guard", False, (), "eval.detectors.logits:guard_logprob")
+    entry = dt.Detector("logprob", "guard", False, (), "eval.engine.detectors.logits:guard_logprob")
     monkeypatch.setitem(dt.DETECTORS, entry.name, entry)
     assert dt.parse_monitor("guard+logprob") == ("guard", "logprob")
     logits = np.array([[0.5, -1.0], [2.0, 0.1], [-0.3, 0.3]])
     out = logit_detectors(logits, ["guard", "logprob"])
     assert list(out) == ["guard", "logprob"]
     assert np.allclose(out["logprob"], guard_logprob(logits))
+
+
+REPORTING = ("eval.report.runfolder", "eval.report.caveats", "eval.report.plots", "eval.report.scaling",
+             "eval.report.report", "eval.report.compare")
+
+# a child interpreter in which ``import torch`` (and every torch submodule) fails. A finder is used
+# rather than ``sys.modules["torch"] = None``: scipy's array-API probe reads ``sys.modules["torch"]``
+# when it is present and would itself fail on None, which says nothing about our modules
+_NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def _run_without_torch(code: str, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-c", _NO_TORCH + code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_reporting_works_without_torch(tmp_path):
+    """Charts, report, compare and run folders import and run with torch unimportable: a reader of
+    results never needs the model stack."""
+    code = f"""
+import importlib
+for name in {REPORTING!r}:
+    importlib.import_module(name)
+from pathlib import Path
+from test_sweep_fixtures import make_sweep
+from eval.report.compare import compare_roots
+from eval.report.report import write_report
+from eval.report.runfolder import reanalyze
+from eval.report.scaling import make_chart
+root = make_sweep(Path("sweep"))
+chart = make_chart(root, fpr=0.01)
+report = write_report(root, fpr=0.01)
+deltas = compare_roots(root, root, n_boot=10)
+analysis = reanalyze(root / "tiny-s" / "eval" / "guard", n_boot=10)  # run folder: analysis, summary, plots
+assert "torch" not in sys.modules, "torch was imported"
+print("OK", sorted(chart.files), sorted(report), len(deltas), sorted(analysis["groups"])[:1])
+"""
+    out = _run_without_torch(code, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("OK ['csv', 'md', 'png', 'svg'] ['html', 'md']"), out.stdout
+
+
+def test_torch_blocker_blocks(tmp_path):
+    """The blocker of the test above really makes torch unimportable (a test that cannot fail is
+    no test)."""
+    out = _run_without_torch("import eval.engine.forward\n", tmp_path)
+    assert out.returncode != 0 and "No module named 'torch' (blocked)" in out.stderr

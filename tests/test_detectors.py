@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.covariance import OAS, LedoitWolf
 
-from eval.detectors import (
+from eval.engine.detectors import (
     GaussianAccumulator,
     KNNDetector,
     MahalanobisDetector,
@@ -59,7 +59,7 @@ def test_empirical_is_unbiased_cov_plus_ridge_and_scores_match_reference():
 
 
 def test_precision_is_inverse_or_pinv_when_singular():
-    from eval.detectors.mahalanobis import stable_precision
+    from eval.engine.detectors.mahalanobis import stable_precision
 
     x = _gauss(n=200, d=6)
     cov = np.cov(x.T)

@@ -72,7 +72,7 @@ class Spy:
     def __init__(self, monkeypatch):
         from transformers import AutoModelForCausalLM
 
-        from eval.forward import SharedBackbone
+        from eval.engine.forward import SharedBackbone
 
         self.requests: list = []
         self.loads: list[dict] = []
@@ -141,7 +141,7 @@ def test_every_stage_runs_where_the_policy_says(tmp_path, tiny_model_dir, tiny_d
 def test_judge_on_its_own_base_gets_the_placement(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     import shutil
 
-    from eval.judge import load_judge
+    from eval.run.judge import load_judge
     from train.recipe import load_recipe
     from test_monitor import write_recipe
 
@@ -160,7 +160,7 @@ def test_device_map_auto_reaches_from_pretrained(tmp_path, tiny_model_dir, tiny_
                                                  monkeypatch):
     """eval.device_map: auto loads with device_map='auto' (on this CPU-only machine accelerate
     puts every module on the CPU; the multi-GPU spread itself has never run here)."""
-    from eval.monitor import ScoreSettings, load_backbone, score_rows
+    from eval.run.evaluate import ScoreSettings, load_backbone, score_rows
     from train.recipe import load_recipe
 
     path, _ = new_run(tmp_path, "dm", tiny_model_dir, tiny_dataset_dir, adapters)

@@ -11,7 +11,7 @@ import torch
 
 from test_train_guard import write_tiny_recipe
 
-from eval.detectors.ensemble import (ensemble_disagreement, ensemble_mean, ensemble_min, ensemble_scores, member_dirs,
+from eval.engine.detectors.ensemble import (ensemble_disagreement, ensemble_mean, ensemble_min, ensemble_scores, member_dirs,
                                      sigmoid)
 from mood_data.errors import BundleError, RecipeError
 
@@ -56,7 +56,7 @@ def test_member_dirs_errors(tmp_path):
 
 
 def test_monitor_names_parse():
-    from eval.monitor import parse_monitor
+    from eval.run.evaluate import parse_monitor
     from train.recipe import load_recipe
     from train.recipe_files import RECIPES_DIR
 
@@ -70,7 +70,7 @@ def test_monitor_names_parse():
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
-    from eval.monitor import evaluate_recipe
+    from eval.run.evaluate import evaluate_recipe
     from moodguard.cli import main as moodguard
     from train.recipe import load_recipe
 
@@ -129,8 +129,8 @@ def test_three_guards_train_and_evaluate(ensemble_run, tiny_model_dir):
 
 def test_members_share_one_base(ensemble_run):
     """Members are extra adapters on the one loaded base; the ID-validation scores are cached."""
-    from eval.detectors.ensemble import member_adapters
-    from eval.monitor import load_backbone
+    from eval.engine.detectors.ensemble import member_adapters
+    from eval.run.evaluate import load_backbone
 
     run, recipe, _ = ensemble_run
     loaded = load_backbone(recipe)
@@ -145,7 +145,7 @@ def test_members_share_one_base(ensemble_run):
 def test_ensemble_bundle_scores_like_evaluate(ensemble_run, tmp_path):
     """`moodguard export` of an ensemble monitor: the other members travel in the bundle and
     the loaded bundle reproduces evaluate's fused and per-detector scores."""
-    from eval.bundle import Monitor, export_bundle
+    from eval.run.bundle import Monitor, export_bundle
 
     run, recipe, folders = ensemble_run
     out = export_bundle(recipe, tmp_path / "b", "guard+ensemble-disagreement")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import make_rows
-from eval.forward import SharedBackbone, encode, guard_pass, length_batches, pad_left, padding_fraction, pool
-from eval.perplexity import (assistant_char_spans, chunked_token_nll, full_logits_nll, perplexity_from_nll,
+from eval.engine.forward import SharedBackbone, encode, guard_pass, length_batches, pad_left, padding_fraction, pool
+from eval.engine.perplexity import (assistant_char_spans, chunked_token_nll, full_logits_nll, perplexity_from_nll,
                              perplexity_pass, target_mask)
 
 
@@ -164,8 +164,8 @@ def test_score_rows_assistant_only_tokenises_once_and_matches_separate_passes(ti
                                                                               tiny_tokenizer, monkeypatch):
     """guard + ppl with assistant-only perplexity: ONE tokenisation serves both passes, and the
     scores equal a guard pass on plain ids and a perplexity pass on masked ids."""
-    from eval import scoring
-    from eval.monitor import Loaded, ScoreSettings, guard_scores, score_rows
+    from eval.engine import scoring
+    from eval.run.evaluate import Loaded, ScoreSettings, guard_scores, score_rows
 
     guard_dir, lm_dir = tiny_adapters
     loaded = Loaded(backbone, tiny_tokenizer, guard_dir, lm_dir, "g", "l")

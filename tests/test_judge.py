@@ -11,7 +11,7 @@ import torch
 
 from test_train_guard import write_tiny_recipe
 
-from eval.judge import (DIGIT_ANSWERS, RUBRICS_DIR, SENTINEL, assemble, encode_prompts, expected_score, judge_view,
+from eval.run.judge import (DIGIT_ANSWERS, RUBRICS_DIR, SENTINEL, assemble, encode_prompts, expected_score, judge_view,
                         load_rubric, prompt_parts, select_shots, user_text)
 from mood_data.errors import RecipeError
 
@@ -113,7 +113,7 @@ def test_shots_come_from_the_train_split_only(tiny_dataset_dir):
 
 @pytest.fixture(scope="module")
 def judge_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
-    from eval.monitor import evaluate_recipe
+    from eval.run.evaluate import evaluate_recipe
     from moodguard.cli import main as moodguard
     from test_forward import make_adapters
     from train.recipe import load_recipe
@@ -136,7 +136,7 @@ def test_judge_trains_and_scores_like_a_plain_forward(judge_run, tiny_model_dir)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from eval.judge import load_judge, recipe_rubrics
+    from eval.run.judge import load_judge, recipe_rubrics
     from train.data import train_validation_cut
 
     run, recipe, folders = judge_run
@@ -167,8 +167,8 @@ def test_judge_trains_and_scores_like_a_plain_forward(judge_run, tiny_model_dir)
 
 
 def test_judge_is_an_adapter_on_the_shared_base(judge_run):
-    from eval.judge import load_judge
-    from eval.monitor import load_backbone
+    from eval.run.judge import load_judge
+    from eval.run.evaluate import load_backbone
 
     run, recipe, _ = judge_run
     loaded = load_backbone(recipe)
@@ -179,7 +179,7 @@ def test_judge_is_an_adapter_on_the_shared_base(judge_run):
 
 
 def test_no_judge_is_a_one_line_error(tmp_path):
-    from eval.judge import load_judge
+    from eval.run.judge import load_judge
     from mood_data.errors import BundleError
     from train.recipe import load_recipe
     from train.recipe_files import RECIPES_DIR
@@ -194,7 +194,7 @@ def test_no_judge_is_a_one_line_error(tmp_path):
 def test_smollm2_instruct_judge(tiny_dataset_dir):
     """The real judge: SmolLM2-135M-Instruct, no adapter, digits are single tokens, most of the
     next-token mass sits on the answer digits."""
-    from eval.judge import judge_scores, load_judge, recipe_rubrics
+    from eval.run.judge import judge_scores, load_judge, recipe_rubrics
     from mood_data.load import load_splits
     from train.recipe import load_recipe
     from train.recipe_files import RECIPES_DIR
@@ -233,7 +233,7 @@ def test_sweep_plans_train_judge_and_accepts_new_monitors(tmp_path):
 def test_judge_bundle_scores_like_evaluate(judge_run, tmp_path):
     """`moodguard export` of a judge monitor: adapter, tokenizer, rubrics and shots travel in
     the bundle; the loaded bundle reproduces evaluate's scores."""
-    from eval.bundle import Monitor, export_bundle
+    from eval.run.bundle import Monitor, export_bundle
 
     run, recipe, folders = judge_run
     out = export_bundle(recipe, tmp_path / "b", "guard+judge-uncertainty")

@@ -34,7 +34,7 @@ _SHARED: dict = {}  # one evaluated run per session, shared with tests/test_bund
 def shared_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """(recipe_path, run_dir, recipe, {monitor: folder}) built once per session."""
     if "run" not in _SHARED:
-        from eval.monitor import evaluate_recipe
+        from eval.run.evaluate import evaluate_recipe
         from train.recipe import load_recipe
 
         root = tmp_path_factory.mktemp("monitor_run")
@@ -57,7 +57,7 @@ def evaluated(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
 
 
 def test_parse_monitor():
-    from eval.monitor import parse_monitor, parse_monitors
+    from eval.run.evaluate import parse_monitor, parse_monitors
     from mood_data.errors import RecipeError
 
     assert parse_monitor("guard+maha+ppl") == ("guard", "maha", "ppl")
@@ -100,8 +100,8 @@ def test_evaluate_writes_valid_run_folders(evaluated, tiny_dataset_dir):
 
 def test_scores_equal_separately_computed(evaluated, run_setup, tiny_model_dir):
     """score_guard / score_maha / score_ppl equal the mood-bench three-model computation."""
-    from eval.forward import encode
-    from eval.monitor import fit_detectors, load_stats
+    from eval.engine.forward import encode
+    from eval.run.evaluate import fit_detectors, load_stats
     from train.modeling import load_causal_lm, load_guard_model, load_tokenizer
 
     recipe, folders = evaluated
@@ -126,7 +126,7 @@ def test_scores_equal_separately_computed(evaluated, run_setup, tiny_model_dir):
 
 
 def test_second_fit_is_a_cache_hit(evaluated, monkeypatch):
-    import eval.monitor as monitor
+    import eval.run.evaluate as monitor
 
     recipe, _ = evaluated
     first = monitor.fit_detectors(recipe)
@@ -134,13 +134,13 @@ def test_second_fit_is_a_cache_hit(evaluated, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("forward pass on a cache hit")
 
-    import eval.fitting
-    import eval.perplexity
-    import eval.scoring
+    import eval.run.fitting
+    import eval.engine.perplexity
+    import eval.engine.scoring
 
-    for mod in (eval.fitting, eval.scoring):
+    for mod in (eval.run.fitting, eval.engine.scoring):
         monkeypatch.setattr(mod, "guard_pass", boom)
-    monkeypatch.setattr(eval.perplexity, "perplexity_pass", boom)  # the table's lm scorer, resolved by name
+    monkeypatch.setattr(eval.engine.perplexity, "perplexity_pass", boom)  # the table's lm scorer, resolved by name
     second = monitor.fit_detectors(recipe)
     assert second == first
     # a different estimator is a different key -> a miss -> needs the forward
@@ -152,8 +152,8 @@ def test_second_fit_is_a_cache_hit(evaluated, monkeypatch):
 
 
 def test_fusion_fits_on_id_train_rows_only(evaluated, run_setup, monkeypatch, tiny_dataset_dir):
-    import eval.fusion as fusion
-    import eval.monitor as monitor
+    import eval.engine.fusion as fusion
+    import eval.run.evaluate as monitor
     from mood_data.domains import ID_DOMAINS
 
     recipe, _ = evaluated
@@ -192,7 +192,7 @@ def test_cli_evaluate_table_and_errors(evaluated, run_setup, capsys, tmp_path):
 
 
 def test_fit_only_what_the_monitors_use(evaluated):
-    import eval.monitor as monitor
+    import eval.run.evaluate as monitor
 
     recipe, _ = evaluated
     assert monitor.fit_detectors(recipe, monitors=["guard+ppl"])["stats"] == {}  # no maha, no kNN
@@ -205,8 +205,8 @@ def test_fit_only_what_the_monitors_use(evaluated):
 def test_evaluate_with_thresholds_from_the_validation_slice(evaluated, run_setup, tmp_path):
     """eval.calibration_split=validation: thresholds = quantiles of the fused ID-safe validation
     scores (the rows the fusion is fitted on), not of the test rows; default folders unchanged."""
-    import eval.monitor as monitor
-    from eval.runfolder import reanalyze
+    import eval.run.evaluate as monitor
+    from eval.report.runfolder import reanalyze
     from mood_data.domains import DEFAULT_REGISTRY
     from train.recipe import load_recipe
 
@@ -252,7 +252,7 @@ def file_reads(monkeypatch) -> list[str]:
 def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
     """evaluate reads the test split once: the train/validation cut comes from the same
     load_splits call (train_validation_cut alone would read test again for its leakage check)."""
-    import eval.monitor as monitor
+    import eval.run.evaluate as monitor
 
     recipe, _ = evaluated
     reads = file_reads(monkeypatch)
@@ -263,7 +263,7 @@ def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
 def test_export_that_must_evaluate_reads_each_split_once(evaluated, monkeypatch, tmp_path):
     """export of a monitor not evaluated yet runs evaluate first; the test split is still read
     once (the cut comes from evaluate's own read, eval.monitor.eval_splits)."""
-    from eval.bundle import export_bundle
+    from eval.run.bundle import export_bundle
 
     recipe, _ = evaluated
     reads = file_reads(monkeypatch)

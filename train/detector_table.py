@@ -49,18 +49,18 @@ class Detector:
 
 
 TABLE: tuple[Detector, ...] = (
-    Detector("guard", "guard", False, (), "eval.scoring:guard_scores"),
+    Detector("guard", "guard", False, (), "eval.engine.scoring:guard_scores"),
     Detector("maha", "guard", True, ("mahalanobis.estimator", "mahalanobis.variant", "mahalanobis.ridge"),
-             "eval.detectors.mahalanobis:MahalanobisDetector"),
-    Detector("ppl", "lm", False, ("perplexity.assistant_only",), "eval.perplexity:perplexity_pass"),
-    Detector("knn", "guard", True, ("knn.k", "knn.max_ref"), "eval.detectors.knn:KNNDetector"),
-    Detector("energy", "guard", False, (), "eval.detectors.logits:energy"),
-    Detector("maxlogit", "guard", False, (), "eval.detectors.logits:max_logit"),
-    Detector("ensemble-mean", "ensemble", False, (), "eval.detectors.ensemble:ensemble_mean"),
-    Detector("ensemble-min", "ensemble", False, (), "eval.detectors.ensemble:ensemble_min"),
-    Detector("ensemble-disagreement", "ensemble", False, (), "eval.detectors.ensemble:ensemble_disagreement"),
-    Detector("judge", "judge", False, (), "eval.judge:judge_pass", rubric="alignment"),
-    Detector("judge-uncertainty", "judge", False, (), "eval.judge:judge_pass", rubric="uncertainty"),
+             "eval.engine.detectors.mahalanobis:MahalanobisDetector"),
+    Detector("ppl", "lm", False, ("perplexity.assistant_only",), "eval.engine.perplexity:perplexity_pass"),
+    Detector("knn", "guard", True, ("knn.k", "knn.max_ref"), "eval.engine.detectors.knn:KNNDetector"),
+    Detector("energy", "guard", False, (), "eval.engine.detectors.logits:energy"),
+    Detector("maxlogit", "guard", False, (), "eval.engine.detectors.logits:max_logit"),
+    Detector("ensemble-mean", "ensemble", False, (), "eval.engine.detectors.ensemble:ensemble_mean"),
+    Detector("ensemble-min", "ensemble", False, (), "eval.engine.detectors.ensemble:ensemble_min"),
+    Detector("ensemble-disagreement", "ensemble", False, (), "eval.engine.detectors.ensemble:ensemble_disagreement"),
+    Detector("judge", "judge", False, (), "eval.run.judge:judge_pass", rubric="alignment"),
+    Detector("judge-uncertainty", "judge", False, (), "eval.run.judge:judge_pass", rubric="uncertainty"),
 )
 DETECTORS: dict[str, Detector] = {d.name: d for d in TABLE}
 NAMES: tuple[str, ...] = tuple(DETECTORS)

@@ -124,7 +124,7 @@ def member_scores(loaded, recipe, conversations: Sequence[str], predict_safe: bo
 def calibration(recipe, loaded, val_rows, predict_safe: bool = False) -> dict[str, np.ndarray]:
     """Every ensemble detector's scores on the ID validation slice (cached per member set)."""
     from ..forward import adapter_hash
-    from ..cache import cached_scores, fingerprint
+    from ...run.cache import cached_scores, fingerprint
 
     dirs = member_dirs(recipe.output_dir, recipe.guard.seeds)
     parts = {"members": [adapter_hash(d) for d in dirs], "predict_safe": predict_safe,

@@ -18,7 +18,7 @@ from mood_data import atomic
 from mood_data.errors import MoodguardError
 from mood_data.readers import read_json
 
-from .metrics import OVERALL, value_at_fpr
+from ..engine.metrics import OVERALL, value_at_fpr
 
 
 

@@ -36,8 +36,8 @@ from .backbone import Loaded, adapter_dirs, load_backbone, run_root  # noqa: F40
 from .cache import cache_key, cached_scores, fingerprint, read_calibration  # noqa: F401
 from .fitting import (FEATURE_DETECTORS, calibration_scores, extra_detector_scores, fit_detectors,  # noqa: F401
                       fit_feature_detectors, load_stats)
-from .parallel import is_main, world
-from .scoring import FeatureScorer, ScoreSettings, guard_scores, logit_detectors, require_finite, score_rows  # noqa: F401
+from ..engine.parallel import is_main, world
+from ..engine.scoring import FeatureScorer, ScoreSettings, guard_scores, logit_detectors, require_finite, score_rows  # noqa: F401
 
 
 def split_detectors(detectors: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
@@ -52,7 +52,7 @@ def fit_fusion(method: str, calib: dict[str, np.ndarray], malign: np.ndarray, do
     :class:`eval.fusion.Fusion` drops any non-ID row before fitting."""
     from mood_data.domains import DEFAULT_REGISTRY
 
-    from .fusion import Fusion
+    from ..engine.fusion import Fusion
 
     scores = {k: np.asarray(calib[k], dtype=np.float64) for k in detectors}
     return Fusion.fit(method, scores, malign, list(domains), registry=registry or DEFAULT_REGISTRY,
@@ -115,8 +115,8 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
     from mood_data.sources import check_source
     from train.modeling import count_parameters, save_versions
 
-    from .caveats import print_warnings
-    from .runfolder import write_run
+    from ..report.caveats import print_warnings
+    from ..report.runfolder import write_run
 
     monitors = parse_monitors(monitors or recipe.eval.monitors)
     needed = needed_detectors(monitors)

@@ -15,8 +15,8 @@ from train.detector_table import DETECTORS, names, one_pass_names
 
 from .backbone import Loaded, load_backbone, run_root
 from .cache import cache_digests, cache_intact, cache_key, fingerprint
-from .forward import GuardBatch, encode, guard_pass
-from .scoring import ScoreSettings, require_finite, resolve_scorer, score_rows
+from ..engine.forward import GuardBatch, encode, guard_pass
+from ..engine.scoring import ScoreSettings, require_finite, resolve_scorer, score_rows
 
 FEATURE_DETECTORS = names(fitted=True)
 
@@ -143,7 +143,7 @@ def extra_detector_scores(recipe, loaded: Loaded, needed: Sequence[str], convers
     if ens or jud:
         train_rows, val_rows = cut or train_validation_cut(recipe, source)
     if ens:
-        from .detectors.ensemble import score_for_eval
+        from ..engine.detectors.ensemble import score_for_eval
 
         out.append(score_for_eval(recipe, loaded, ens, conversations, val_rows, predict_safe))
     if jud:

@@ -41,7 +41,7 @@ from mood_data import atomic
 from mood_data.errors import DataError, MoodguardError, OutputError
 from mood_data.readers import jsonl_rows, read_json, sha256_file, short_repr
 
-from . import parallel
+from ..engine import parallel
 
 SCORE_CHUNK = 512  # conversations tokenised + scored + committed at a time
 PARTS_FORMAT = 1
@@ -333,7 +333,7 @@ def score_chunk(monitor, ids: list[Any], convs: list[str], label: str = "input",
     from mood_data.readers import short_repr
 
     from .bundle import UnscorableRow
-    from .scoring import unscorable_reason
+    from ..engine.scoring import unscorable_reason
 
     try:
         scored = monitor.score(convs)

@@ -51,7 +51,7 @@ JUDGE_DETECTORS = names(forward="judge")  # from the detector table
 def encode_prompts(tokenizer, parts: PromptParts, conversations: Sequence[str], max_length: int,
                    where: str = "judge"):
     """:class:`eval.forward.Encoded` of the judge prompts (truncated rows counted)."""
-    from .forward import Encoded
+    from ..engine.forward import Encoded
 
     conv_ids = tokenizer([judge_view(c) for c in conversations], add_special_tokens=False, verbose=False)["input_ids"]
     ids, truncated = [], []
@@ -88,8 +88,8 @@ def judge_pass(backbone, adapter: str | None, encoded, parts: PromptParts, *, ba
     import torch
     from train.data import positions_from_mask
 
-    from .forward import collate, length_batches, pad_id
-    from .parallel import run_batches
+    from ..engine.forward import collate, length_batches, pad_id
+    from ..engine.parallel import run_batches
 
     n = len(encoded.input_ids)
     scores, mass = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
@@ -149,7 +149,7 @@ def load_judge(recipe, loaded=None, train_rows=None, device: str | None = None) 
     the guard's base, the LoRA is one more adapter on the already loaded base."""
     from train.modeling import load_tokenizer, resolve_model
 
-    from .forward import SharedBackbone, adapter_hash
+    from ..engine.forward import SharedBackbone, adapter_hash
 
     j = recipe.judge
     model = j.model or recipe.model

@@ -20,15 +20,16 @@ computed. Fitted parameters are a JSON-serialisable dict (:attr:`Fusion.params`)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from mood_data import atomic
 from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import BundleError, DataError, RecipeError
-from mood_data.readers import read_json
+from mood_data.readers import read_json, short_repr
 
+from .checks import check_number, check_str, fail
 from .metrics import tpr_at_fpr
 
 METHODS = ("min", "mean", "lambda", "rank", "logistic")
@@ -157,14 +158,60 @@ class Fusion:
 
     @classmethod
     def load(cls, path: str | Path) -> "Fusion":
-        """A saved fusion, every value checked (:func:`eval.bundle_check.check_fusion`)."""
-        from .bundle_check import check_fusion
-
+        """A saved fusion, every value checked (:func:`check_fusion`)."""
         path = Path(path)
         doc = read_json(path, BundleError)
         if "fusion" not in doc:
             raise BundleError(f"{path}: field 'fusion': missing or malformed")
         return cls(check_fusion(path, doc["fusion"], METHODS))
+
+
+def check_fusion(path: Path, params: Any, methods: tuple[str, ...]) -> dict:
+    """``fusion.json``'s ``fusion`` mapping (one of ``methods``): every value the scorer computes
+    with is a finite number of the right kind; ``sigma`` is > 0 (a negative one would invert a
+    detector, zero divide by it); rank references are sorted finite lists; the lambda anchor is
+    one of the detectors."""
+    if not isinstance(params, dict):
+        fail(path, "fusion", f"expected a mapping, got {short_repr(params)}")
+    method = check_str(path, "fusion.method", params.get("method"), methods)
+    names = params.get("detectors")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names):
+        fail(path, "fusion.detectors", f"expected a list of distinct detector names, got {short_repr(names)}")
+    need = {"lambda": ("anchor", "lam"), "rank": ("reference",), "logistic": ("coef", "intercept")}
+    for key in ("mu", "sigma") + need.get(method, ()):
+        if key not in params:
+            fail(path, f"fusion.{key}", "missing")
+    per_detector = ("mu", "sigma") + (("coef",) if method == "logistic" else ())
+    for key in per_detector:
+        table = params[key]
+        if not isinstance(table, dict) or set(table) != set(names):
+            fail(path, f"fusion.{key}", f"expected a number for each of {names}, got {short_repr(table)}")
+        for n in names:
+            check_number(path, f"fusion.{key}.{n}", table[n])
+    for n in names:
+        if params["sigma"][n] <= 0:
+            fail(path, f"fusion.sigma.{n}", f"must be > 0, got {params['sigma'][n]} (a negative scale inverts "
+                                             "the detector)")
+    if method == "lambda":
+        if params["anchor"] not in names:
+            fail(path, "fusion.anchor", f"{short_repr(params['anchor'])} is not one of the detectors {names}")
+        if check_number(path, "fusion.lam", params["lam"]) < 0:
+            fail(path, "fusion.lam", f"must be >= 0, got {params['lam']}")
+    if method == "logistic":
+        check_number(path, "fusion.intercept", params["intercept"])
+    if method == "rank":
+        ref = params["reference"]
+        if not isinstance(ref, dict) or set(ref) != set(names):
+            fail(path, "fusion.reference", f"expected a list for each of {names}")
+        for n in names:
+            values = ref[n]
+            if not isinstance(values, list) or not values:
+                fail(path, f"fusion.reference.{n}", "expected a non-empty list of numbers")
+            floats = [check_number(path, f"fusion.reference.{n}[{i}]", v) for i, v in enumerate(values)]
+            if any(a > b for a, b in zip(floats, floats[1:])):
+                fail(path, f"fusion.reference.{n}", "must be sorted ascending")
+    return params
 
 
 def _lambda_score(z: np.ndarray, names: list[str], anchor: str, lam: float) -> np.ndarray:

@@ -215,7 +215,7 @@ class SharedBackbone:
 
         if placement is None:
             placement = device_policy.placement(dtype, None if device is None else str(device))
-        from .bundle_check import check_adapter_fits
+        from .adapters import check_adapter_fits
 
         model = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=trust_remote_code,
                                                      **placement.load_kwargs())
@@ -241,7 +241,7 @@ class SharedBackbone:
         their ``score`` head is read from the adapter; a judge LoRA without). Never reloads the base."""
         from peft import PeftModel
 
-        from .bundle_check import check_adapter_fits
+        from .adapters import check_adapter_fits
 
         d = Path(adapter_dir)
         if not (d / "adapter_config.json").is_file():

@@ -52,14 +52,14 @@ from train.detector_table import DETECTORS, parse_monitor
 
 from .backbone import Loaded, adapter_dirs, load_backbone, run_root
 from mood_data.readers import sha256_file
-from .bundle_check import (FORMAT, adapter_folders, check_adapter, check_context,
-                           check_monitor_spec, check_thresholds, check_vocab, files_on_disk, staged_bundle,
+from ..engine.adapters import check_adapter, check_context, check_vocab
+from .bundle_check import (FORMAT, adapter_folders, check_monitor_spec, check_thresholds, files_on_disk, staged_bundle,
                            verify_manifest)
 from .cache import read_calibration
-from .detectors.ensemble import member_names
+from ..engine.detectors.ensemble import member_names
 from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
-from .monitor import eval_splits, evaluate_recipe, fit_fusion, split_detectors
-from .scoring import ScoreSettings, first_non_finite, score_rows, unscorable_reason
+from .evaluate import eval_splits, evaluate_recipe, fit_fusion, split_detectors
+from ..engine.scoring import ScoreSettings, first_non_finite, score_rows, unscorable_reason
 
 MANIFEST = "manifest.json"
 MARKER = "moodguard-bundle.json"  # with the manifest: "a bundle this tool wrote" (export may replace it)
@@ -326,8 +326,8 @@ class Monitor:
         from train import device as device_policy
         from train.modeling import load_tokenizer, resolve_model
 
-        from .forward import SharedBackbone, adapter_hash
-        from .fusion import Fusion
+        from ..engine.forward import SharedBackbone, adapter_hash
+        from ..engine.fusion import Fusion
 
         spec = read_json(staged / "monitor.json", BundleError)
         names = check_monitor_spec(staged, spec, trust_remote_code=trust_remote_code)
@@ -424,7 +424,7 @@ class Monitor:
         if base:
             raw, _ = score_rows(self.loaded, conversations, self.detectors, base, self.settings, truncated=truncated)
         if ens:
-            from .detectors.ensemble import adapter_scores, ensemble_scores
+            from ..engine.detectors.ensemble import adapter_scores, ensemble_scores
 
             members = adapter_scores(self.loaded, self.spec["ensemble"]["members"], conversations,
                                      max_length=self.settings.max_length, batch_size=self.settings.batch_size,
@@ -471,7 +471,7 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None, remote: bo
     judge LoRA, tokenizer, rubrics and few-shot examples stored in the bundle."""
     from train.modeling import load_tokenizer, resolve_model
 
-    from .forward import SharedBackbone, adapter_hash
+    from ..engine.forward import SharedBackbone, adapter_hash
     from .judge import Judge, load_rubric
 
     js, jdir = spec["judge"], folder / "judge"

@@ -26,7 +26,7 @@ import numpy as np
 from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry
 from mood_data.errors import MoodguardError
 
-from .metrics import OVERALL, tpr_at_fpr, value_at_fpr
+from ..engine.metrics import OVERALL, tpr_at_fpr, value_at_fpr
 from .runfolder import read_results
 from .scaling import EvalFolder, find_eval_folders
 

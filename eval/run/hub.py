@@ -18,8 +18,8 @@ from mood_data.errors import BundleError, MoodguardError
 from mood_data.readers import read_json, short_repr
 from train.card import EvalSummary, build_card, read_folder_info, write_card
 
-from .metrics import OVERALL, value_at_fpr
-from .scaling import find_eval_folders
+from ..engine.metrics import OVERALL, value_at_fpr
+from ..report.scaling import find_eval_folders
 
 RUN_PATTERNS = (["README.md", "recipe.yaml", "guard/*", "lm/*", "judge/*", "guard-seed*/*", "lm-seed*/*",
                  "eval/*/analysis.json", "eval/*/summary.md", "eval/*/meta.json"],
@@ -42,7 +42,7 @@ def folder_kind(path: Path) -> str:
 
 def eval_summaries(run_root: Path, fpr: float = 0.01, monitors: Sequence[str] | None = None) -> list[EvalSummary]:
     """One :class:`EvalSummary` per ``<run>/eval/<monitor>/`` (optionally only ``monitors``)."""
-    from .caveats import analysis_warnings
+    from ..report.caveats import analysis_warnings
 
     if not (run_root / "eval").is_dir():
         return []
@@ -98,7 +98,7 @@ def write_cards(path: str | os.PathLike, fpr: float = 0.01) -> list[Path]:
 def bundle_card(bundle_dir: Path, recipe: dict, analysis: dict, monitor: str, meta: dict | None = None,
                 metrics: dict | None = None, fpr: float = 0.01):
     """The card of a bundle being exported (written into it before its manifest)."""
-    from .caveats import analysis_warnings
+    from ..report.caveats import analysis_warnings
 
     o = analysis.get(OVERALL) or {}
     ev = EvalSummary(monitor=monitor, fpr=fpr, overall_tpr=value_at_fpr(o.get("tpr", {}), fpr), overall_auroc=o.get("auroc"),

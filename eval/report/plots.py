@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from mood_data import atomic
 
-from .metrics import auroc, threshold_at_fpr, tpr_at_fpr
+from ..engine.metrics import auroc, threshold_at_fpr, tpr_at_fpr
 
 
 _LINTHRESH = 1e-3

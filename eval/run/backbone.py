@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mood_data.errors import BundleError
 
-from .forward import SharedBackbone, adapter_hash
+from ..engine.forward import SharedBackbone, adapter_hash
 
 
 def run_root(recipe) -> Path:

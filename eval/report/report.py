@@ -15,7 +15,7 @@ from typing import Sequence
 from mood_data import atomic
 from mood_data.errors import MoodguardError
 
-from .metrics import OVERALL, value_at_fpr
+from ..engine.metrics import OVERALL, value_at_fpr
 from .scaling import EvalFolder, find_eval_folders, make_chart
 
 DEFAULT_GPU_HOUR_COST = 2.0  # USD per accelerator-hour, for the cost column

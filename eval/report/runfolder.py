@@ -19,7 +19,7 @@ from mood_data.domains import DEFAULT_REGISTRY, DomainRegistry, check_domain_nam
 from mood_data.errors import DataError, where
 from mood_data.readers import jsonl_rows, read_json, short_repr
 
-from .metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain_table
+from ..engine.metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain_table
 
 RESULTS, ANALYSIS, SUMMARY, META = "results.jsonl", "analysis.json", "summary.md", "meta.json"
 NEGATIVES = "negatives.json"  # only when thresholds come from a held-out ID slice

@@ -12,7 +12,7 @@ import numpy as np
 from mood_data.errors import DataError
 from train.detector_table import DETECTORS
 
-from .backbone import Loaded
+from ..run.backbone import Loaded
 from .forward import GuardBatch, encode, guard_pass
 
 
