@@ -73,11 +73,12 @@ def summary(test: list[dict], scores) -> dict:
 
 
 def guard_test_scores(recipe, guard_dir: Path, test: list[dict]) -> np.ndarray:
-    from eval.run.backbone import load_backbone
+    from eval.engine.detectors.logits import guard_scores
     from eval.engine.forward import encode, guard_pass
-    from eval.engine.scoring import guard_scores
+    from eval.run.backbone import load_backbone
+    from eval.run.context import resolve
 
-    loaded = load_backbone(recipe, guard_dir, None)
+    loaded = load_backbone(resolve(recipe).model, guard_dir, None)
     enc = encode(loaded.tokenizer, [r["conversation"] for r in test], recipe.eval.max_length)
     logits = guard_pass(loaded.backbone, enc, batch_size=recipe.eval.batch_size, desc="guard on ID test rows")
     return guard_scores(logits)

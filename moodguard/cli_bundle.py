@@ -5,10 +5,10 @@ import argparse
 import re
 from pathlib import Path
 
-from train.detector_table import NAMES
+from eval.engine.table import NAMES
 
 from .cli_common import (add_device_argument, add_parallel_argument, add_recipe_arguments, check_num_processes,
-                         parallel_run, recipe_from_args)
+                         context_from_args, parallel_run)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,18 +25,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args) -> int:
-    from eval.run.bundle import export_bundle
-
+    from eval.run.bundle import check_export_out, export
     from mood_data.runlock import output_file_lock, output_lock
 
-    from eval.run.backbone import run_root
-    from eval.run.bundle import check_export_out
-
-    recipe = recipe_from_args(args)
-    check_export_out(args.out, args.overwrite, (Path.cwd(), run_root(recipe)))  # before the lock and the work
-    with output_lock(recipe.output_dir, "output_dir"), output_file_lock(args.out):
-        out = export_bundle(recipe, args.out, args.monitor, source=args.source, predict_safe=args.predict_safe,
-                            device=args.device, overwrite=args.overwrite)
+    ctx = context_from_args(args, [args.monitor])
+    check_export_out(args.out, args.overwrite, (Path.cwd(), ctx.model.run_root))  # before the lock and the work
+    with output_lock(ctx.model.run_root, "output_dir"), output_file_lock(args.out):
+        out = export(ctx, args.out, overwrite=args.overwrite)
     print(f"bundle written: {out}")
     return 0
 

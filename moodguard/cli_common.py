@@ -1,6 +1,7 @@
 """Arguments shared by several commands (fit, evaluate, export, score): ``--recipe``,
 ``--predict-safe``, ``key=value`` overrides and ``--device`` (the one place they become a
-Recipe), ``--num-processes`` and the data-parallel wrapper of fit / evaluate / score."""
+Recipe and, for the evaluation commands, the one resolved context), ``--num-processes`` and the
+data-parallel wrapper of fit / evaluate / score."""
 from __future__ import annotations
 
 import argparse
@@ -61,12 +62,42 @@ def parallel_run(args, body) -> int:
             parallel.finish(ok)
 
 
-def recipe_from_args(args):
-    """The recipe of ``--recipe`` + overrides, loaded and validated once for this command."""
-    from mood_data.domains import registry_override
+def load_checked_recipe(path, overrides=(), *, trust_remote_code: bool = False):
+    """A recipe loaded and checked whole: its values (:func:`train.recipe.load_recipe`) and its
+    ``eval.monitors`` (the evaluation's one parser: :func:`eval.run.context.parse_recipe_monitors`,
+    which names the file that set a bad one)."""
+    from eval.run.context import parse_recipe_monitors
     from train.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides, trust_remote_code=trust_remote_code)
+    parse_recipe_monitors(recipe)
+    return recipe
+
+
+def _overrides(args) -> list[str]:
+    """The ``key=value`` overrides the flags stand for, after the command line's own."""
+    from mood_data.domains import registry_override
 
     extra = registry_override(getattr(args, "domains", None))
     if getattr(args, "calibration_split", None):
         extra.append(f"eval.calibration_split={args.calibration_split}")
-    return load_recipe(args.recipe, [*args.overrides, *extra], trust_remote_code=args.trust_remote_code)
+    return [*args.overrides, *extra]
+
+
+def recipe_from_args(args):
+    """The recipe of ``--recipe`` + overrides, loaded and checked once for this command."""
+    return load_checked_recipe(args.recipe, _overrides(args), trust_remote_code=args.trust_remote_code)
+
+
+def context_from_args(args, monitors=None):
+    """The evaluation context of ``--recipe`` + overrides + ``--source`` / ``--predict-safe`` /
+    ``--device``, resolved once (monitors parsed there: ``monitors``, else the recipe's
+    ``eval.monitors``)."""
+    from eval.run.context import parse_recipe_monitors, resolve
+    from train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, _overrides(args), trust_remote_code=args.trust_remote_code)
+    if monitors is not None:
+        parse_recipe_monitors(recipe)  # the recipe's own monitors are checked even when not used
+    return resolve(recipe, monitors, getattr(args, "source", None), predict_safe=args.predict_safe,
+                   device=args.device)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from mood_data.errors import MoodguardError, RecipeError
 
-from train.recipe import explain, load_recipe
+from train.recipe import explain
 from train.recipe_files import RECIPES_DIR, display_path, list_recipes
+
+from .cli_common import load_checked_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,14 +55,14 @@ def explained(recipe) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "show":
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_checked_recipe(args.recipe, args.overrides)
         sys.stdout.write(explained(recipe) if args.explain else recipe.to_yaml())
         return 0
     files = _expand(args.paths)
     errors = 0
     for path in files:
         try:
-            load_recipe(path)
+            load_checked_recipe(path)
             print(f"ok     {display_path(path)}")
         except MoodguardError as err:
             errors += 1

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from eval.engine.table import parse_monitors
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
-from train.detector_table import parse_monitors
 from train.recipe_schema import EvalSection
 
 DEFAULT_MONITORS: tuple[str, ...] = tuple(EvalSection().monitors)  # the recipe default, one place

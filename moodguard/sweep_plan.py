@@ -66,9 +66,10 @@ def stage_key(stage: str, recipe: Mapping[str, Any], upstream: Iterable[str], mo
 
 
 def load_recipe(path: Path, overrides: Iterable[str]):
-    from train.recipe import load_recipe
+    """A run's recipe, checked whole (monitor names included)."""
+    from .cli_common import load_checked_recipe
 
-    return load_recipe(path, list(overrides))
+    return load_checked_recipe(path, list(overrides))
 
 
 def plan_sweep(sweep: Sweep, out_dir: str | os.PathLike, load: Callable = load_recipe) -> list[Stage]:

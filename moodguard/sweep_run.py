@@ -29,15 +29,17 @@ def _run_train(stage: Stage, recipe, monitors) -> None:
 
 
 def _run_fit(stage: Stage, recipe, monitors) -> None:
-    from eval.run.evaluate import fit_detectors
+    from eval.run.context import resolve
+    from eval.run.fitting import run_fit
 
-    fit_detectors(recipe)
+    run_fit(resolve(recipe))
 
 
 def _run_evaluate(stage: Stage, recipe, monitors) -> None:
-    from eval.run.evaluate import evaluate_recipe
+    from eval.run.context import resolve
+    from eval.run.evaluate import run_evaluate
 
-    evaluate_recipe(recipe, monitors=list(monitors))
+    run_evaluate(resolve(recipe, list(monitors)))
 
 
 # stage name -> function(stage, recipe, monitors); tests monkeypatch these

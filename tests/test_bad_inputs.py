@@ -70,7 +70,7 @@ def tamper(folder: Path, spec: dict) -> None:
         target.write_bytes(bytes(data))
         return
     if op == "wrong_dim":  # a valid Mahalanobis fit, but of 5-dim features
-        from eval.engine.detectors import MahalanobisDetector
+        from eval.engine.detectors.mahalanobis import MahalanobisDetector
 
         x = np.random.default_rng(0).normal(size=(40, 5))
         MahalanobisDetector.fit(x).save(target.parent, target.name)

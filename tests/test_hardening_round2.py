@@ -407,7 +407,7 @@ def test_left_character_cut_equals_full_tokenisation(tiny_tokenizer, monkeypatch
 
 # ----------------------------------------------------------------------------- caches
 def test_edited_stats_cache_is_refitted(bundle, tmp_path):
-    from eval.engine.detectors import MahalanobisDetector
+    from eval.engine.detectors.mahalanobis import MahalanobisDetector
     from eval.run.cache import cache_intact
     from eval.run.fitting import fit_detectors
     from train.recipe import load_recipe

@@ -108,7 +108,7 @@ def test_weight_files_follow_the_umask_like_every_other_file(bundle, tmp_path):
     files 0600, and the bundle copied those modes along."""
     import numpy as np
 
-    from eval.engine.detectors import save_tensors
+    from eval.engine.detectors.tensors import save_tensors
     from mood_data import atomic
 
     old = os.umask(0o022)

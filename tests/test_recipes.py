@@ -23,8 +23,11 @@ def write(path: Path, text: str) -> Path:
 
 
 def error_of(path, overrides=()) -> str:
+    """The one-line error of loading a recipe as every command does (values, then monitor names)."""
+    from moodguard.cli_common import load_checked_recipe
+
     with pytest.raises(RecipeError) as exc:
-        load_recipe(path, overrides)
+        load_checked_recipe(path, overrides)
     msg = str(exc.value)
     assert "\n" not in msg
     return msg

@@ -170,7 +170,7 @@ def test_bundle_ignores_planted_pickles(bundle, tmp_path, watch_opens):  # noqa:
 
 
 def test_run_folder_ignores_planted_pickles(bundle, tmp_path, watch_opens):  # noqa: F811
-    from eval.run.evaluate import fit_detectors
+    from eval.run.fitting import fit_detectors
     from eval.report.runfolder import reanalyze
     from train.recipe import load_recipe
 

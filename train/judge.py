@@ -2,7 +2,7 @@
 reference used an SFT LoRA on the base model when no instruct variant exists).
 
 Training rows are built from the ID **train** slice only: for every row and every rubric in
-``judge.train_rubrics`` the exact prompt that :mod:`eval.judge` scores (rubric + few-shot
+``judge.train_rubrics`` the exact prompt that :mod:`eval.engine.judge_pass` scores (rubric + few-shot
 examples + conversation cut from the left + answer prompt + generation prompt), followed by ONE
 answer token: the rubric's ``targets`` value for the row's label mapped to the nearest answer
 (alignment: safe -> "0", unsafe -> "9"; uncertainty: "0"). The loss is on that token only.
@@ -11,7 +11,7 @@ The few-shot rows themselves are left out of the training prompts.
     moodguard train judge --recipe R judge.enabled=true [key=value ...]
     python -m train.judge --recipe R [--resume] [key=value ...]
 
-Output: ``<run>/judge/`` (adapter, tokenizer, metrics.json), found by ``eval.judge.load_judge``.
+Output: ``<run>/judge/`` (adapter, tokenizer, metrics.json), found by ``eval.run.judge.load_judge``.
 ``judge.model`` (default: the recipe's model) is the base that is tuned.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Judge prompts and rubrics: what the judge trainer (:mod:`train.judge`) and the judge scorer
-(:mod:`eval.judge`) must build identically, so it lives here where both import it downward.
+(:mod:`eval.engine.judge_pass`) must build identically, so it lives here where both import it downward.
 
 Rubrics are YAML data files (``train/rubrics/{alignment,uncertainty}.yaml``, replaceable via
-``judge.alignment_rubric`` / ``judge.uncertainty_rubric``); see :mod:`eval.judge` for the
+``judge.alignment_rubric`` / ``judge.uncertainty_rubric``); see :mod:`eval.engine.judge_pass` for the
 prompt layout and the scoring rule.
 """
 from __future__ import annotations
@@ -18,9 +18,6 @@ import numpy as np
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
 
-from .detector_table import TABLE
-
-RUBRIC_OF = {d.name: d.rubric for d in TABLE if d.rubric}  # judge detector -> its rubric (the table)
 RUBRICS_DIR = Path(__file__).resolve().parent / "rubrics"
 SENTINEL = "\u0000MOODGUARD_CONVERSATION\u0000"
 DIGIT_ANSWERS: dict[str, float] = {str(d): 100.0 * d / 9.0 for d in range(10)}

@@ -29,13 +29,11 @@ from .recipe_typing import Explained, build, explain_values, where
 _WARNED_TRUST: set[str] = set()
 
 
-def apply_trust_remote_code(recipe: Recipe, asked: bool, where: str) -> None:
+def trust_remote_code_setting(requested: bool, asked: bool, where: str) -> bool:
     """``trust_remote_code`` is on only when the person running the command asks for it
-    (``--trust-remote-code``); a recipe key alone never turns it on. A recipe that sets it gets
-    ONE warning per file and process: ignored without the flag, or a reminder that the
-    model's own Python code will run."""
-    requested = recipe.trust_remote_code
-    recipe.trust_remote_code = bool(asked)
+    (``--trust-remote-code``); a recipe key alone never turns it on (``requested``). A recipe that
+    sets it gets ONE warning per file and process: ignored without the flag, or a reminder that
+    the model's own Python code will run."""
     if requested and where not in _WARNED_TRUST:
         _WARNED_TRUST.add(where)
         if asked:
@@ -43,6 +41,7 @@ def apply_trust_remote_code(recipe: Recipe, asked: bool, where: str) -> None:
         else:
             note = "ignored: a recipe never turns it on; pass --trust-remote-code to run the model's own code"
         print(f"moodguard: warning: {where}: key 'trust_remote_code': {note}", file=sys.stderr)
+    return bool(asked)
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), *, trust_remote_code: bool = False) -> Recipe:
@@ -51,13 +50,14 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), *, trust
 
     ``trust_remote_code`` is the caller's explicit consent (the CLI's ``--trust-remote-code``);
     the recipe's own ``trust_remote_code`` key only triggers a warning (see
-    :func:`apply_trust_remote_code`)."""
+    :func:`trust_remote_code_setting`)."""
     path = Path(path)
     merged, origin = resolve_mapping(path, list(overrides))
     shown = display_path(path)
     recipe = build(Recipe, merged, "", origin, shown)
     check_recipe(recipe, origin, shown)
-    apply_trust_remote_code(recipe, trust_remote_code, where("trust_remote_code", origin, shown))
+    recipe.trust_remote_code = trust_remote_code_setting(recipe.trust_remote_code, trust_remote_code,
+                                                         where("trust_remote_code", origin, shown))
     if recipe.name is None:
         recipe.name = recipe_name(path)
         origin["name"] = f"the path of {shown}"
@@ -75,4 +75,4 @@ def explain(recipe: Recipe) -> list[Explained]:
     return explain_values(recipe, recipe.origins)
 
 
-__all__ = ["apply_trust_remote_code", "explain", "load_recipe"]
+__all__ = ["explain", "load_recipe", "trust_remote_code_setting"]

@@ -1,19 +1,21 @@
 """The value checks of a typed recipe (ranges, combinations, size bounds), each a one-line
 :class:`~mood_data.errors.RecipeError` naming the file that set the key and the dotted key.
-"""
+Detector names are not known here (train sits below the detectors): the evaluation parses
+``eval.monitors`` once when it resolves its context (:func:`eval.run.context.parse_recipe_monitors`),
+and every ``moodguard`` command that loads a recipe runs that parse at once."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from mood_data.errors import RecipeError
 from mood_data.readers import short_repr
 
 from .recipe_files import accelerate_config_names, accelerate_config_path
 from .recipe_schema import GUARD_ONLY, Recipe, TrainSection
-from .detector_table import NAMES, parse_monitor
 from .recipe_typing import where
 
 # upper bounds of the size keys: a value past them asks for more memory than any machine has
@@ -72,12 +74,6 @@ def _missing_model(name: str | None) -> str | None:
     return None
 
 
-def _dotted(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def check_recipe(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> None:
     """Every value check of a typed recipe; ``origin``: which file set each key."""
     def fail(dotted: str, message: str):
@@ -133,11 +129,11 @@ def check_recipe(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> No
             )
     for pattern, limit in SIZE_LIMITS.items():
         for dotted in ([pattern.replace("*", k) for k in ("guard", "lm", "judge")] if "*" in pattern else [pattern]):
-            value = _dotted(recipe, dotted)
+            value = functools.reduce(getattr, dotted.split("."), recipe)
             if value is not None and value > limit:
                 fail(dotted, f"{short_repr(value)} is too large (at most {limit:,})")
     for kind in ("guard", "lm", "judge"):
-        for i, seed in enumerate(recipe.section(kind).seeds):
+        for i, seed in enumerate(getattr(recipe, kind).seeds):
             if not 0 <= seed <= MAX_SEED:
                 fail(f"{kind}.seeds[{i}]", f"{short_repr(seed)} is not a seed in [0, {MAX_SEED}]")
     if recipe.guard.packing:
@@ -165,11 +161,6 @@ def check_recipe(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> No
             fail(f"eval.fprs[{i}]", f"must be in (0, 1), got {fpr}")
     if not ev.monitors:
         fail("eval.monitors", "needs at least one monitor")
-    for i, mon in enumerate(ev.monitors):
-        try:
-            parse_monitor(mon)
-        except RecipeError:
-            fail(f"eval.monitors[{i}]", f"unknown monitor {mon!r}; combine {list(NAMES)} with '+'")
     if not ev.mahalanobis.layers:
         fail("eval.mahalanobis.layers", "needs at least one layer")
     if ev.mahalanobis.ridge < 0:

@@ -19,6 +19,11 @@ from typing import Any, Literal
 import yaml
 
 
+def recipe_yaml(doc: dict) -> str:
+    """The YAML text of a resolved recipe mapping (``recipe.yaml`` of run folders and bundles)."""
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:  # noqa: A002 - TRL's name
     """A recipe field with its help text (a mutable default goes in ``default_factory``)."""
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
@@ -206,7 +211,7 @@ class Recipe:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return recipe_yaml(self.to_dict())
 
     def section(self, kind: str) -> TrainSection:
         if kind not in ("guard", "lm", "judge"):
@@ -215,4 +220,5 @@ class Recipe:
 
 
 __all__ = ["AccelerateSection", "DataSection", "EvalSection", "GUARD_ONLY", "JudgeSection", "KnnSection",
-           "LoraSection", "MahalanobisSection", "PerplexitySection", "Recipe", "TrainSection", "factory", "setting"]
+           "LoraSection", "MahalanobisSection", "PerplexitySection", "Recipe", "TrainSection", "factory", "recipe_yaml",
+           "setting"]

@@ -19,7 +19,8 @@ batch maximum in dataset order. Here:
   that puts ``<bos>`` first (Gemma 3) keeps it at the front of every cut window
   (:func:`train.convert.window_prefix`), as its training windows have it.
 
-Everything here is a small function over tensors; :mod:`eval.monitor` wires them up.
+Everything here is a small function over tensors; the forward planner (:mod:`eval.engine.planner`)
+decides which passes run.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 
 from mood_data.errors import BundleError
-from train.data import padding_fraction  # noqa: F401 - the one padding measure, re-exported
 
 POOLINGS = ("last", "mean")
 
@@ -395,5 +395,5 @@ def read_num_labels(adapter_dir: str | Path) -> int:
 
 __all__ = [
     "Encoded", "GuardBatch", "SharedBackbone", "adapter_hash", "collate", "encode", "guard_pass", "length_batches",
-    "pad_id", "pad_left", "padding_fraction", "pool", "read_num_labels",
+    "pad_id", "pad_left", "pool", "read_num_labels",
 ]

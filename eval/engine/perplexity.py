@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .forward import Encoded, SharedBackbone, assistant_char_spans, collate, length_batches, pad_id
+from .detectors.perplexity import perplexity_from_nll
+from .forward import Encoded, SharedBackbone, collate, length_batches, pad_id
 
 def target_mask(attention_mask: torch.Tensor, lm_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Which positions count as NLL targets: real tokens (optionally inside ``lm_mask``) whose
@@ -56,13 +57,6 @@ def full_logits_nll(logits: torch.Tensor, input_ids: torch.Tensor, targets_valid
     return -(tok * m).sum(1), m.sum(1)
 
 
-def perplexity_from_nll(nll_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """exp(mean token NLL); rows with no scored token get NaN."""
-    nll_sum, count = np.asarray(nll_sum, dtype=np.float64), np.asarray(count, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return np.where(count > 0, np.exp(nll_sum / np.maximum(count, 1.0)), np.nan)
-
-
 @torch.no_grad()
 def lm_nll(backbone: SharedBackbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            lm_mask: torch.Tensor | None = None, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,9 +67,10 @@ def lm_nll(backbone: SharedBackbone, input_ids: torch.Tensor, attention_mask: to
     return chunked_token_nll(hidden.to(dev), backbone.lm_head, input_ids.to(dev), valid.to(dev), chunk_size)
 
 
-def perplexity_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, chunk_size: int = 256,
-                    sort: bool = True, desc: str = "LM forward") -> np.ndarray:
-    """Perplexity of every row in the original order (uses ``encoded.lm_mask`` if present)."""
+def token_nll_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, chunk_size: int = 256,
+                   sort: bool = True, desc: str = "LM forward") -> tuple[np.ndarray, np.ndarray]:
+    """THE LM pass: per row (sum of token NLL, number of scored tokens) in the original order
+    (``encoded.lm_mask``, if present, selects the scored tokens)."""
     n = len(encoded.input_ids)
     nll = np.zeros(n, dtype=np.float64)
     cnt = np.zeros(n, dtype=np.float64)
@@ -90,10 +85,17 @@ def perplexity_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: i
                       None if m is None else m.to(device), chunk_size)
         return s.cpu().numpy(), c.cpu().numpy()
 
-    # data-parallel under a multi-process launch (eval.parallel): every rank gets every batch
+    # data-parallel under a multi-process launch (eval.engine.parallel): every rank gets every batch
     for index, (s, c) in run_batches(length_batches(encoded.lengths, batch_size, sort=sort), compute, desc=desc):
         nll[index], cnt[index] = s, c
-    return perplexity_from_nll(nll, cnt)
+    return nll, cnt
+
+
+def perplexity_pass(backbone: SharedBackbone, encoded: Encoded, *, batch_size: int, chunk_size: int = 256,
+                    sort: bool = True, desc: str = "LM forward") -> np.ndarray:
+    """Perplexity of every row in the original order (the LM pass read by the ``ppl`` detector)."""
+    return perplexity_from_nll(*token_nll_pass(backbone, encoded, batch_size=batch_size, chunk_size=chunk_size,
+                                               sort=sort, desc=desc))
 
 
 def perplexities(backbone: SharedBackbone, tokenizer, conversations: Sequence[str], *, max_length: int,
@@ -106,6 +108,5 @@ def perplexities(backbone: SharedBackbone, tokenizer, conversations: Sequence[st
 
 
 __all__ = [
-    "assistant_char_spans", "chunked_token_nll", "full_logits_nll", "lm_nll", "perplexities", "perplexity_from_nll",
-    "perplexity_pass", "target_mask",
+    "chunked_token_nll", "full_logits_nll", "lm_nll", "perplexities", "perplexity_pass", "target_mask", "token_nll_pass",
 ]

@@ -1,7 +1,7 @@
 """Per-domain recall deltas between two evaluations (OLD -> NEW) at a fixed FPR.
 
 When both eval folders have ``results.jsonl`` the TPRs are recomputed from the scores with
-:mod:`eval.metrics` and the *difference* is bootstrapped (paired on conversation ids when
+:mod:`eval.engine.metrics` and the *difference* is bootstrapped (paired on conversation ids when
 both folders scored the same rows, independent resampling otherwise). Without scores the
 delta comes from analysis.json and the interval is the conservative difference of the two
 intervals. A domain *regressed* when delta < 0 and its interval excludes 0.

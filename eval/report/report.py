@@ -153,7 +153,7 @@ def build_report(root: str | os.PathLike, fpr: float = 0.01, gpu_hour_cost: floa
                  base: str | os.PathLike | None = None) -> tuple[str, str]:
     """(html, markdown) for every eval folder under ``root``.
 
-    The top states the settings, data sizes and caveats (:mod:`eval.caveats`), then the chart,
+    The top states the settings, data sizes and caveats (:mod:`eval.report.caveats`), then the chart,
     a one-line-per-monitor summary and the cost table; each monitor's per-group tables and
     plots are folded (``<details>``). Plots are embedded (data URIs) when ``embed_plots`` is
     True, or when None and they total under :data:`EMBED_BUDGET_BYTES`; otherwise they are

@@ -1,7 +1,7 @@
 """The per-monitor eval folder ``<run>/eval/<monitor>/`` (docs/architecture.md).
 
 ``write_run`` writes, each file atomically: ``results.jsonl`` (one row per conversation),
-``analysis.json`` (:func:`eval.metrics.analyze`), ``summary.md`` (per-group table),
+``analysis.json`` (:func:`eval.engine.metrics.analyze`), ``summary.md`` (per-group table),
 ``meta.json`` and ``plots/<slug>-<hash>_{hist,roc}.png`` (one pair per analysis group, named
 by :func:`mood_data.domains.file_slug`: a group's name never becomes a path as it is).
 ``reanalyze`` recomputes analysis, summary and plots from ``results.jsonl`` alone.
@@ -57,8 +57,8 @@ def write_run(
     """Write the whole eval folder; returns the analysis dict.
 
     ``negatives``: held-out ID-safe scores that set the thresholds instead of the test rows
-    (:func:`eval.metrics.analyze`); kept in ``negatives.json`` so :func:`reanalyze` reuses them.
-    ``analysis.json: warnings`` lists the caveats of :mod:`eval.caveats`.
+    (:func:`eval.engine.metrics.analyze`); kept in ``negatives.json`` so :func:`reanalyze` reuses them.
+    ``analysis.json: warnings`` lists the caveats of :mod:`eval.report.caveats`.
 
     ``score`` is the monitor's fused score; ``detector_scores`` adds ``score_<name>`` columns.
     ``meta`` is merged into meta.json (``monitor`` and ``n_rows`` are filled in).

@@ -266,7 +266,7 @@ def draw_chart(points: Sequence[Point], fpr: float, match: MatchResult | None, h
 
 
 def chart_header(folders: Sequence[EvalFolder], fpr: float) -> list[str]:
-    """Title lines: what is plotted, the shared settings, and the caveats (eval.caveats)."""
+    """Title lines: what is plotted, the shared settings, and the caveats (eval.report.caveats)."""
     from .caveats import analysis_warnings, common_settings, headline
 
     metas, analyses = [f.meta for f in folders], [f.analysis for f in folders]

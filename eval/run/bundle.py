@@ -13,7 +13,7 @@ Layout (``moodguard export``)::
                                  tokenizer/, rubrics/<name>.yaml; monitor.json's "judge"
                                  holds the judge base (null = the guard's base), its few-shot
                                  examples (ID train rows) and the prompt length
-    <bundle>/fusion.json         fitted fusion parameters (eval.fusion.Fusion)
+    <bundle>/fusion.json         fitted fusion parameters (eval.engine.fusion.Fusion)
     <bundle>/thresholds.json     fused-score thresholds at the chosen FPRs + where they came from
     <bundle>/recipe.yaml         the fully resolved recipe
     <bundle>/moodguard-bundle.json   the marker: with the manifest, what tells ``export`` that an
@@ -44,22 +44,21 @@ import numpy as np
 
 from mood_data import atomic
 from mood_data.errors import BundleError, DataError, OutputError
-from mood_data.readers import read_json
+from mood_data.readers import read_json, sha256_file
 from mood_data.render import is_blank
+from train.recipe_schema import recipe_yaml
 
-from train.data import train_validation_cut
-from train.detector_table import DETECTORS, parse_monitor
-
-from .backbone import Loaded, adapter_dirs, load_backbone, run_root
-from mood_data.readers import sha256_file
 from ..engine.adapters import check_adapter, check_context, check_vocab
+from ..engine.planner import (ScoreSettings, first_non_finite, plan, score_judge, score_members, score_shared,
+                              unscorable_reason)
+from ..engine.table import fitted as fitted_names
+from .backbone import Loaded, adapter_dirs, load_backbone
 from .bundle_check import (FORMAT, adapter_folders, check_monitor_spec, check_thresholds, files_on_disk, staged_bundle,
                            verify_manifest)
 from .cache import read_calibration
-from ..engine.detectors.ensemble import member_names
-from .fitting import FEATURE_DETECTORS, extra_detector_scores, fit_detectors, load_stats
-from .evaluate import eval_splits, evaluate_recipe, fit_fusion, split_detectors
-from ..engine.scoring import ScoreSettings, first_non_finite, score_rows, unscorable_reason
+from .context import EvalContext
+from .ensemble import member_names
+from .fitting import extra_detector_scores, fit_statistics, load_stats
 
 MANIFEST = "manifest.json"
 MARKER = "moodguard-bundle.json"  # with the manifest: "a bundle this tool wrote" (export may replace it)
@@ -170,103 +169,112 @@ def _copy_adapter(src: Path, dst: Path) -> None:
         shutil.copy2(Path(src) / f, dst / f)
 
 
-def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
-                  predict_safe: bool = False, device: str | None = None, overwrite: bool = False) -> Path:
-    """Write the bundle for ``monitor`` of ``recipe``'s run (evaluating it first if needed).
+def export(ctx: EvalContext, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the bundle of the one monitor of ``ctx`` (evaluating it first if needed).
     ``out_dir`` may be new, empty or a bundle this tool wrote; anything else only with
     ``overwrite`` (moved aside, never deleted): :func:`check_export_out`."""
+    from mood_data.domains import load_registry
     from mood_data.sources import check_source
 
-    protect = (Path.cwd(), run_root(recipe))
+    from .evaluate import evaluate, fit_fusion
+    from .splits import data_cut, eval_splits
+    from .hub import bundle_card
+
+    (monitor, detectors), = ctx.monitors.items()
+    protect = (Path.cwd(), ctx.model.run_root)
     check_export_out(out_dir, overwrite, protect)  # before the (slow) evaluation
-    detectors = parse_monitor(monitor)
-    monitor = "+".join(detectors)
-    check_source(source or recipe.data.source)  # a missing data file first, not a missing adapter
-    guard_dir, lm_dir = adapter_dirs(recipe)
-    uses_lm = [d for d in detectors if DETECTORS[d].forward == "lm"]
-    if uses_lm and lm_dir is None:
-        raise BundleError(f"{run_root(recipe) / 'lm'}: causal-LM adapter not found (monitor {monitor!r} uses {uses_lm[0]!r})")
-    eval_dir = run_root(recipe) / "eval" / monitor
+    check_source(ctx.data.source)  # a missing data file first, not a missing adapter
+    guard_dir, lm_dir = adapter_dirs(ctx.model)
+    the_plan = ctx.plan
+    if the_plan.lm and lm_dir is None:
+        raise BundleError(f"{ctx.model.run_root / 'lm'}: causal-LM adapter not found (monitor {monitor!r} uses "
+                          f"{the_plan.lm[0]!r})")
+    eval_dir = ctx.model.run_root / "eval" / monitor
     apath = eval_dir / "analysis.json"
     meta_path = eval_dir / "meta.json"
     fresh = apath.is_file() and meta_path.is_file() and \
-        read_json(meta_path, BundleError).get("predict_safe", False) == predict_safe
-    loaded = load_backbone(recipe, guard_dir, lm_dir, device)  # once, for evaluate, fit and the extra detectors
+        read_json(meta_path, BundleError).get("predict_safe", False) == ctx.score.predict_safe
+    loaded = load_backbone(ctx.model, guard_dir, lm_dir)  # once, for evaluate, fit and the extra detectors
     if fresh:
-        cut = train_validation_cut(recipe, source)  # once, likewise
+        cut = data_cut(ctx.data)  # once, likewise
     else:  # evaluate needs the test split: the cut comes from the same read
-        splits, cut = eval_splits(recipe, source)
-        evaluate_recipe(recipe, [monitor], source=source, predict_safe=predict_safe, loaded=loaded, cut=cut,
-                        splits=splits)
+        splits, cut = eval_splits(ctx.data)
+        evaluate(ctx, loaded, splits, cut)
     analysis = read_json(apath, BundleError)
-    fitted = fit_detectors(recipe, source=source, loaded=loaded, predict_safe=predict_safe, cut=cut)  # cache hits after evaluate
+    fitted = fit_statistics(ctx, loaded, cut)  # cache hits after evaluate
     calib, malign, domains = read_calibration(fitted["calibration"])
-    from mood_data.domains import load_registry
-
     # ensemble / judge: ID-validation scores (cache hits after evaluate) and what they were scored with
-    extras = {e["group"]: e for e in extra_detector_scores(recipe, loaded, detectors, None, source, predict_safe, cut=cut)}
-    for e in extras.values():
+    extras = extra_detector_scores(ctx, loaded, None, cut)
+    for e in extras:
         calib.update(e["calibration"])
-    fusion = fit_fusion(recipe.eval.fusion, calib, malign, domains, detectors, load_registry(recipe.data.registry))
-    settings = ScoreSettings.from_recipe(recipe, predict_safe)
+    fusion = fit_fusion(ctx.fusion, calib, malign, domains, detectors, load_registry(ctx.data.registry))
+    settings = ctx.score
     out_dir = Path(out_dir)
     extra_spec: dict[str, Any] = {}
     check_export_out(out_dir, overwrite, protect)  # again: it may have changed meanwhile
     with atomic.atomic_dir(out_dir, dispose=dispose_replaced(out_dir)) as tmp:
-        if "ensemble" in extras:
-            members = extras["ensemble"]["members"]
-            names = member_names(members, guard_dir)
-            for d, name in zip(members, names):
-                if name != "guard":  # the anchor is guard/ itself
-                    _copy_adapter(d, tmp / "members" / name)
-            extra_spec["ensemble"] = {"members": names}
-        if "judge" in extras:
-            judge, rubrics = extras["judge"]["judge"], extras["judge"]["rubrics"]
-            jdir = tmp / "judge"
-            (jdir / "rubrics").mkdir(parents=True)
-            if judge.adapter_dir is not None:
-                _copy_adapter(judge.adapter_dir, jdir / "adapter")
-            judge.tokenizer.save_pretrained(jdir / "tokenizer")
-            for name, rub in rubrics.items():
-                shutil.copy2(rub.path, jdir / "rubrics" / f"{name}.yaml")
-            extra_spec["judge"] = {
-                "model": None if judge.backbone is loaded.backbone else judge.model,
-                "adapter": judge.adapter_dir is not None, "max_length": judge.max_length,
-                "rubrics": sorted(rubrics), "shots": list(judge.shots),
-            }
-        for name, src in (("guard", guard_dir), ("lm", lm_dir if uses_lm else None)):
+        for e in extras:
+            if "members" in e:  # the ensemble's other members
+                names = member_names(e["members"], guard_dir)
+                for d, name in zip(e["members"], names):
+                    if name != "guard":  # the anchor is guard/ itself
+                        _copy_adapter(d, tmp / "members" / name)
+                extra_spec["ensemble"] = {"members": names}
+            if "judge" in e:  # the judge: its LoRA, tokenizer, rubrics and few-shot examples
+                judge, rubrics = e["judge"], e["rubrics"]
+                jdir = tmp / "judge"
+                (jdir / "rubrics").mkdir(parents=True)
+                if judge.adapter_dir is not None:
+                    _copy_adapter(judge.adapter_dir, jdir / "adapter")
+                judge.tokenizer.save_pretrained(jdir / "tokenizer")
+                for name, rub in rubrics.items():
+                    shutil.copy2(rub.path, jdir / "rubrics" / f"{name}.yaml")
+                extra_spec["judge"] = {
+                    "model": None if judge.backbone is loaded.backbone else judge.model,
+                    "adapter": judge.adapter_dir is not None, "max_length": judge.max_length,
+                    "rubrics": sorted(rubrics), "shots": list(judge.shots),
+                }
+        for name, src in (("guard", guard_dir), ("lm", lm_dir if the_plan.lm else None)):
             if src is not None:
                 _copy_adapter(src, tmp / name)
         loaded.tokenizer.save_pretrained(tmp / "tokenizer")  # the one the scores were computed with
         stats = {}
-        for kind in FEATURE_DETECTORS:
-            if kind in detectors:
-                for layer, d in fitted["stats"][kind].items():
-                    load_stats(d, kind).save(tmp / "stats", f"{kind}-layer{layer}")
-                    stats.setdefault(kind, []).append(int(layer))
+        for kind in fitted_names(detectors):
+            for layer, d in fitted["stats"][kind].items():
+                load_stats(d, kind).save(tmp / "stats", f"{kind}-layer{layer}")
+                stats.setdefault(kind, []).append(int(layer))
         fusion.save(tmp / "fusion.json")
         atomic.write_json(tmp / "thresholds.json", {
             "thresholds": analysis["thresholds"], "fprs": analysis["fprs"], "n_id_safe": analysis["n_id_safe"],
             "source": f"ID-safe rows of the {(analysis.get('calibration') or {}).get('split', 'test')} split ({apath})",
         })
-        atomic.write_text(tmp / "recipe.yaml", recipe.to_yaml())
+        atomic.write_text(tmp / "recipe.yaml", recipe_yaml(ctx.recipe_doc))
         atomic.write_json(tmp / "monitor.json", {
-            "format": FORMAT, "monitor": monitor, "detectors": list(detectors), "base": str(recipe.model),
-            "dtype": recipe.dtype, "device_map": recipe.eval.device_map,
-            "trust_remote_code": recipe.trust_remote_code, "stats": stats,
+            "format": FORMAT, "monitor": monitor, "detectors": list(detectors), "base": str(ctx.model.base),
+            "dtype": ctx.model.dtype, "device_map": ctx.model.device_map,
+            "trust_remote_code": ctx.model.trust_remote_code, "stats": stats,
             "settings": {"max_length": settings.max_length, "batch_size": settings.batch_size,
                          "pooling": settings.pooling, "assistant_only": settings.assistant_only,
                          "predict_safe": settings.predict_safe},
             **extra_spec,
         })
-        from .hub import bundle_card
-
         metrics = read_json(guard_dir / "metrics.json", BundleError) if (guard_dir / "metrics.json").is_file() else {}
-        card = bundle_card(out_dir, recipe.to_dict(), analysis, monitor, read_json(meta_path, BundleError), metrics)
+        card = bundle_card(out_dir, dict(ctx.recipe_doc), analysis, monitor, read_json(meta_path, BundleError), metrics)
         atomic.write_text(tmp / "README.md", str(card))  # the model card, covered by the manifest
         atomic.write_json(tmp / MARKER, {"moodguard_bundle": FORMAT})
         write_manifest(tmp)
     return out_dir
+
+
+def export_bundle(recipe, out_dir: str | Path, monitor: str = "guard+maha+ppl", *, source=None,
+                  predict_safe: bool = False, device: str | None = None, overwrite: bool = False) -> Path:
+    """Public entry (``moodguard export``, the API): the bundle of ``monitor`` of ``recipe``'s run
+    (:func:`export` on the resolved context)."""
+    from .context import resolve
+
+    check_export_out(out_dir, overwrite, (Path.cwd(), Path(recipe.output_dir)))  # before anything slow
+    return export(resolve(recipe, [monitor], source, predict_safe=predict_safe, device=device), out_dir,
+                  overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -292,7 +300,7 @@ class Monitor:
         self.folder, self.spec, self.loaded = folder, spec, loaded
         self.detectors, self.fusion, self.thresholds = detectors, fusion, thresholds
         self.manifest_sha256: str | None = None  # sha256 of the manifest verified at load
-        self.judge = None  # eval.judge.Judge, for judge-* monitors
+        self.judge = None  # eval.engine.judge_pass.Judge, for judge-* monitors
         self.rubrics: dict = {}
         s = spec["settings"]  # checked by bundle_check.check_monitor_spec
         self.settings = ScoreSettings(s["max_length"], s["batch_size"], s["pooling"], s["assistant_only"],
@@ -305,7 +313,7 @@ class Monitor:
     @classmethod
     def load(cls, folder: str | Path, *, base: str | None = None, batch_size: int | None = None,
              device: str | None = None, trust_remote_code: bool = False) -> "Monitor":
-        """Verify the manifest and every value (:mod:`eval.bundle_check`), then load base (+
+        """Verify the manifest and every value (:mod:`eval.run.bundle_check`), then load base (+
         adapters), detectors, fusion and thresholds; the base goes where the device policy puts
         it (``device`` = ``--device``; the bundle's dtype and ``device_map``). A bundle whose
         ``monitor.json`` asks for ``trust_remote_code`` is refused unless the caller passes
@@ -337,7 +345,7 @@ class Monitor:
             check_adapter(adapter)
         remote = spec.get("trust_remote_code", False) is True and trust_remote_code is True  # both: checked above
         dets = {kind: {int(layer): load_stats(staged / "stats", kind, f"{kind}-layer{layer}")
-                       for layer in spec["stats"].get(kind, [])} for kind in FEATURE_DETECTORS if kind in names}
+                       for layer in spec["stats"].get(kind, [])} for kind in fitted_names(names)}
         for kind, per in dets.items():
             if not per:
                 raise BundleError(f"{staged / 'monitor.json'}: field 'stats.{kind}': no fitted layer")
@@ -345,7 +353,7 @@ class Monitor:
         if fusion.detectors != list(names):
             raise BundleError(f"{staged / 'fusion.json'}: field 'fusion.detectors': {fusion.detectors} != {list(names)}")
         thresholds = check_thresholds(staged)
-        lm = staged / "lm" if any(DETECTORS[n].forward == "lm" for n in names) else None
+        lm = staged / "lm" if plan(names).needs_lm_adapter else None
         where = device_policy.placement(spec.get("dtype", "float32"), device, spec.get("device_map"))
         backbone = SharedBackbone.from_pretrained(resolve_model(base or spec["base"]), staged / "guard", lm,
                                                   placement=where,
@@ -419,21 +427,16 @@ class Monitor:
         t0 = time.perf_counter()
         truncated: list[int] = []
         names = self.fusion.detectors
-        base, ens, jud = split_detectors(names)
+        the_plan = plan(names)
         raw: dict[str, np.ndarray] = {}
-        if base:
-            raw, _ = score_rows(self.loaded, conversations, self.detectors, base, self.settings, truncated=truncated)
-        if ens:
-            from ..engine.detectors.ensemble import adapter_scores, ensemble_scores
-
-            members = adapter_scores(self.loaded, self.spec["ensemble"]["members"], conversations,
-                                     max_length=self.settings.max_length, batch_size=self.settings.batch_size,
-                                     predict_safe=self.settings.predict_safe)
-            raw.update(ensemble_scores(members, ens))
-        if jud:
-            from .judge import judge_scores
-
-            raw.update(judge_scores(self.judge, self.rubrics, jud, conversations, self.settings.batch_size)[0])
+        if the_plan.shared:
+            raw, _ = score_shared(the_plan, self.loaded.backbone, self.loaded.tokenizer, conversations, self.detectors,
+                                  self.settings, truncated=truncated)
+        if the_plan.members:
+            raw.update(score_members(the_plan, self.loaded.backbone, self.loaded.tokenizer,
+                                     self.spec["ensemble"]["members"], conversations, self.settings))
+        if the_plan.judge:
+            raw.update(score_judge(the_plan, self.judge, self.rubrics, conversations, self.settings.batch_size)[0])
         raw = {n: raw[n] for n in names}
         cut = set(truncated)
         fused = np.asarray(self.fusion.apply(raw), dtype=np.float64)
@@ -471,8 +474,10 @@ def _load_judge(folder: Path, spec: dict, backbone, base: str | None, remote: bo
     judge LoRA, tokenizer, rubrics and few-shot examples stored in the bundle."""
     from train.modeling import load_tokenizer, resolve_model
 
+    from train.judge_prompts import load_rubric
+
     from ..engine.forward import SharedBackbone, adapter_hash
-    from .judge import Judge, load_rubric
+    from ..engine.judge_pass import Judge
 
     js, jdir = spec["judge"], folder / "judge"
     for key in ("model", "adapter", "max_length", "rubrics", "shots"):

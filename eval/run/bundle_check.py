@@ -1,4 +1,4 @@
-"""What a bundle must prove before anything in it is used (``eval.bundle.Monitor.load``).
+"""What a bundle must prove before anything in it is used (``eval.run.bundle.Monitor.load``).
 
 A bundle is passed between teams, so every byte of it is untrusted until checked:
 
@@ -185,8 +185,7 @@ def staged_bundle(folder: str | Path) -> Iterator[tuple[Path, dict]]:
 # ----------------------------------------------------------------------------- values
 def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = False) -> tuple[str, ...]:
     """Type- and range-check ``monitor.json``; returns the parsed detector names."""
-    from train.detector_table import names as table_names
-    from train.detector_table import parse_monitor
+    from ..engine.table import fitted, parse_monitor
 
     path = folder / "monitor.json"
     for key in ("monitor", "detectors", "base", "settings", "stats"):
@@ -220,7 +219,7 @@ def check_monitor_spec(folder: Path, spec: dict, *, trust_remote_code: bool = Fa
     if not isinstance(stats, dict):
         fail(path, "stats", f"expected a mapping, got {short_repr(stats)}")
     for kind, layers in stats.items():
-        if kind not in table_names(fitted=True):
+        if kind not in fitted():
             fail(path, f"stats.{kind}", "unknown detector kind")
         if not isinstance(layers, list):
             fail(path, f"stats.{kind}", f"expected a list of layers, got {short_repr(layers)}")
@@ -285,10 +284,10 @@ def check_thresholds(folder: Path) -> dict[str, float]:
 
 def adapter_folders(folder: Path, spec: dict, names: tuple[str, ...]) -> list[Path]:
     """Every adapter folder the bundle's monitor will load."""
-    from train.detector_table import DETECTORS
+    from ..engine.planner import plan
 
     out = [folder / "guard"]
-    if any(DETECTORS[n].forward == "lm" for n in names):
+    if plan(names).needs_lm_adapter:
         out.append(folder / "lm")
     for m in (spec.get("ensemble") or {}).get("members", []):
         if m != "guard":

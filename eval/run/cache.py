@@ -13,8 +13,6 @@ from mood_data import atomic
 from mood_data.errors import BundleError
 from mood_data.readers import loads_json, read_json
 
-from .backbone import run_root
-
 STATS_VERSION = 1
 
 
@@ -66,12 +64,13 @@ def read_calibration(d: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[s
     return t, malign, meta["domains"]
 
 
-def cached_scores(recipe, kind: str, parts: dict, compute) -> dict[str, np.ndarray]:
+def cached_scores(stats_root: Path, kind: str, parts: dict, compute) -> dict[str, np.ndarray]:
     """Extra detectors' scores on the ID validation slice (``compute() -> {name: scores}``),
-    cached under ``<run>/stats/calibration-<kind>-<key>/`` like :func:`calibration_scores`."""
+    cached under ``<run>/stats/calibration-<kind>-<key>/`` like
+    :func:`eval.run.fitting.calibration_scores`."""
     from safetensors.numpy import load_file, save_file
 
-    d = run_root(recipe) / "stats" / f"calibration-{kind}-{cache_key(kind=kind, **parts)}"
+    d = stats_root / f"calibration-{kind}-{cache_key(kind=kind, **parts)}"
     if (d / "scores.safetensors").is_file() and cache_intact(d):
         return {k: v.astype(np.float64) for k, v in load_file(str(d / "scores.safetensors")).items()}
     scores = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in compute().items()}

@@ -1,6 +1,10 @@
-"""Fitting: the feature detectors' statistics on the SAFE rows of the train slice (cached per
-key under ``<run>/stats/<key>/``) and every detector's scores on the ID validation slice for
-fusion (cached too). Nothing here ever sees a test row."""
+"""Fitting: the fitted detectors' statistics on the SAFE rows of the train slice (cached per key
+under ``<run>/stats/<key>/``) and every shared-pass detector's scores on the ID validation slice
+for fusion (cached too). Nothing here ever sees a test row.
+
+:func:`fit_statistics` works on a resolved :class:`~eval.run.context.EvalContext`;
+:func:`fit_detectors` is the public entry that resolves a recipe first (``moodguard fit``).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,51 +14,39 @@ import numpy as np
 
 from mood_data import atomic
 from mood_data.errors import BundleError
-from train.data import train_validation_cut
-from train.detector_table import DETECTORS, names, one_pass_names
 
-from .backbone import Loaded, load_backbone, run_root
-from .cache import cache_digests, cache_intact, cache_key, fingerprint
 from ..engine.forward import GuardBatch, encode, guard_pass
-from ..engine.scoring import ScoreSettings, require_finite, resolve_scorer, score_rows
-
-FEATURE_DETECTORS = names(fitted=True)
-
-
-def _recipe_value(section, dotted: str):
-    for attr in dotted.split("."):
-        section = getattr(section, attr)
-    return section
+from ..engine.planner import plan, require_finite, score_shared
+from ..engine.table import DETECTORS, NAMES, fitted
+from .backbone import Loaded
+from .cache import cache_digests, cache_intact, cache_key, fingerprint
+from .context import EvalContext
 
 
-def _stats_parts(recipe, loaded: Loaded, kind: str, layer: int, fp: str) -> dict:
-    """The statistics cache key parts of a fitted detector: the common ones + its table
-    ``cache_parts`` (keyed by their last dotted component)."""
-    parts = {"kind": kind, "model": recipe.model, "adapter": loaded.guard_hash, "layer": int(layer),
-             "pooling": recipe.eval.mahalanobis.pooling, "max_length": recipe.eval.max_length, "data": fp}
-    parts.update({dotted.rsplit(".", 1)[-1]: _recipe_value(recipe.eval, dotted) for dotted in DETECTORS[kind].cache_parts})
+def stats_parts(ctx: EvalContext, loaded: Loaded, kind: str, layer: int, fp: str) -> dict:
+    """The statistics cache key parts of a fitted detector: the common ones + its settings."""
+    parts = {"kind": kind, "model": ctx.model.base, "adapter": loaded.guard_hash, "layer": int(layer),
+             "pooling": ctx.score.pooling, "max_length": ctx.score.max_length, "data": fp}
+    parts.update(DETECTORS[kind].cache_parts(ctx.detector_settings[kind]))
     return parts
 
 
 def load_stats(directory: Path, kind: str, name: str | None = None):
-    """A fitted ``kind`` detector (a ``fitted`` table entry) saved as ``<directory>/<name or kind>.*``."""
-    return resolve_scorer(kind).load(directory, name or kind)
+    """A fitted ``kind`` detector saved as ``<directory>/<name or kind>.*``."""
+    return DETECTORS[kind].load(directory, name or kind)
 
 
-def fit_feature_detectors(recipe, loaded: Loaded, rows, kinds: Sequence[str] = FEATURE_DETECTORS) -> dict[str, dict[int, Path]]:
+def fit_feature_detectors(ctx: EvalContext, loaded: Loaded, rows, kinds: Sequence[str]) -> dict[str, dict[int, Path]]:
     """Fit (or take from the cache) every ``kind`` x layer; ONE guard forward for all misses.
-    Each kind's class (the table's ``scorer``) supplies ``stream_fitter(recipe.eval)``: an
-    object with ``update(features, malign)`` per batch and ``finalize(metadata)``."""
-    m = recipe.eval.mahalanobis
-    layers = [int(x) for x in m.layers]
+    Each kind's class streams its fit (``fitter(settings)``: ``update(features, malign)`` per
+    batch, ``finalize(metadata)``)."""
     fp = fingerprint(rows["id"], rows["conversation"])
-    stats_root = run_root(recipe) / "stats"
     dirs: dict[str, dict[int, Path]] = {k: {} for k in kinds}
     todo: list[tuple[str, int, Path, dict]] = []
     for kind in kinds:
-        for layer in layers:
-            parts = _stats_parts(recipe, loaded, kind, layer, fp)
-            d = stats_root / cache_key(**parts)
+        for layer in ctx.layers:
+            parts = stats_parts(ctx, loaded, kind, layer, fp)
+            d = ctx.stats_root / cache_key(**parts)
             dirs[kind][layer] = d
             if (d / "meta.json").is_file() and cache_intact(d):  # an edited entry is refitted, not trusted
                 try:
@@ -66,16 +58,16 @@ def fit_feature_detectors(recipe, loaded: Loaded, rows, kinds: Sequence[str] = F
     if not todo:
         return dirs
     malign = np.asarray(rows["malign"], dtype=np.int64)
-    fitters = {(k, layer): resolve_scorer(k).stream_fitter(recipe.eval) for k, layer, _, _ in todo}
+    fitters = {(k, layer): DETECTORS[k].fitter(ctx.detector_settings[k]) for k, layer, _, _ in todo}
 
     def update(batch: GuardBatch) -> None:
         y = malign[batch.index]
         for (_, layer), f in fitters.items():
             f.update(batch.features[layer], y)
 
-    enc = encode(loaded.tokenizer, list(rows["conversation"]), recipe.eval.max_length)
-    guard_pass(loaded.backbone, enc, batch_size=recipe.eval.batch_size, layers=sorted({t[1] for t in todo}),
-               pooling=m.pooling, on_batch=update, desc="fit: guard forward")
+    enc = encode(loaded.tokenizer, list(rows["conversation"]), ctx.score.max_length)
+    guard_pass(loaded.backbone, enc, batch_size=ctx.score.batch_size, layers=sorted({t[1] for t in todo}),
+               pooling=ctx.score.pooling, on_batch=update, desc="fit: guard forward")
     for kind, layer, d, parts in todo:
         det = fitters[(kind, layer)].finalize(metadata=parts)
         with atomic.atomic_dir(d) as tmp:
@@ -86,43 +78,33 @@ def fit_feature_detectors(recipe, loaded: Loaded, rows, kinds: Sequence[str] = F
     return dirs
 
 
-def fit_detectors(recipe, *, source=None, loaded: Loaded | None = None, predict_safe: bool = False,
-                  cut=None, device: str | None = None, monitors: Sequence[str] | None = None) -> dict:
-    """Fit the fitted detectors (Mahalanobis, kNN) that the monitors use (default: the recipe's
-    ``eval.monitors``) on the safe train rows (cached) and score the ID validation slice with
-    every one-pass detector that can score (cached) for fusion; a fitted detector no monitor
-    uses is not fitted. ``cut``: the ``(train, validation)`` slices when the caller already has
-    them (loaded once per process). Returns ``{"stats": {kind: {layer: dir}}, "calibration": path}``;
-    ``device``: ``--device``."""
-    from train.detector_table import needed, parse_monitors
-
-    from mood_data.sources import check_source
-
-    used = set(needed(parse_monitors(monitors or recipe.eval.monitors)))
-    check_source(source or recipe.data.source)  # a missing data file first, not a missing adapter
-    loaded = loaded or load_backbone(recipe, device=device)
-    train_rows, val_rows = cut or train_validation_cut(recipe, source)
-    stat_dirs = fit_feature_detectors(recipe, loaded, train_rows, [k for k in FEATURE_DETECTORS if k in used])
-    calib = calibration_scores(recipe, loaded, val_rows, stat_dirs, predict_safe=predict_safe)
-    return {"stats": stat_dirs, "calibration": calib}
+def fit_statistics(ctx: EvalContext, loaded: Loaded, cut) -> dict:
+    """Fit the fitted detectors the monitors use on the safe train rows (cached) and score the ID
+    validation slice with every shared-pass detector that can score (cached) for fusion; a fitted
+    detector no monitor uses is not fitted. ``cut``: the ``(train, validation)`` slices.
+    Returns ``{"stats": {kind: {layer: dir}}, "calibration": path}``."""
+    train_rows, val_rows = cut
+    stat_dirs = fit_feature_detectors(ctx, loaded, train_rows, fitted(ctx.needed))
+    return {"stats": stat_dirs, "calibration": calibration_scores(ctx, loaded, val_rows, stat_dirs)}
 
 
-def calibration_scores(recipe, loaded: Loaded, rows, stat_dirs, *, predict_safe: bool = False) -> Path:
-    """Every detector's scores on the ID validation slice (cached by key)."""
+def calibration_scores(ctx: EvalContext, loaded: Loaded, rows, stat_dirs) -> Path:
+    """Every shared-pass detector's scores on the ID validation slice (fitted ones: those in
+    ``stat_dirs``), cached by key."""
     from safetensors.numpy import save_file
 
     parts = {"kind": "calibration", "stats": {k: {str(layer): d.name for layer, d in v.items()} for k, v in stat_dirs.items()},
-             "guard": loaded.guard_hash, "lm": loaded.lm_hash, "predict_safe": predict_safe,
-             "assistant_only": recipe.eval.perplexity.assistant_only, "max_length": recipe.eval.max_length,
+             "guard": loaded.guard_hash, "lm": loaded.lm_hash, "predict_safe": ctx.score.predict_safe,
+             "assistant_only": ctx.score.assistant_only, "max_length": ctx.score.max_length,
              "data": fingerprint(rows["id"], rows["conversation"])}
-    d = run_root(recipe) / "stats" / f"calibration-{cache_key(**parts)}"
+    d = ctx.stats_root / f"calibration-{cache_key(**parts)}"
     if (d / "scores.safetensors").is_file() and cache_intact(d):
         return d
     dets = {k: {layer: load_stats(p, k) for layer, p in v.items()} for k, v in stat_dirs.items()}
-    wanted = [d for d in one_pass_names() if d not in FEATURE_DETECTORS or d in stat_dirs]  # fitted ones only
-    scores, _ = score_rows(loaded, list(rows["conversation"]), dets, wanted,
-                           ScoreSettings.from_recipe(recipe, predict_safe), desc=" (ID validation)")
-    require_finite(scores, list(rows["id"]), f"{recipe.data.source} (ID validation slice of the train split)")
+    the_plan = plan([n for n in NAMES if not DETECTORS[n].requires_fit or n in stat_dirs])
+    scores, _ = score_shared(the_plan, loaded.backbone, loaded.tokenizer, list(rows["conversation"]), dets, ctx.score,
+                             desc=" (ID validation)")
+    require_finite(scores, list(rows["id"]), f"{ctx.data.recipe_source} (ID validation slice of the train split)")
     scores["malign"] = np.asarray(rows["malign"], dtype=np.float64)
     with atomic.atomic_dir(d) as tmp:
         save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in scores.items()}, str(tmp / "scores.safetensors"))
@@ -131,27 +113,44 @@ def calibration_scores(recipe, loaded: Loaded, rows, stat_dirs, *, predict_safe:
     return d
 
 
-def extra_detector_scores(recipe, loaded: Loaded, needed: Sequence[str], conversations: Sequence[str] | None,
-                          source=None, predict_safe: bool = False, cut=None) -> list[dict]:
-    """Ensemble and judge detectors among ``needed``: per group ``{"group", "calibration":
+def extra_detector_scores(ctx: EvalContext, loaded: Loaded, conversations: Sequence[str] | None, cut) -> list[dict]:
+    """The ensemble and judge detectors the monitors use: per group ``{"group", "calibration":
     {name: ID-validation scores}, "test": {name: scores}, "seconds"}`` (test scoring time; no
     ``test`` / ``seconds`` when ``conversations`` is None) plus what the group was scored with
     (ensemble: ``members``, the member folders; judge: ``judge``, ``rubrics``)."""
+    the_plan = ctx.plan
+    train_rows, val_rows = cut
     out = []
-    ens = [n for n in needed if DETECTORS[n].forward == "ensemble"]
-    jud = [n for n in needed if DETECTORS[n].forward == "judge"]
-    if ens or jud:
-        train_rows, val_rows = cut or train_validation_cut(recipe, source)
-    if ens:
-        from ..engine.detectors.ensemble import score_for_eval
+    if the_plan.members:
+        from .ensemble import score_for_eval
 
-        out.append(score_for_eval(recipe, loaded, ens, conversations, val_rows, predict_safe))
-    if jud:
+        out.append(score_for_eval(ctx, loaded, conversations, val_rows))
+    if the_plan.judge:
         from .judge import score_for_eval as judge_for_eval
 
-        out.append(judge_for_eval(recipe, loaded, jud, conversations, train_rows, val_rows))
+        out.append(judge_for_eval(ctx, loaded, conversations, train_rows, val_rows))
     return out
 
 
-__all__ = ["FEATURE_DETECTORS", "calibration_scores", "extra_detector_scores", "fit_detectors", "fit_feature_detectors",
-           "load_stats"]
+def run_fit(ctx: EvalContext) -> dict:
+    """``moodguard fit``: the backbone and the cut loaded once, then :func:`fit_statistics`."""
+    from mood_data.sources import check_source
+
+    from .backbone import load_run
+    from .splits import data_cut
+
+    check_source(ctx.data.source)  # a missing data file first, not a missing adapter
+    return fit_statistics(ctx, load_run(ctx.model), data_cut(ctx.data))
+
+
+def fit_detectors(recipe, *, source=None, predict_safe: bool = False, device: str | None = None,
+                  monitors: Sequence[str] | None = None) -> dict:
+    """Public entry (the API): :func:`run_fit` on the recipe resolved once (``monitors``
+    default: its ``eval.monitors``)."""
+    from .context import resolve
+
+    return run_fit(resolve(recipe, monitors, source, predict_safe=predict_safe, device=device))
+
+
+__all__ = ["calibration_scores", "extra_detector_scores", "fit_detectors", "fit_feature_detectors", "fit_statistics",
+           "load_stats", "run_fit", "stats_parts"]

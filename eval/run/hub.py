@@ -62,9 +62,10 @@ def eval_summaries(run_root: Path, fpr: float = 0.01, monitors: Sequence[str] | 
 
 def _uses_lm(monitor: str) -> bool:
     """True when a detector of the monitor runs on the causal-LM adapter (the table says which)."""
-    from train.detector_table import DETECTORS, parse_monitor
+    from ..engine.planner import plan
+    from ..engine.table import parse_monitor
 
-    return any(DETECTORS[d].forward == "lm" for d in parse_monitor(monitor))
+    return plan(parse_monitor(monitor)).needs_lm_adapter
 
 
 def write_cards(path: str | os.PathLike, fpr: float = 0.01) -> list[Path]:
@@ -95,9 +96,10 @@ def write_cards(path: str | os.PathLike, fpr: float = 0.01) -> list[Path]:
     return written
 
 
-def bundle_card(bundle_dir: Path, recipe: dict, analysis: dict, monitor: str, meta: dict | None = None,
+def bundle_card(bundle_dir: Path, recipe_doc: dict, analysis: dict, monitor: str, meta: dict | None = None,
                 metrics: dict | None = None, fpr: float = 0.01):
-    """The card of a bundle being exported (written into it before its manifest)."""
+    """The card of a bundle being exported (written into it before its manifest); ``recipe_doc``:
+    the resolved recipe as a mapping (what the bundle's recipe.yaml holds)."""
     from ..report.caveats import analysis_warnings
 
     o = analysis.get(OVERALL) or {}
@@ -109,8 +111,8 @@ def bundle_card(bundle_dir: Path, recipe: dict, analysis: dict, monitor: str, me
     thr = ", ".join(f"FPR {k}: {v:.4f}" for k, v in (analysis.get("thresholds") or {}).items() if v is not None)
     usage = ("## Use\n\n```\nmoodguard score --monitor <this folder> conversations.jsonl --out scores.jsonl\n```\n\n"
              f"Thresholds on the fused score (flag when strictly above): {thr}.")
-    return build_card("bundle", name=f"{recipe.get('name') or bundle_dir.name}-{monitor}",
-                      base_model=recipe.get("model"), recipe=recipe, metrics=metrics, evals=[ev], extra=usage)
+    return build_card("bundle", name=f"{recipe_doc.get('name') or bundle_dir.name}-{monitor}",
+                      base_model=recipe_doc.get("model"), recipe=recipe_doc, metrics=metrics, evals=[ev], extra=usage)
 
 
 @dataclass(frozen=True)

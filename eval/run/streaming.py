@@ -22,7 +22,7 @@
   the N shards are disjoint, their union is the file, and concatenating their outputs in shard
   order gives the one-job output (Slurm array jobs: ``--shard $SLURM_ARRAY_TASK_ID/N``).
 * Under a multi-process launch every rank reads the input and scores its share of each
-  chunk's batches (:mod:`eval.parallel`); rank 0 commits.
+  chunk's batches (:mod:`eval.engine.parallel`); rank 0 commits.
 """
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def score_chunk(monitor, ids: list[Any], convs: list[str], label: str = "input",
     from mood_data.readers import short_repr
 
     from .bundle import UnscorableRow
-    from ..engine.scoring import unscorable_reason
+    from ..engine.planner import unscorable_reason
 
     try:
         scored = monitor.score(convs)

@@ -8,23 +8,38 @@ without replacement) so memory and time stay predictable.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from mood_data.errors import DataError, RecipeError
 
-from . import as_f64, check_shape, load_tensors, save_tensors
+from .base import FEATURES, Detector
+from .tensors import as_f64, check_shape, load_tensors, save_tensors
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-class KNNDetector:
-    KIND = "knn"
+@dataclass(frozen=True)
+class KNNSettings:
+    k: int
+    max_ref: int
+
+
+class KNNDetector(Detector):
+    """The ``knn`` detector: distance to the k-th nearest safe train feature. A fitted instance
+    holds the reference set; build it with :meth:`fit`, :meth:`fit_stream` / :meth:`fitter` or
+    :meth:`load`."""
+
+    name = "knn"
+    needs = FEATURES
+    requires_fit = True
+    Settings = KNNSettings
+    KIND = "knn"  # the statistics files' "detector" field
 
     def __init__(self, reference: np.ndarray, k: int, meta: dict | None = None):
         if k < 1 or k > reference.shape[0]:
@@ -50,13 +65,19 @@ class KNNDetector:
                 "n_ref": int(x.shape[0]), "d": int(x.shape[1]), "metadata": dict(metadata or {})}
         return cls(l2_normalize(x), k, meta)
 
+    @property
+    def settings(self) -> KNNSettings:
+        return KNNSettings(self.k, int(self.meta.get("max_ref", self.reference.shape[0])))
+
     @classmethod
-    def stream_fitter(cls, ev) -> "KNNStreamFit":
-        """Fitting fed batch by batch from the one guard forward (``ev``: a recipe's eval section)."""
-        return KNNStreamFit(ev.knn.k, ev.knn.max_ref)
+    def fitter(cls, settings: KNNSettings) -> "KNNStreamFit":
+        """Fitting fed batch by batch (``update(features, malign)``, ``finalize(metadata)``)."""
+        return KNNStreamFit(settings.k, settings.max_ref)
 
     def score(self, features, batch_size: int = 2048) -> np.ndarray:
         """k-th nearest-neighbour distance of each (normalised) row to the reference set."""
+        import torch
+
         x = as_f64(features)
         if x.ndim != 2 or x.shape[1] != self.reference.shape[1]:
             raise DataError(f"features: expected shape [n, {self.reference.shape[1]}], got {list(x.shape)}")
@@ -98,7 +119,9 @@ class KNNStreamFit:
         self.k, self.max_ref, self.parts = int(k), int(max_ref), []
 
     def update(self, features, malign) -> None:
-        self.parts.append(features[np.asarray(malign) == 0].float().numpy())
+        safe = features[np.asarray(malign) == 0]
+        # float32 like the stored reference (a torch batch from the guard pass, or an array)
+        self.parts.append(safe.float().numpy() if hasattr(safe, "float") else np.asarray(safe, dtype=np.float32))
 
     def finalize(self, metadata: dict | None = None) -> KNNDetector:
         x = np.concatenate(self.parts) if self.parts else np.zeros((0, 1))

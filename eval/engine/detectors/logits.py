@@ -1,6 +1,9 @@
-"""Scores from guard logits ``[n, 2]`` (column 1 = unsafe). Pure functions; higher = more unsafe/OOD.
+"""Detectors of the guard head: its log-odds of unsafe and functions of its logits ``[n, 2]``
+(column 1 = unsafe). Higher = more unsafe/OOD.
 
-* ``guard_margin``  = ``z1 - z0`` (the guard's log-odds of unsafe);
+* ``guard_scores``  = the guard's log-odds of unsafe: ``z1 - z0`` (one label: the logit), negated
+  for a head trained to output 'safe' (``--predict-safe``); the ``guard`` detector reads it;
+* ``guard_margin``  = ``z1 - z0``;
 * ``guard_logprob`` = ``log softmax(z)[1]``;
 * ``energy``        = ``E(z) = -logsumexp(z)`` (Liu et al. 2020). In-distribution inputs get
   large logits, so low energy; OOD inputs get higher energy: higher = more OOD as is;
@@ -18,7 +21,8 @@ from scipy.special import log_softmax, logsumexp
 
 from mood_data.errors import DataError
 
-from . import as_f64
+from .base import LOG_ODDS, LOGITS, Detector
+from .tensors import as_f64
 
 
 def _logits(logits) -> np.ndarray:
@@ -46,6 +50,44 @@ def max_logit(logits) -> np.ndarray:
     return -np.max(_logits(logits), axis=1)
 
 
+def guard_scores(logits, predict_safe: bool = False) -> np.ndarray:
+    """Log-odds of unsafe from the guard logits (1 label: the logit). ``predict_safe``: the head
+    was trained to output 'safe' (mood-bench's released adapters) -> negate."""
+    z = np.asarray(logits, dtype=np.float64)
+    s = z[:, 0].copy() if z.shape[1] == 1 else guard_margin(z)
+    return -s if predict_safe else s
+
+
+class Guard(Detector):
+    """The guard classifier itself: its log-odds of unsafe."""
+
+    name = "guard"
+    needs = LOG_ODDS
+
+    def score(self, log_odds) -> np.ndarray:
+        return np.asarray(log_odds, dtype=np.float64)
+
+
+class Energy(Detector):
+    """Energy of the guard logits (Liu et al. 2020): higher = more OOD."""
+
+    name = "energy"
+    needs = LOGITS
+
+    def score(self, logits) -> np.ndarray:
+        return energy(logits)
+
+
+class MaxLogit(Detector):
+    """Negated maximum logit (Hendrycks et al. 2022): higher = more OOD."""
+
+    name = "maxlogit"
+    needs = LOGITS
+
+    def score(self, logits) -> np.ndarray:
+        return max_logit(logits)
+
+
 LOGIT_SCORES: dict[str, Callable[..., np.ndarray]] = {
     "guard_margin": guard_margin,
     "guard_logprob": guard_logprob,
@@ -61,3 +103,7 @@ def logit_score(name: str, logits) -> np.ndarray:
 
         raise RecipeError(f"logit score: expected one of {sorted(LOGIT_SCORES)}, got {name!r}")
     return LOGIT_SCORES[name](logits)
+
+
+__all__ = ["Energy", "Guard", "LOGIT_SCORES", "MaxLogit", "energy", "guard_logprob", "guard_margin", "guard_scores",
+           "logit_score", "max_logit"]

@@ -42,7 +42,8 @@ import numpy as np
 
 from mood_data.errors import DataError, RecipeError
 
-from . import as_f64, check_shape, load_tensors, save_tensors
+from .base import FEATURES, Detector
+from .tensors import as_f64, check_shape, load_tensors, save_tensors
 
 ESTIMATORS = ("empirical", "ledoit_wolf", "oas")
 VARIANTS = ("plain", "class_conditional", "relative")
@@ -281,21 +282,37 @@ class MahalanobisFitter:
         return MahalanobisDetector(gauss, meta, store_covariance=store_covariance)
 
 
-class MahalanobisDetector:
-    """A fitted Mahalanobis detector. Build with :meth:`fit` or :class:`MahalanobisFitter`."""
+@dataclass(frozen=True)
+class MahalanobisSettings:
+    estimator: str  # one of ESTIMATORS
+    variant: str  # one of VARIANTS
+    ridge: float
 
-    KIND = "mahalanobis"
+
+class MahalanobisDetector(Detector):
+    """The ``maha`` detector: squared Mahalanobis distance of one layer's pooled guard features.
+    A fitted instance holds the Gaussian(s); build it with :meth:`fit` (in memory),
+    :meth:`fit_stream` / :meth:`fitter` (batch by batch) or :meth:`load`."""
+
+    name = "maha"
+    needs = FEATURES
+    requires_fit = True
+    Settings = MahalanobisSettings
+    KIND = "mahalanobis"  # the statistics files' "detector" field
 
     def __init__(self, gaussians: dict[str, GaussianStats], meta: dict, store_covariance: bool = False):
         self.gaussians = gaussians
         self.meta = meta
         self.store_covariance = store_covariance
 
+    @property
+    def settings(self) -> MahalanobisSettings:
+        return MahalanobisSettings(self.meta["estimator"], self.meta["variant"], float(self.meta["ridge"]))
+
     @classmethod
-    def stream_fitter(cls, ev) -> "MahalanobisStreamFit":
-        """Fitting fed batch by batch from the one guard forward (``ev``: a recipe's eval section)."""
-        return MahalanobisStreamFit(MahalanobisFitter(ev.mahalanobis.variant), ev.mahalanobis.estimator,
-                                    ev.mahalanobis.ridge)
+    def fitter(cls, settings: MahalanobisSettings) -> "MahalanobisStreamFit":
+        """Fitting fed batch by batch (``update(features, malign)``, ``finalize(metadata)``)."""
+        return MahalanobisStreamFit(MahalanobisFitter(settings.variant), settings.estimator, settings.ridge)
 
     variant = property(lambda self: self.meta["variant"])
     mean = property(lambda self: self.gaussians[""].mean)
