@@ -12,8 +12,8 @@ class bodies, comprehensions and generator resumptions are not entries):
 * the REQUEST walk (the headline): the functions the request's configuration passes through, i.e.
   every function entered with an argument that is the parsed command line (``argparse.Namespace``)
   or a configuration object: the ``Recipe``, one of its sections, or anything resolved from them
-  (a project dataclass whose class name ends in ``Recipe``, ``Section``, ``Settings``, ``Context``
-  or ``Plan``). A function that receives plain values (a path, an int) is not on it;
+  (a project dataclass whose class name ends in ``Recipe``, ``Section``, ``Settings``, ``Context``,
+  ``Spec`` or ``Plan``). A function that receives plain values (a path, an int) is not on it;
 * the CALL walk: every project function entered (data loading and validation included).
 
 For each walk: ``functions`` (distinct functions, in the order first entered), ``modules``
@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PACKAGES = ("mood_data", "train", "eval", "moodguard")
-CONFIG_SUFFIXES = ("Recipe", "Section", "Settings", "Context", "Plan")
+CONFIG_SUFFIXES = ("Recipe", "Section", "Settings", "Context", "Spec", "Plan")
 CO_OPTIMIZED = 0x1  # functions and lambdas (module and class bodies are not)
 SKIP = {"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"}
 SMALL = ["guard.max_steps=1", "lm.max_steps=1", "guard.max_length=64", "lm.max_length=64", "eval.max_length=64",
@@ -174,7 +174,10 @@ def recipe_classes() -> set[type]:
     import dataclasses
     import typing
 
-    from train.recipe_schema import Recipe
+    try:
+        from train.recipe_schema import Recipe
+    except ImportError:  # before the recipe was split by job (b470419): measure the old code too
+        from train.recipe import Recipe
 
     out, todo = set(), [Recipe]
     while todo:

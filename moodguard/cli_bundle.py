@@ -96,7 +96,7 @@ def run_score(args) -> int:
         raise MoodguardError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise MoodguardError(f"--chunk-size {args.chunk_size}: expected a positive number of rows")
-    check_num_processes(args)
+    check_num_processes(args.num_processes)
     check_out_file(args.out)  # before the (slow) model load and scoring
     shard = parse_shard(args.shard)
     check_output(args.out, args.input, resume=args.resume, overwrite=args.overwrite)

@@ -32,22 +32,17 @@ class Loaded:
     lm_hash: str | None
 
 
-def placement(model: ModelSpec):
-    """Where the device policy puts this model (:func:`train.device.placement`)."""
-    from train import device as device_policy
-
-    return device_policy.placement(model.dtype, model.device, model.device_map)
-
-
 def load_backbone(model: ModelSpec, guard_dir: Path, lm_dir: Path | None) -> Loaded:
     """Load the base ONCE with both adapters (see :class:`eval.engine.forward.SharedBackbone`)
     where the device policy puts it (``model.device`` = ``--device``)."""
+    from train import device as device_policy
     from train.modeling import load_tokenizer, resolve_model
 
     base = resolve_model(model.base)
     tok_src = model.tokenizer or (guard_dir if (Path(guard_dir) / "tokenizer_config.json").is_file() else base)
     tokenizer = load_tokenizer(tok_src, trust_remote_code=model.trust_remote_code)
-    backbone = SharedBackbone.from_pretrained(base, guard_dir, lm_dir, placement=placement(model),
+    where = device_policy.placement(model.dtype, model.device, model.device_map)
+    backbone = SharedBackbone.from_pretrained(base, guard_dir, lm_dir, placement=where,
                                               trust_remote_code=model.trust_remote_code)
     return Loaded(backbone, tokenizer, Path(guard_dir), None if lm_dir is None else Path(lm_dir),
                   adapter_hash(guard_dir), None if lm_dir is None else adapter_hash(lm_dir))
@@ -58,4 +53,4 @@ def load_run(model: ModelSpec) -> Loaded:
     return load_backbone(model, *adapter_dirs(model))
 
 
-__all__ = ["Loaded", "adapter_dirs", "load_backbone", "load_run", "placement"]
+__all__ = ["Loaded", "adapter_dirs", "load_backbone", "load_run"]

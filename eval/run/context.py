@@ -107,15 +107,6 @@ def parse_recipe_monitors(recipe) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def detector_settings(recipe, names: Sequence[str]) -> dict[str, Any]:
-    """The typed settings of the fitted detectors among ``names`` from the recipe's eval section."""
-    ev = recipe.eval
-    m, k = ev.mahalanobis, ev.knn
-    known = {MahalanobisSettings: MahalanobisSettings(m.estimator, m.variant, m.ridge),
-             KNNSettings: KNNSettings(k.k, k.max_ref)}
-    return {n: known[DETECTORS[n].Settings] for n in fitted(names)}
-
-
 def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | None = None, *,
             predict_safe: bool = False, device: str | None = None) -> EvalContext:
     """The :class:`EvalContext` of ``recipe``: ``monitors`` (default: its ``eval.monitors``),
@@ -138,16 +129,19 @@ def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | N
     steps = {"guard": recipe.guard.max_steps if recipe.guard.max_steps and recipe.guard.max_steps > 0 else None,
              "lm": recipe.lm.max_steps if recipe.lm.max_steps and recipe.lm.max_steps > 0 else None}
     used = tuple(needed(parsed))
+    # the typed settings of each fitted detector the monitors use, from the recipe's eval section
+    m, k = ev.mahalanobis, ev.knn
+    known = {MahalanobisSettings: MahalanobisSettings(m.estimator, m.variant, m.ridge),
+             KNNSettings: KNNSettings(k.k, k.max_ref)}
     return EvalContext(
         name=recipe.name, model=model, data=data, judge=judge, monitors=parsed, needed=used, plan=plan(used),
         stats_root=model.run_root / "stats",
         score=ScoreSettings(ev.max_length, ev.batch_size, ev.mahalanobis.pooling, ev.perplexity.assistant_only,
                             predict_safe),
         layers=tuple(int(x) for x in ev.mahalanobis.layers),
-        detector_settings=detector_settings(recipe, used),
+        detector_settings={n: known[DETECTORS[n].Settings] for n in fitted(used)},
         fusion=ev.fusion, fprs=tuple(ev.fprs), calibration_split=ev.calibration_split, steps=steps,
         recipe_doc=recipe.to_dict())
 
 
-__all__ = ["DataSpec", "EvalContext", "JudgeSpec", "ModelSpec", "detector_settings", "parse_recipe_monitors",
-           "resolve"]
+__all__ = ["DataSpec", "EvalContext", "JudgeSpec", "ModelSpec", "parse_recipe_monitors", "resolve"]

@@ -72,14 +72,6 @@ def run_settings(ctx: EvalContext, loaded: Loaded, n_validation: int | None = No
             "max_test_safe_per_domain": ctx.data.max_test_safe_per_domain}
 
 
-def check_lm_adapter(ctx: EvalContext, loaded: Loaded) -> None:
-    """A monitor with an LM-pass detector needs the run's causal-LM adapter."""
-    lm_needed = ctx.plan.lm
-    if lm_needed and loaded.lm_dir is None:
-        raise BundleError(f"{ctx.model.run_root / 'lm'}: causal-LM adapter not found (needed for {lm_needed[0]!r} "
-                          "monitors)")
-
-
 def evaluate(ctx: EvalContext, loaded: Loaded, splits: dict, cut, *, n_boot: int = 1000,
              plots: bool = True) -> dict[str, Path]:
     """Score the test split ONCE (one guard + one LM forward, plus the ensemble / judge passes the
@@ -153,7 +145,9 @@ def run_evaluate(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True) ->
 
     check_source(ctx.data.source)  # a missing data file first, not a missing adapter
     loaded = load_run(ctx.model)
-    check_lm_adapter(ctx, loaded)
+    if ctx.plan.lm and loaded.lm_dir is None:  # an LM-pass detector needs the run's causal-LM adapter
+        raise BundleError(f"{ctx.model.run_root / 'lm'}: causal-LM adapter not found (needed for {ctx.plan.lm[0]!r} "
+                          "monitors)")
     splits, cut = eval_splits(ctx.data)
     return evaluate(ctx, loaded, splits, cut, n_boot=n_boot, plots=plots)
 
@@ -168,5 +162,5 @@ def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, 
                         n_boot=n_boot, plots=plots)
 
 
-__all__ = ["check_lm_adapter", "evaluate", "evaluate_recipe", "fit_fusion", "run_evaluate",
+__all__ = ["evaluate", "evaluate_recipe", "fit_fusion", "run_evaluate",
            "run_hardware", "run_settings"]

@@ -23,14 +23,6 @@ from .cache import cache_digests, cache_intact, cache_key, fingerprint
 from .context import EvalContext
 
 
-def stats_parts(ctx: EvalContext, loaded: Loaded, kind: str, layer: int, fp: str) -> dict:
-    """The statistics cache key parts of a fitted detector: the common ones + its settings."""
-    parts = {"kind": kind, "model": ctx.model.base, "adapter": loaded.guard_hash, "layer": int(layer),
-             "pooling": ctx.score.pooling, "max_length": ctx.score.max_length, "data": fp}
-    parts.update(DETECTORS[kind].cache_parts(ctx.detector_settings[kind]))
-    return parts
-
-
 def load_stats(directory: Path, kind: str, name: str | None = None):
     """A fitted ``kind`` detector saved as ``<directory>/<name or kind>.*``."""
     return DETECTORS[kind].load(directory, name or kind)
@@ -45,7 +37,10 @@ def fit_feature_detectors(ctx: EvalContext, loaded: Loaded, rows, kinds: Sequenc
     todo: list[tuple[str, int, Path, dict]] = []
     for kind in kinds:
         for layer in ctx.layers:
-            parts = stats_parts(ctx, loaded, kind, layer, fp)
+            # the statistics cache key: what every fitted detector shares + the detector's settings
+            parts = {"kind": kind, "model": ctx.model.base, "adapter": loaded.guard_hash, "layer": int(layer),
+                     "pooling": ctx.score.pooling, "max_length": ctx.score.max_length, "data": fp,
+                     **DETECTORS[kind].cache_parts(ctx.detector_settings[kind])}
             d = ctx.stats_root / cache_key(**parts)
             dirs[kind][layer] = d
             if (d / "meta.json").is_file() and cache_intact(d):  # an edited entry is refitted, not trusted
@@ -153,4 +148,4 @@ def fit_detectors(recipe, *, source=None, predict_safe: bool = False, device: st
 
 
 __all__ = ["calibration_scores", "extra_detector_scores", "fit_detectors", "fit_feature_detectors", "fit_statistics",
-           "load_stats", "run_fit", "stats_parts"]
+           "load_stats", "run_fit"]

@@ -17,7 +17,7 @@ from train.judge_prompts import Rubric, load_rubric, select_shots
 from ..engine.judge_pass import Judge
 from ..engine.planner import plan, score_judge
 from ..engine.table import DETECTORS
-from .backbone import Loaded, placement
+from .backbone import Loaded
 from .cache import cached_scores, fingerprint
 from .context import EvalContext, JudgeSpec
 
@@ -57,8 +57,10 @@ def load_judge(ctx: EvalContext, loaded: Loaded | None, train_rows) -> Judge:
         backbone = loaded.backbone
     else:
         where = getattr(getattr(loaded, "backbone", None), "placement", None)
-        if where is None:
-            where = placement(model_spec)
+        if where is None:  # where the device policy puts this model
+            from train.device import placement
+
+            where = placement(model_spec.dtype, model_spec.device, model_spec.device_map)
         backbone = SharedBackbone.from_pretrained(resolve_model(model), placement=where,
                                                   trust_remote_code=model_spec.trust_remote_code)
     name = None
