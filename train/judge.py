@@ -66,13 +66,13 @@ def build_judge_datasets(recipe: Recipe, tokenizer):
     import datasets
 
     from .data import train_validation_cut
-    from .judge_prompts import recipe_rubrics, select_shots
+    from .judge_prompts import load_rubrics, select_shots
 
     train, validation = train_validation_cut(recipe)
     split = {"train": train, "validation": validation}
     j = recipe.judge
     shots = select_shots(split["train"], j.n_shots, seed=j.shot_seed, max_chars=j.shot_max_chars)
-    rubrics = list(recipe_rubrics(recipe, j.train_rubrics).values())
+    rubrics = list(load_rubrics(j.alignment_rubric, j.uncertainty_rubric, j.train_rubrics).values())
     where = str(recipe.source_file or "recipe")
     return datasets.DatasetDict({k: datasets.Dataset.from_dict(sft_rows(v, tokenizer, rubrics, shots, j.max_length, where))
                                  for k, v in split.items()})

@@ -88,9 +88,11 @@ def load_rubric(name_or_path: str | Path | None = None, default: str = "alignmen
                   str(doc.get("answer_prefix") or ""))
 
 
-def recipe_rubrics(recipe, names: Sequence[str] = ("alignment", "uncertainty")) -> dict[str, Rubric]:
-    j = recipe.judge
-    files = {"alignment": j.alignment_rubric, "uncertainty": j.uncertainty_rubric}
+def load_rubrics(alignment: str | Path | None, uncertainty: str | Path | None,
+                 names: Sequence[str] = ("alignment", "uncertainty")) -> dict[str, Rubric]:
+    """The rubrics ``names`` from the judge section's files (``judge.alignment_rubric`` /
+    ``judge.uncertainty_rubric``; None = the packaged one)."""
+    files = {"alignment": alignment, "uncertainty": uncertainty}
     return {n: load_rubric(files[n], n) for n in names}
 
 

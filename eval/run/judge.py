@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mood_data.errors import BundleError
-from train.judge_prompts import Rubric, load_rubric, select_shots
+from train.judge_prompts import Rubric, load_rubrics, select_shots
 
 from ..engine.judge_pass import Judge
 from ..engine.planner import plan, score_judge
@@ -35,8 +35,7 @@ def judge_adapter_dir(spec: JudgeSpec, run_root: Path) -> Path | None:
 def rubrics_of(spec: JudgeSpec, names: Sequence[str]) -> dict[str, Rubric]:
     """The rubrics ``names`` (``alignment`` / ``uncertainty``): the judge section's files, else
     the packaged ones."""
-    files = {"alignment": spec.alignment_rubric, "uncertainty": spec.uncertainty_rubric}
-    return {n: load_rubric(files[n], n) for n in names}
+    return load_rubrics(spec.alignment_rubric, spec.uncertainty_rubric, names)
 
 
 def load_judge(ctx: EvalContext, loaded: Loaded | None, train_rows) -> Judge:
