@@ -108,5 +108,6 @@ def perplexities(backbone: SharedBackbone, tokenizer, conversations: Sequence[st
 
 
 __all__ = [
-    "chunked_token_nll", "full_logits_nll", "lm_nll", "perplexities", "perplexity_pass", "target_mask", "token_nll_pass",
+    "chunked_token_nll", "full_logits_nll", "lm_nll", "perplexities", "perplexity_pass", "target_mask",
+    "token_nll_pass",
 ]

@@ -87,8 +87,9 @@ def plan(names: Iterable[str]) -> Plan:
     """THE plan of the passes that score ``names`` (order kept within each pass)."""
     names = list(dict.fromkeys(names))
     by_pass = {p: tuple(n for n in names if pass_name(n) == p) for p in PASSES}
-    return Plan(names=tuple(names), guard=by_pass["guard"], features=tuple(n for n in by_pass["guard"] if DETECTORS[n].needs == FEATURES),
-                lm=by_pass["lm"], members=by_pass["ensemble"], judge=by_pass["judge"])
+    features = tuple(n for n in by_pass["guard"] if DETECTORS[n].needs == FEATURES)
+    return Plan(names=tuple(names), guard=by_pass["guard"], features=features, lm=by_pass["lm"],
+                members=by_pass["ensemble"], judge=by_pass["judge"])
 
 
 def help_text() -> str:
