@@ -43,7 +43,9 @@ def load_rows(split: str, source: str | None = None) -> tuple[list[str], list[in
     ``<split>.jsonl[.gz]`` (or csv/json/parquet), or one file.
     """
     from mood_data.embedded import benchmark_dir
-    from mood_data.load import read_records, split_files, validate_records
+    from mood_data.records import read_records
+    from mood_data.sources import split_files
+    from mood_data.validate import validate_records
 
     if source in (None, "embedded"):
         path = benchmark_dir() / f"{split}.jsonl.gz"

@@ -69,7 +69,7 @@ def id_rows(recipe) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def summary(test: list[dict], scores) -> dict:
-    from eval.metrics import auroc, tpr_at_fpr
+    from eval.engine.metrics import auroc, tpr_at_fpr
 
     s = np.asarray(scores, dtype=np.float64)
     y = np.array([r["malign"] for r in test])
@@ -84,11 +84,12 @@ def summary(test: list[dict], scores) -> dict:
 
 
 def guard_test_scores(recipe, guard_dir: Path, test: list[dict]) -> np.ndarray:
-    from eval.backbone import load_backbone
-    from eval.forward import encode, guard_pass
-    from eval.scoring import guard_scores
+    from eval.engine.detectors.logits import guard_scores
+    from eval.engine.forward import encode, guard_pass
+    from eval.run.backbone import load_backbone
+    from eval.run.context import resolve
 
-    loaded = load_backbone(recipe, guard_dir, None)
+    loaded = load_backbone(resolve(recipe).model, guard_dir, None)
     enc = encode(loaded.tokenizer, [r["conversation"] for r in test], recipe.eval.max_length)
     logits = guard_pass(loaded.backbone, enc, batch_size=recipe.eval.batch_size, desc="guard on ID test rows")
     return guard_scores(logits)
@@ -97,7 +98,7 @@ def guard_test_scores(recipe, guard_dir: Path, test: list[dict]) -> np.ndarray:
 def frozen_features(recipe, rows: list[dict]) -> np.ndarray:
     import torch
 
-    from eval.forward import SharedBackbone, collate, encode, length_batches
+    from eval.engine.forward import SharedBackbone, collate, encode, length_batches
     from train.device import placement
     from train.modeling import load_tokenizer, resolve_model
 

@@ -70,7 +70,8 @@ def read_split(split: str) -> list[dict]:
 def id_cut() -> tuple[list[dict], list[dict]]:
     """(train part, validation slice) exactly as guard training cuts the embedded train split."""
     from train.data import load_train_split, train_validation_split
-    from train.recipe import RECIPES_DIR, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import RECIPES_DIR
 
     fraction = load_recipe(RECIPES_DIR / "tiny" / "s.yaml").data.validation_fraction
     split = train_validation_split(load_train_split("embedded"), fraction, seed=0)
@@ -245,7 +246,7 @@ def probe(sizes: list[str], max_length: int, models: Path | None = None) -> dict
     from sklearn.preprocessing import StandardScaler
     from transformers import AutoModel, AutoTokenizer
 
-    from eval.forward import collate, encode, length_batches, pool
+    from eval.engine.forward import collate, encode, length_batches, pool
     from mood_data.embedded import models_dir
 
     torch.set_num_threads(1)
@@ -301,7 +302,8 @@ def guards(size: str, settings: list[str], work: Path) -> dict:
     import torch
 
     from train.guard import train_guard
-    from train.recipe import RECIPES_DIR, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import RECIPES_DIR
 
     torch.set_num_threads(1)
     out: dict = {}

@@ -4,7 +4,7 @@
     python benchmarks/score_throughput.py --recipe recipes/qwen2.5/7b.yaml --random-init --n 64 \\
         --target-median 450 --max-length 2048 --batch-size 16 --json out/score-7b.json
 
-Fused (eval.forward / eval.perplexity): the base model loaded once with both adapters, rows
+Fused (eval.engine.forward / eval.engine.perplexity): the base model loaded once with both adapters, rows
 sorted by length into batches (little padding), ONE guard forward per batch gives the guard
 logits and the pooled features, ONE LM forward gives hidden states whose NLL is computed in
 256-position chunks. Baseline (mood-bench's way, same weights in the same process): batches in
@@ -36,10 +36,12 @@ import torch  # noqa: E402
 from benchmarks.common import (benchmark_tokenizer, device, device_name, free_memory, is_oom,  # noqa: E402
                                length_summary, load_rows, peak_memory_mb, random_model, recipe_config, reset_peak,
                                run_dtype, sync, token_rows, write_json)
-from eval.forward import Encoded, SharedBackbone, collate, guard_pass, length_batches, padding_fraction  # noqa: E402
-from eval.forward import pad_id as backbone_pad_id  # noqa: E402
-from eval.monitor import FeatureScorer, guard_scores  # noqa: E402
-from eval.perplexity import full_logits_nll, perplexity_from_nll, perplexity_pass, target_mask  # noqa: E402
+from eval.engine.forward import Encoded, SharedBackbone, collate, guard_pass, length_batches  # noqa: E402
+from train.data import padding_fraction  # noqa: E402
+from eval.engine.forward import pad_id as backbone_pad_id  # noqa: E402
+from eval.engine.detectors.logits import guard_scores  # noqa: E402
+from eval.engine.planner import FeatureScorer  # noqa: E402
+from eval.engine.perplexity import full_logits_nll, perplexity_from_nll, perplexity_pass, target_mask  # noqa: E402
 
 
 def random_backbone(recipe, tok, dtype: torch.dtype) -> SharedBackbone:
@@ -101,7 +103,7 @@ def baseline(backbone: SharedBackbone, enc: Encoded, batch_size: int, maha):
 
 
 def fused(backbone: SharedBackbone, enc: Encoded, batch_size: int, maha):
-    """The one-pass path (what ``eval.monitor`` runs); returns (guard, maha, ppl, seconds)."""
+    """The one-pass path (what ``eval.run.evaluate`` runs); returns (guard, maha, ppl, seconds)."""
     sync()
     t0 = time.perf_counter()
     scorer = FeatureScorer(len(enc.input_ids), {"maha": {-1: maha}})
@@ -137,8 +139,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from eval.detectors import MahalanobisFitter
-    from eval.monitor import adapter_dirs
+    from eval.engine.detectors.mahalanobis import MahalanobisFitter
+    from eval.run.backbone import adapter_dirs
+    from eval.run.context import resolve
     from train.modeling import resolve_model
     from train.recipe import load_recipe
 
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
     if args.random_init:
         backbone = random_backbone(recipe, tok, dtype)
     else:
-        guard_dir, lm_dir = adapter_dirs(recipe)
+        guard_dir, lm_dir = adapter_dirs(resolve(recipe).model)
         backbone = SharedBackbone.from_pretrained(resolve_model(recipe.model), guard_dir, lm_dir, dtype=dtype,
                                                   device=device())
     lengths = enc.lengths

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.metrics import fpr_key  # noqa: E402
+from eval.engine.metrics import fpr_key  # noqa: E402
 from mood_data.readers import read_json  # noqa: E402
 
 STAGES = ("train-guard", "train-lm", "fit", "evaluate")

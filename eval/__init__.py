@@ -1,6 +1,10 @@
-"""Evaluation: OOD detectors, fusion, metrics, run folders, bundles, reports and scaling.
+"""Evaluation, by job: :mod:`eval.engine` (detectors, the detector table, the forward planner,
+forward passes, fusion, metrics), :mod:`eval.run` (the context resolved once from a recipe, fit,
+evaluate, bundles, streamed scoring) and :mod:`eval.report` (run folders, charts, report,
+compare; no torch).
 
-Public API (imported lazily so ``import eval`` stays light)::
+Public API (imported lazily so ``import eval`` stays light; the recipe-taking functions are entry
+points: they resolve the recipe once, :func:`eval.run.context.resolve`)::
 
     from eval import fit_detectors, evaluate_recipe, export_bundle, Monitor
     fit_detectors(recipe)                       # <run>/stats/ (cached)
@@ -14,9 +18,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "fit_detectors": "eval.fitting", "evaluate_recipe": "eval.monitor", "load_backbone": "eval.backbone",
-    "score_rows": "eval.scoring", "export_bundle": "eval.bundle", "Monitor": "eval.bundle",
-    "score_stream": "eval.streaming", "scan_input": "eval.streaming", "analyze": "eval.metrics", "tpr_at_fpr": "eval.metrics",
+    "fit_detectors": "eval.run.fitting", "evaluate_recipe": "eval.run.evaluate", "export_bundle": "eval.run.bundle",
+    "resolve": "eval.run.context", "Monitor": "eval.run.bundle", "score_stream": "eval.run.streaming",
+    "scan_input": "eval.run.streaming", "analyze": "eval.engine.metrics", "tpr_at_fpr": "eval.engine.metrics",
+    "DETECTORS": "eval.engine.table", "parse_monitor": "eval.engine.table", "parse_monitors": "eval.engine.table",
 }
 __all__ = sorted(_EXPORTS)
 

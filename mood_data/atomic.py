@@ -37,7 +37,7 @@ from .errors import OutputError
 KILL_ENV = "MOODGUARD_TEST_KILL_AFTER"
 _commits = 0
 
-# Data-parallel runs (eval.parallel): every rank runs the same program, only the writer renames
+# Data-parallel runs (eval.engine.parallel): every rank runs the same program, only the writer renames
 # its temporaries into place, and every rank waits after each commit so that what rank 0 wrote
 # is what every rank reads next. Single-process default: write, no wait.
 _writer = True

@@ -1,45 +1,29 @@
 """Load MOOD splits from the embedded benchmark, local files/folders or the hub, and validate them.
 
-Every row is checked here (see ``docs/data.md``); any problem is a one-line
-:class:`~mood_data.errors.DataError` of the form ``<file>: row <n>: field '<field>': <problem>``.
-The result is one ``datasets.Dataset`` per split with exactly the columns ``id`` (str),
-``conversation`` (str), ``domain`` (str) and ``malign`` (int 0/1).
+The one entry point, :func:`load_splits`; its jobs have their modules: :mod:`mood_data.records`
+(reading a file's rows), :mod:`mood_data.validate` (the row schema), :mod:`mood_data.sources`
+(which files a source names) and :mod:`mood_data.leakage` (train / test overlap). Every problem is
+a one-line :class:`~mood_data.errors.DataError` of the form ``<file>: row <n>: field '<field>':
+<problem>`` (see ``docs/data.md``). The result is one ``datasets.Dataset`` per split with exactly
+the columns ``id`` (str), ``conversation`` (str), ``domain`` (str) and ``malign`` (int 0/1).
 
 Row numbers are 1-based: the line number for JSON lines, the record number (header not
 counted) for CSV, the position in the array / table for JSON, parquet and hub splits.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
 import warnings
-from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
-from .domains import DEFAULT_REGISTRY, DomainRegistry, check_domain_name, load_registry
-from .errors import DataError, where
-from .readers import (MAX_LINE_BYTES, READ_ERRORS, DocumentRefused, loads_json, lone_surrogate_field, open_binary,
-                      read_capped, read_lines, utf8_encodable)
-from .render import ROLES, has_text, is_blank, render
-
-COLUMNS: tuple[str, ...] = ("id", "conversation", "domain", "malign")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("source", "meta", "messages", "safe")
-SPLITS: tuple[str, ...] = ("train", "test")
-# file-name suffix -> reader; .gz only where it makes sense (parquet is compressed already)
-SUFFIXES: dict[str, str] = {
-    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".json.gz": "json",
-    ".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv",
-}
-_CSV_BOOL = {"0": 0, "1": 1, "false": False, "true": True}
-
-Record = tuple[int, Any]  # (1-based row number, parsed row)
-
-
-class LeakageWarning(UserWarning):
-    """Train and test share conversations, and ``allow_leakage=True`` let it through."""
+from .domains import DEFAULT_REGISTRY, DomainRegistry, load_registry
+from .errors import DataError
+from .leakage import LeakageWarning, leakage_message, leakage_report
+from .records import SPLITS, Record, first_line, infer_split, read_hub_records, read_records
+from .sources import looks_like_local, not_found, split_files
+from .validate import validate_records
 
 
 class Splits(dict):
@@ -48,324 +32,6 @@ class Splits(dict):
 
     leakage: dict | None = None
 
-
-# --------------------------------------------------------------------------- file readers
-
-def file_format(path: str | Path) -> str:
-    """``jsonl`` / ``json`` / ``parquet`` / ``csv`` from the file name, else a DataError."""
-    name = Path(path).name.lower()
-    for suffix in sorted(SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return SUFFIXES[suffix]
-    raise DataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
-
-
-def infer_split(path: str | Path) -> str | None:
-    """``train`` / ``test`` when the file name starts with it, else ``None``."""
-    name = Path(path).name.lower()
-    return next((s for s in SPLITS if name.startswith(s)), None)
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        with open_binary(path) as fh:
-            return read_capped(fh, path)
-    except READ_ERRORS as exc:  # gzip.BadGzipFile is an OSError; a damaged stream zlib.error / EOFError
-        raise DataError(f"{path}: cannot read file ({exc})") from None
-
-
-def _bad_utf8_field(obj: Any) -> str | None:
-    return lone_surrogate_field(obj) if isinstance(obj, Mapping) else None
-
-
-def _parse_json_line(raw: bytes, label: str, n: int) -> Any:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        byte = f"byte 0x{raw[exc.start]:02x}"
-        try:  # name the field when the line still parses
-            field = _bad_utf8_field(loads_json(raw.decode("utf-8", "surrogateescape")))
-        except (json.JSONDecodeError, DocumentRefused):
-            field = None
-        if field is not None:
-            raise DataError(f"{where(label, n, field)}: not valid UTF-8 ({byte})") from None
-        raise DataError(f"{where(label, n)}: not valid UTF-8 ({byte} at offset {exc.start})") from None
-    text = text.rstrip("\r\n")
-    if n == 1:
-        text = text.lstrip("\ufeff")
-    try:
-        return loads_json(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where(label, n)}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-    except DocumentRefused as exc:
-        raise DataError(f"{where(label, n)}: refused ({exc})") from None
-
-
-def _read_jsonl_lines(lines: Iterable[bytes], label: str) -> Iterator[Record]:
-    seen = False
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        seen = True
-        yield n, _parse_json_line(raw, label, n)
-    if not seen:
-        raise DataError(f"{label}: empty file (no rows)")
-
-
-def _read_jsonl(path: Path, label: str) -> Iterator[Record]:
-    try:
-        with open_binary(path) as fh:
-            yield from _read_jsonl_lines(read_lines(fh, label), label)
-    except READ_ERRORS as exc:
-        raise DataError(f"{label}: cannot read file ({exc})") from None
-
-
-def _read_json(path: Path, label: str) -> Iterator[Record]:
-    raw = _read_bytes(path)
-    if not raw.strip():
-        raise DataError(f"{label}: empty file (no rows)")
-    try:
-        text = raw.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{label}: line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x})") from None
-    try:
-        doc = loads_json(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # JSON lines in a .json file
-            yield from _read_jsonl_lines(raw.splitlines(), label)
-            return
-        raise DataError(f"{label}: line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    except DocumentRefused as exc:
-        raise DataError(f"{label}: JSON document refused ({exc})") from None
-    if isinstance(doc, dict):  # a single row object
-        doc = [doc]
-    if not isinstance(doc, list):
-        raise DataError(f"{label}: expected a JSON array of row objects, got {_type(doc)}")
-    yield from enumerate(doc, 1)
-
-
-def _csv_text_lines(lines: Iterable[bytes]) -> Iterator[str]:
-    """Decoded CSV lines (a leading BOM dropped; bad bytes kept as surrogates, reported per cell)."""
-    for n, raw in enumerate(lines):
-        text = raw.decode("utf-8", "surrogateescape")
-        yield text.lstrip("\ufeff") if n == 0 else text
-
-
-def _read_csv(path: Path, label: str) -> Iterator[Record]:
-    csv.field_size_limit(MAX_LINE_BYTES)  # conversations can be long, but never unbounded
-    try:
-        with open_binary(path) as fb:
-            reader = csv.DictReader(_csv_text_lines(read_lines(fb, label)))
-            if not reader.fieldnames:
-                raise DataError(f"{label}: empty file (no rows)")
-            for n, row in enumerate(reader, 1):
-                if None in row:
-                    raise DataError(f"{where(label, n)}: more values than header columns")
-                for key, value in row.items():
-                    if value is None:
-                        raise DataError(f"{where(label, n, key)}: missing value (fewer values than header columns)")
-                    if not utf8_encodable(value):
-                        raise DataError(f"{where(label, n, key)}: not valid UTF-8")
-                yield n, _coerce_csv_row(row, label, n)
-    except READ_ERRORS as exc:
-        raise DataError(f"{label}: cannot read file ({exc})") from None
-    except csv.Error as exc:
-        raise DataError(f"{label}: malformed CSV ({exc})") from None
-
-
-def _coerce_csv_row(row: dict, label: str, n: int) -> dict:
-    """CSV cells are strings: labels ``0/1/true/false`` become ints/bools, ``messages`` is JSON."""
-    out = dict(row)
-    for key in ("malign", "safe"):
-        if key in out and out[key].strip().lower() in _CSV_BOOL:
-            out[key] = _CSV_BOOL[out[key].strip().lower()]
-    if out.get("messages") not in (None, ""):
-        try:
-            out["messages"] = loads_json(out["messages"])
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where(label, n, 'messages')}: not valid JSON ({exc.msg})") from None
-        except DocumentRefused as exc:
-            raise DataError(f"{where(label, n, 'messages')}: refused ({exc})") from None
-    elif "messages" in out:
-        out["messages"] = None
-    if out.get("conversation") == "" and out.get("messages") is not None:
-        out["conversation"] = None  # empty cell: render the messages instead
-    return out
-
-
-def _read_parquet(path: Path, label: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    if path.stat().st_size == 0:
-        raise DataError(f"{label}: empty file (no rows)")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        raise DataError(f"{label}: not a readable parquet file ({_first_line(exc)})") from None
-    yield from enumerate(table.to_pylist(), 1)
-
-
-_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
-
-
-def read_records(path: str | Path) -> Iterator[Record]:
-    """Parsed rows of one local file, numbered from 1 (not validated)."""
-    from .readers import regular_file
-
-    path = Path(path)
-    fmt = file_format(path)
-    regular_file(path, DataError)
-    return _no_lone_surrogates(_READERS[fmt](path, str(path)), str(path))
-
-
-def _no_lone_surrogates(records: Iterator[Record], label: str) -> Iterator[Record]:
-    """A JSON escape such as ``"\\ud800"`` decodes to a lone surrogate, which no encoder (Arrow,
-    the tokenizer, our writers) accepts: a one-line error naming the row and field."""
-    for n, row in records:
-        field = _bad_utf8_field(row)
-        if field is not None:
-            raise DataError(f"{where(label, n, field)}: not valid Unicode (a lone surrogate such as \\ud800)")
-        yield n, row
-
-
-def read_hub_records(source: str, split: str) -> Iterator[Record]:
-    """Rows of ``datasets.load_dataset(source, split=split)`` (a hub id or a local dataset folder)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as exc:  # datasets raises many types (offline, unknown split, bad files)
-        raise DataError(
-            f"{source}: could not load split '{split}' with datasets.load_dataset "
-            f"({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
-    return enumerate(ds, 1)
-
-
-# --------------------------------------------------------------------------- validation
-
-def _type(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _label_value(value: Any, loc: str) -> int:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int) and value in (0, 1):
-        return value
-    raise DataError(f"{loc}: expected 0/1 or bool, got {value!r}")
-
-
-def _check_messages(messages: Any, loc: str) -> list:
-    if not isinstance(messages, list):
-        raise DataError(f"{loc}: expected a list of {{role, content}} objects, got {_type(messages)}")
-    if not messages:
-        raise DataError(f"{loc}: empty list of messages")
-    for i, msg in enumerate(messages, 1):
-        if not isinstance(msg, Mapping):
-            raise DataError(f"{loc}: message {i}: expected an object, got {_type(msg)}")
-        if msg.get("role") not in ROLES:
-            raise DataError(f"{loc}: message {i}: unknown role {msg.get('role')!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(msg.get("content"), (str, list, type(None))):
-            raise DataError(f"{loc}: message {i}: 'content' must be a string, got {_type(msg.get('content'))}")
-        if not isinstance(msg.get("tool_calls"), (list, type(None))):
-            raise DataError(f"{loc}: message {i}: 'tool_calls' must be a list, got {_type(msg.get('tool_calls'))}")
-    return messages
-
-
-def _conversation(row: Mapping, label: str, n: int, template: Any) -> str:
-    conv = row.get("conversation")
-    if conv is None and row.get("messages") is not None:
-        loc = where(label, n, "messages")
-        messages = _check_messages(row["messages"], loc)
-        if not has_text(messages):
-            raise DataError(f"{loc}: no message holds any text (an empty conversation)")
-        try:
-            conv = render(messages, template)
-        except Exception as exc:  # a user chat template can fail in many ways
-            raise DataError(f"{loc}: cannot render ({_first_line(exc)})") from None
-        if is_blank(conv):
-            raise DataError(f"{loc}: renders to an empty conversation")
-        return conv
-    loc = where(label, n, "conversation")
-    if "conversation" not in row:
-        raise DataError(f"{loc}: missing column (and no 'messages' column to render)")
-    if not isinstance(conv, str):
-        raise DataError(f"{loc}: expected a string, got {_type(conv)}")
-    if is_blank(conv):
-        raise DataError(f"{loc}: empty conversation")  # only whitespace or invisible characters
-    return conv
-
-
-def validate_row(row: Any, n: int, *, label: str, split: str, registry: DomainRegistry = DEFAULT_REGISTRY,
-                 template: Any = "mood") -> tuple[str, str, str, int]:
-    """Check one parsed row; return ``(id, conversation, domain, malign)`` or raise DataError."""
-    if not isinstance(row, Mapping):
-        raise DataError(f"{where(label, n)}: expected an object with columns {', '.join(COLUMNS)}, got {_type(row)}")
-    for key in row:
-        if key not in COLUMNS and key not in OPTIONAL_COLUMNS:
-            raise DataError(
-                f"{where(label, n, key)}: unexpected column (allowed: {', '.join(COLUMNS + OPTIONAL_COLUMNS)})"
-            )
-    values: dict[str, str] = {}
-    for key in ("id", "domain"):
-        loc = where(label, n, key)
-        if key not in row:
-            raise DataError(f"{loc}: missing column")
-        if not isinstance(row[key], str):
-            raise DataError(f"{loc}: expected a string, got {_type(row[key])}")
-        if not row[key].strip():
-            raise DataError(f"{loc}: empty string")
-        values[key] = row[key]
-    domain = values["domain"]
-    loc = where(label, n, "domain")
-    if domain not in registry.known:
-        check_domain_name(domain, loc)  # a path-like name is said to be one, not just unknown
-        raise DataError(f"{loc}: unknown domain {domain!r} (declare it in a domains YAML, --domains)")
-    if split == "train" and not registry.is_id(domain):
-        raise DataError(
-            f"{loc}: domain {domain!r} is not an ID domain; the train split may hold only "
-            f"ID domains ({', '.join(registry.id)})"
-        )
-    if "malign" in row:
-        malign = _label_value(row["malign"], where(label, n, "malign"))
-        if "safe" in row and _label_value(row["safe"], where(label, n, "safe")) == malign:
-            raise DataError(f"{where(label, n, 'safe')}: contradicts 'malign' (safe must equal 1 - malign)")
-    elif "safe" in row:
-        malign = 1 - _label_value(row["safe"], where(label, n, "safe"))
-    else:
-        raise DataError(f"{where(label, n, 'malign')}: missing column (and no 'safe' column)")
-    return values["id"], _conversation(row, label, n, template), domain, malign
-
-
-def validate_records(records: Iterable[Record], *, label: str, split: str,
-                     registry: DomainRegistry = DEFAULT_REGISTRY, template: Any = "mood") -> tuple[dict, list[int]]:
-    """Validate parsed rows; return the column dict and each kept row's number."""
-    from tqdm.auto import tqdm
-
-    cols: dict[str, list] = {c: [] for c in COLUMNS}
-    numbers: list[int] = []
-    first_row: dict[str, int] = {}
-    for n, row in tqdm(records, desc=f"validate {split}", unit=" rows", disable=None, leave=False):
-        rid, conv, domain, malign = validate_row(row, n, label=label, split=split, registry=registry, template=template)
-        if rid in first_row:
-            raise DataError(f"{where(label, n, 'id')}: duplicate id {rid!r} (first at row {first_row[rid]})")
-        first_row[rid] = n
-        for key, value in zip(COLUMNS, (rid, conv, domain, malign)):
-            cols[key].append(value)
-        numbers.append(n)
-    if not numbers:
-        raise DataError(f"{label}: split '{split}' is empty (no rows)")
-    return cols, numbers
-
-
-# --------------------------------------------------------------------------- datasets
 
 def _features():
     from datasets import Features, Value
@@ -402,7 +68,7 @@ def _resolve_template(template: Any) -> Any:
         try:
             return AutoTokenizer.from_pretrained(str(model_path(str(template))), trust_remote_code=False)
         except (OSError, ValueError) as exc:
-            raise DataError(f"{template}: cannot load a tokenizer for its chat template ({_first_line(exc)})") from None
+            raise DataError(f"{template}: cannot load a tokenizer for its chat template ({first_line(exc)})") from None
     return template
 
 
@@ -426,130 +92,6 @@ def _check_split_names(splits: Sequence[str]) -> None:
         if s not in SPLITS:
             raise DataError(f"split {s!r}: unknown split (expected one of {', '.join(SPLITS)})")
 
-
-def split_files(folder: str | Path, splits: Sequence[str] = SPLITS) -> dict[str, Path]:
-    """The ``train.*`` / ``test.*`` file of each split in ``folder`` (exactly one each)."""
-    folder = Path(folder)
-    out = {}
-    for split in splits:
-        names = {f"{split}{suffix}" for suffix in SUFFIXES}
-        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower() in names)
-        if not found:
-            raise DataError(f"{folder}: no {split} file (expected one of {', '.join(sorted(names))})")
-        if len(found) > 1:
-            raise DataError(f"{folder}: several {split} files ({', '.join(p.name for p in found)}); keep one")
-        out[split] = found[0]
-    return out
-
-
-def has_local_test_split(source: str | os.PathLike | None) -> bool:
-    """True when ``source`` is the embedded benchmark or a local folder with one ``test.*`` file."""
-    from .embedded import benchmark_dir
-
-    folder = benchmark_dir() if source is None or str(source) == "embedded" else Path(source)
-    if not folder.is_dir():
-        return False
-    names = {f"test{suffix}" for suffix in SUFFIXES}
-    return sum(1 for p in folder.iterdir() if p.is_file() and p.name.lower() in names) == 1
-
-
-def _near_local(source: str) -> list[str]:
-    """Entries of the local folder ``source`` points into whose names are close to its last
-    component (a mistyped folder: ``my-data/mood-tset`` next to ``my-data/mood-test``)."""
-    import difflib
-
-    path = Path(source).expanduser()
-    parent = path.parent
-    try:
-        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
-    except OSError:
-        return []
-    return [str(parent / n) if str(parent) != "." else n
-            for n in difflib.get_close_matches(path.name, names, n=3, cutoff=0.8)]
-
-
-def _looks_like_local(source: str) -> bool:
-    """A missing path the user surely meant as a local file or folder, not a hub id: absolute,
-    ``.``/``~``, a data-file suffix, more than one ``/`` or a ``\\``, or a path that exists in part
-    (its folder exists here, or a local entry has a close name)."""
-    if os.path.isabs(source) or source.startswith((".", "~")):
-        return True
-    if any(source.lower().endswith(s) for s in SUFFIXES):
-        return True
-    if source.count("/") > 1 or "\\" in source:  # hub ids are "owner/name"
-        return True
-    parent = Path(source).expanduser().parent
-    return (str(parent) != "." and parent.is_dir()) or bool(_near_local(source))
-
-
-def _not_found(source: str) -> str:
-    near = _near_local(source)
-    return f"{source}: file not found" + (f" (no such local file or folder; did you mean {', '.join(near)}?)"
-                                          if near else "")
-
-
-def check_source(source: str | os.PathLike | None) -> None:
-    """A one-line DataError at once when ``source`` names a local path that does not exist:
-    called before any model or adapter is looked at (a mistyped data file is reported as such,
-    not as a missing adapter), and never retried as a hub id."""
-    if source is None or str(source) == "embedded" or Path(source).exists():
-        return
-    if _looks_like_local(str(source)):
-        raise DataError(_not_found(str(source)))
-
-
-# --------------------------------------------------------------------------- leakage
-
-def normalize_conversation(text: str) -> str:
-    """Lower-case, whitespace collapsed to single spaces: what leakage compares."""
-    return " ".join(text.lower().split())
-
-
-def conversation_hash(text: str) -> str:
-    return hashlib.sha1(normalize_conversation(text).encode("utf-8")).hexdigest()
-
-
-def leakage_report(train, test, *, max_examples: int = 5) -> dict:
-    """Test rows whose (normalised) conversation also appears in train.
-
-    ``train``/``test`` are datasets (or mappings) with ``id``, ``conversation`` and ``domain``.
-    Returns ``{"n_test_rows", "n_train_rows", "by_domain": {test domain: rows},
-    "examples": [{"test_index", "test_id", "train_index", "train_id"}, ...]}``.
-    """
-    first_train: dict[str, int] = {}
-    leaked_train_hashes: set[str] = set()
-    train_hashes = [conversation_hash(c) for c in train["conversation"]]
-    for i, h in enumerate(train_hashes):
-        first_train.setdefault(h, i)
-    train_ids, test_ids = list(train["id"]), list(test["id"])
-    by_domain: Counter = Counter()
-    examples = []
-    n_test = 0
-    for j, (conv, domain) in enumerate(zip(test["conversation"], test["domain"])):
-        h = conversation_hash(conv)
-        if h in first_train:
-            n_test += 1
-            by_domain[domain] += 1
-            leaked_train_hashes.add(h)
-            if len(examples) < max_examples:
-                i = first_train[h]
-                examples.append({"test_index": j, "test_id": test_ids[j], "train_index": i, "train_id": train_ids[i]})
-    n_train = sum(1 for h in train_hashes if h in leaked_train_hashes)
-    return {"n_test_rows": n_test, "n_train_rows": n_train, "by_domain": dict(sorted(by_domain.items())),
-            "examples": examples}
-
-
-def _leakage_message(report: dict, labels: Mapping[str, str], numbers: Mapping[str, list[int]]) -> str:
-    ex = report["examples"][0]
-    counts = ", ".join(f"{d}={c}" for d, c in report["by_domain"].items())
-    return (
-        f"{where(labels['test'], numbers['test'][ex['test_index']], 'conversation')}: same conversation as "
-        f"{labels['train']} row {numbers['train'][ex['train_index']]} (id {ex['train_id']!r}); "
-        f"{report['n_test_rows']} test rows leak from train (by domain: {counts})"
-    )
-
-
-# --------------------------------------------------------------------------- entry point
 
 def cap_groups(ds, max_unsafe: int | None = None, max_safe: int | None = None, seed: int = 0):
     """At most ``max_unsafe`` rows of every (domain, malign=1) group and ``max_safe`` of every
@@ -611,8 +153,8 @@ def load_splits(source: str | os.PathLike | None = None, *, splits: Sequence[str
         from .readers import regular_file
 
         regular_file(Path(source), DataError)
-    elif _looks_like_local(str(source)):
-        raise DataError(_not_found(str(source)))
+    elif looks_like_local(str(source)):
+        raise DataError(not_found(str(source)))
     else:
         for split in splits:
             sources[split] = (f"{source}[{split}]", read_hub_records(str(source), split))
@@ -628,8 +170,11 @@ def load_splits(source: str | os.PathLike | None = None, *, splits: Sequence[str
         out.leakage = report
         out["test"].info.description = json.dumps({**json.loads(out["test"].info.description), "leakage": report})
         if report["n_test_rows"]:
-            message = _leakage_message(report, labels, numbers)
+            message = leakage_message(report, labels, numbers)
             if not allow_leakage:
                 raise DataError(f"{message}; pass --allow-leakage (allow_leakage=True) to load anyway")
             warnings.warn(message, LeakageWarning, stacklevel=2)
     return out
+
+
+__all__ = ["Splits", "cap_groups", "load_split_file", "load_splits"]

@@ -5,10 +5,10 @@ import argparse
 import re
 from pathlib import Path
 
-from train.detector_table import NAMES
+from eval.engine.table import NAMES
 
 from .cli_common import (add_device_argument, add_parallel_argument, add_recipe_arguments, check_num_processes,
-                         parallel_run, recipe_from_args)
+                         context_from_args, parallel_run)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,18 +25,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args) -> int:
-    from eval.bundle import export_bundle
-
+    from eval.run.bundle import check_export_out, export
     from mood_data.runlock import output_file_lock, output_lock
 
-    from eval.backbone import run_root
-    from eval.bundle import check_export_out
-
-    recipe = recipe_from_args(args)
-    check_export_out(args.out, args.overwrite, (Path.cwd(), run_root(recipe)))  # before the lock and the work
-    with output_lock(recipe.output_dir, "output_dir"), output_file_lock(args.out):
-        out = export_bundle(recipe, args.out, args.monitor, source=args.source, predict_safe=args.predict_safe,
-                            device=args.device, overwrite=args.overwrite)
+    ctx = context_from_args(args, [args.monitor])
+    check_export_out(args.out, args.overwrite, (Path.cwd(), ctx.model.run_root))  # before the lock and the work
+    with output_lock(ctx.model.run_root, "output_dir"), output_file_lock(args.out):
+        out = export(ctx, args.out, overwrite=args.overwrite)
     print(f"bundle written: {out}")
     return 0
 
@@ -91,7 +86,7 @@ def check_out_file(out: str | None) -> None:
 def run_score(args) -> int:
     import contextlib
 
-    from eval.streaming import check_output, parse_shard, scan_input
+    from eval.run.streaming import check_output, parse_shard, scan_input
     from mood_data.errors import MoodguardError
     from mood_data.runlock import output_file_lock
 
@@ -101,7 +96,7 @@ def run_score(args) -> int:
         raise MoodguardError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise MoodguardError(f"--chunk-size {args.chunk_size}: expected a positive number of rows")
-    check_num_processes(args)
+    check_num_processes(args.num_processes)
     check_out_file(args.out)  # before the (slow) model load and scoring
     shard = parse_shard(args.shard)
     check_output(args.out, args.input, resume=args.resume, overwrite=args.overwrite)
@@ -114,9 +109,9 @@ def run_score(args) -> int:
 def _score(args, scan, shard) -> int:
     import sys
 
-    from eval.bundle import Monitor
-    from eval.parallel import main_print
-    from eval.streaming import SCORE_CHUNK, score_stream
+    from eval.run.bundle import Monitor
+    from eval.engine.parallel import main_print
+    from eval.run.streaming import SCORE_CHUNK, score_stream
 
     monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
                            trust_remote_code=args.trust_remote_code)
@@ -141,7 +136,7 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_push(args) -> int:
-    from eval.hub import push
+    from eval.run.hub import push
 
     res = push(args.path, args.repo_id, private=args.private, revision=args.revision, fpr=args.fpr)
     print(f"pushed {res.kind} {args.path} -> {res.url} ({len(res.files)} files)")

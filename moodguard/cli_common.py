@@ -1,6 +1,7 @@
 """Arguments shared by several commands (fit, evaluate, export, score): ``--recipe``,
 ``--predict-safe``, ``key=value`` overrides and ``--device`` (the one place they become a
-Recipe), ``--num-processes`` and the data-parallel wrapper of fit / evaluate / score."""
+Recipe and, for the evaluation commands, the one resolved context), ``--num-processes`` and the
+data-parallel wrapper of fit / evaluate / score."""
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,10 @@ def add_parallel_argument(p: argparse.ArgumentParser) -> None:
                         "gloo ranks on CPU); outputs equal one process's")
 
 
-def check_num_processes(args) -> None:
+def check_num_processes(n: int | None) -> None:
     """``--num-processes`` is a positive number (0 or -2 was silently one process)."""
     from mood_data.errors import MoodguardError
 
-    n = getattr(args, "num_processes", None)
     if n is not None and n < 1:
         raise MoodguardError(f"--num-processes {n}: expected a positive number of processes")
 
@@ -45,9 +45,9 @@ def check_num_processes(args) -> None:
 def parallel_run(args, body) -> int:
     """Run ``body()`` once per rank: re-execute under ``accelerate launch`` for
     ``--num-processes N``; inside a launch, join its process group (rank 0 writes)."""
-    from eval import parallel
+    from eval.engine import parallel
 
-    check_num_processes(args)
+    check_num_processes(getattr(args, "num_processes", None))
     if parallel.wants_relaunch(getattr(args, "num_processes", None)):
         return parallel.relaunch(CLI_MODULE, args._argv, args.num_processes, args.device)
     parallel.start(args.device)
@@ -61,12 +61,31 @@ def parallel_run(args, body) -> int:
             parallel.finish(ok)
 
 
-def recipe_from_args(args):
-    """The recipe of ``--recipe`` + overrides, loaded and validated once for this command."""
+def load_checked_recipe(path, overrides=(), *, trust_remote_code: bool = False):
+    """A recipe loaded and checked whole: its values (:func:`train.recipe.load_recipe`) and its
+    ``eval.monitors`` (the evaluation's one parser: :func:`eval.run.context.parse_recipe_monitors`,
+    which names the file that set a bad one)."""
+    from eval.run.context import parse_recipe_monitors
+    from train.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides, trust_remote_code=trust_remote_code)
+    parse_recipe_monitors(recipe)
+    return recipe
+
+
+def context_from_args(args, monitors=None):
+    """The evaluation context of ``--recipe`` + overrides (``--domains`` and
+    ``--calibration-split`` become two more) + ``--source`` / ``--predict-safe`` / ``--device``,
+    resolved once (monitors parsed there: ``monitors``, else the recipe's ``eval.monitors``)."""
+    from eval.run.context import parse_recipe_monitors, resolve
     from mood_data.domains import registry_override
     from train.recipe import load_recipe
 
     extra = registry_override(getattr(args, "domains", None))
     if getattr(args, "calibration_split", None):
         extra.append(f"eval.calibration_split={args.calibration_split}")
-    return load_recipe(args.recipe, [*args.overrides, *extra], trust_remote_code=args.trust_remote_code)
+    recipe = load_recipe(args.recipe, [*args.overrides, *extra], trust_remote_code=args.trust_remote_code)
+    if monitors is not None:
+        parse_recipe_monitors(recipe)  # the recipe's own monitors are checked even when not used
+    return resolve(recipe, monitors, getattr(args, "source", None), predict_safe=args.predict_safe,
+                   device=args.device)

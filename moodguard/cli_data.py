@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mood_data.errors import DataError
-from mood_data.load import SPLITS, LeakageWarning, infer_split, load_split_file, load_splits
+from mood_data.leakage import LeakageWarning
+from mood_data.load import load_split_file, load_splits
+from mood_data.records import SPLITS, infer_split
 from mood_data.stats import StatRow, compute_stats
 
 BUILD_MODULE = "mood_data.build.cli"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from train.detector_table import NAMES
+from eval.engine.planner import help_text
 
-from .cli_common import add_parallel_argument, add_recipe_arguments, parallel_run, recipe_from_args
+from .cli_common import add_parallel_argument, add_recipe_arguments, context_from_args, parallel_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_parallel_argument(p)
     p.add_argument("--monitors", default=None,
                    help="comma-separated monitors: detectors joined by '+', first = anchor "
-                        f"({', '.join(NAMES)}); checked like the recipe's eval.monitors (it replaces them)")
+                        f"({help_text()}); checked like the recipe's eval.monitors (it replaces them)")
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     p.add_argument("--no-plots", action="store_true", help="skip the per-group histogram / ROC plots")
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def table(analyses: dict[str, dict], fpr: float = 0.01) -> str:
     """Compact per-domain TPR@fpr table: one row per group, one column per monitor."""
-    from eval.metrics import per_domain_table
+    from eval.engine.metrics import per_domain_table
 
     rows = {m: {r["group"]: r["tpr"] for r in per_domain_table(a, fpr)} for m, a in analyses.items()}
     groups = list(dict.fromkeys(g for r in rows.values() for g in r))
@@ -55,20 +55,18 @@ def run(args) -> int:
         raise MoodguardError(f"--n-boot: must be >= 0, got {args.n_boot}")
     if args.monitors:  # through the recipe's own check: eval.monitors=[...] as one more override
         args.overrides = [*args.overrides, "eval.monitors=" + json.dumps([m for m in args.monitors.split(",") if m.strip()])]
-    recipe = recipe_from_args(args)  # validated before any launch
-    with output_lock(recipe.output_dir, "output_dir"):  # the launched ranks inherit the lock
-        return parallel_run(args, lambda: _evaluate(args, recipe))
+    ctx = context_from_args(args)  # resolved (and validated) once, before any launch
+    with output_lock(ctx.model.run_root, "output_dir"):  # the launched ranks inherit the lock
+        return parallel_run(args, lambda: _evaluate(args, ctx))
 
 
-def _evaluate(args, recipe) -> int:
+def _evaluate(args, ctx) -> int:
     import json
 
-    from eval.monitor import evaluate_recipe
-    from eval.parallel import main_print
+    from eval.engine.parallel import main_print
+    from eval.run.evaluate import run_evaluate
 
-    folders = evaluate_recipe(recipe, monitors=None,
-                              source=args.source, predict_safe=args.predict_safe, n_boot=args.n_boot,
-                              plots=not args.no_plots, device=args.device)
+    folders = run_evaluate(ctx, n_boot=args.n_boot, plots=not args.no_plots)
     analyses = {m: json.loads((d / "analysis.json").read_text(encoding="utf-8")) for m, d in folders.items()}
     main_print(table(analyses, 0.01))
     for m, d in folders.items():

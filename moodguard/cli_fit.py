@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import add_parallel_argument, add_recipe_arguments, parallel_run, recipe_from_args
+from .cli_common import add_parallel_argument, add_recipe_arguments, context_from_args, parallel_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,16 +23,16 @@ def run(args) -> int:
         args.overrides = [*args.overrides, "eval.monitors=" + json.dumps([m for m in args.monitors.split(",") if m.strip()])]
     from mood_data.runlock import output_lock
 
-    recipe = recipe_from_args(args)  # validated before any launch
-    with output_lock(recipe.output_dir, "output_dir"):  # the launched ranks inherit the lock
-        return parallel_run(args, lambda: _fit(args, recipe))
+    ctx = context_from_args(args)  # resolved (and validated) once, before any launch
+    with output_lock(ctx.model.run_root, "output_dir"):  # the launched ranks inherit the lock
+        return parallel_run(args, lambda: _fit(ctx))
 
 
-def _fit(args, recipe) -> int:
-    from eval.monitor import fit_detectors
-    from eval.parallel import main_print
+def _fit(ctx) -> int:
+    from eval.engine.parallel import main_print
+    from eval.run.fitting import run_fit
 
-    out = fit_detectors(recipe, source=args.source, predict_safe=args.predict_safe, device=args.device)
+    out = run_fit(ctx)
     for kind, per_layer in out["stats"].items():
         for layer, d in per_layer.items():
             main_print(f"{kind:5s} layer {layer:>3}: {d}")

@@ -1,5 +1,6 @@
 """``moodguard recipes validate [PATHS]`` (default: every recipe under recipes/) and
-``moodguard recipes show R [key=value ...]`` (prints the resolved YAML)."""
+``moodguard recipes show R [key=value ...] [--explain]`` (prints the resolved YAML; with
+``--explain`` every resolved value with its help text and the file that set it)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,10 @@ from pathlib import Path
 
 from mood_data.errors import MoodguardError, RecipeError
 
-from train.recipe import RECIPES_DIR, display_path, list_recipes, load_recipe
+from train.recipe import explain
+from train.recipe_files import RECIPES_DIR, display_path, list_recipes
+
+from .cli_common import load_checked_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s = sub.add_parser("show", help="print the fully resolved recipe as YAML")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("--explain", action="store_true",
+                   help="every resolved value with its help text and the file (or override) that set it")
 
 
 def _expand(paths: list[str]) -> list[Path]:
@@ -34,15 +40,29 @@ def _expand(paths: list[str]) -> list[Path]:
     return out
 
 
+def explained(recipe) -> str:
+    """``key: value  # origin`` and an indented help line per resolved value."""
+    import yaml
+
+    lines = []
+    for row in explain(recipe):
+        value = yaml.safe_dump(row.value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        lines.append(f"{row.key}: {value}    # {row.origin}")
+        if row.help:
+            lines.append(f"    {row.help}")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "show":
-        sys.stdout.write(load_recipe(args.recipe, args.overrides).to_yaml())
+        recipe = load_checked_recipe(args.recipe, args.overrides)
+        sys.stdout.write(explained(recipe) if args.explain else recipe.to_yaml())
         return 0
     files = _expand(args.paths)
     errors = 0
     for path in files:
         try:
-            load_recipe(path)
+            load_checked_recipe(path)
             print(f"ok     {display_path(path)}")
         except MoodguardError as err:
             errors += 1

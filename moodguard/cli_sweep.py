@@ -1,5 +1,5 @@
-"""``moodguard sweep | chart | report | compare | demo`` (thin wrappers; logic in moodguard.sweep,
-eval.scaling, eval.report, eval.compare)."""
+"""``moodguard sweep | chart | report | compare | demo`` (thin wrappers; logic in moodguard.sweep_*,
+eval.report.scaling, eval.report.report, eval.report.compare)."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,7 @@ def _sweep_and_dir(path: str, out: str | None, domains: str | None = None):
 
     from mood_data.domains import registry_override
 
-    from .sweep import load_sweep
+    from .sweep_file import load_sweep
 
     sweep = load_sweep(path)
     if domains:
@@ -49,24 +49,27 @@ def _sweep_and_dir(path: str, out: str | None, domains: str | None = None):
 def run_sweep_command(sweep_path: str, out: str | None = None, emit: str | None = None, only: str | None = None,
                       runs=None, mark_done: bool = False, fpr: float | None = None, wandb: bool = False,
                       domains: str | None = None) -> Path:
-    from . import sweep as sw
-    from eval.scaling import wandb_enabled
+    from eval.report.scaling import wandb_enabled
+
+    from .sweep_emit import emit_shell, emit_slurm
+    from .sweep_plan import plan_sweep, select
+    from .sweep_run import finish, prepare_out_dir, run_stages
 
     sweep, out_dir = _sweep_and_dir(sweep_path, out, domains)
-    stages = sw.select(sw.plan_sweep(sweep, out_dir), only, runs)
+    stages = select(plan_sweep(sweep, out_dir), only, runs)
     if emit == "shell":
-        print(sw.emit_shell(sweep, stages, out_dir), end="")
+        print(emit_shell(sweep, stages, out_dir), end="")
         return out_dir
-    sw.prepare_out_dir(sweep, out_dir)
+    prepare_out_dir(sweep, out_dir)
     if emit == "slurm":
-        submit = sw.emit_slurm(sweep, stages, out_dir)
+        submit = emit_slurm(sweep, stages, out_dir)
         print(f"wrote {len(stages) + 1} job scripts; submit with: bash {submit}")
         return out_dir
     t0 = time.perf_counter()
-    res = sw.run_stages(stages, out_dir, mark_only=mark_done)
+    res = run_stages(stages, out_dir, mark_only=mark_done)
     print(f"sweep {sweep.name}: ran {len(res.ran)}, skipped {len(res.skipped)} stage(s) in {time.perf_counter() - t0:.1f}s")
     if only is None and not runs and not mark_done:
-        files = sw.finish(sweep, out_dir, wandb=wandb_enabled(wandb or sweep.wandb), fpr=fpr)
+        files = finish(sweep, out_dir, wandb=wandb_enabled(wandb or sweep.wandb), fpr=fpr)
         print(f"chart: {files['chart.png']}\nreport: {files['html']}")
     return out_dir
 
@@ -87,7 +90,7 @@ def add_chart_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_chart(args) -> int:
-    from eval.scaling import log_chart_to_wandb, make_chart, wandb_enabled
+    from eval.report.scaling import log_chart_to_wandb, make_chart, wandb_enabled
 
     chart = make_chart(args.sweep_dir, fpr=args.fpr, guard_monitor=args.guard, reference=args.reference)
     print(chart.match.sentence() if chart.match else "no guard-alone monitor in the sweep: nothing to match")
@@ -112,7 +115,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args) -> int:
-    from eval.report import DEFAULT_GPU_HOUR_COST, write_report
+    from eval.report.report import DEFAULT_GPU_HOUR_COST, write_report
 
     cost = DEFAULT_GPU_HOUR_COST if args.gpu_hour_cost is None else args.gpu_hour_cost
     files = write_report(args.root, fpr=args.fpr, gpu_hour_cost=cost, out_dir=args.out,
@@ -138,7 +141,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def run_compare(args) -> int:
     import sys
 
-    from eval.compare import compare_roots, format_deltas, gate_failures
+    from eval.report.compare import compare_roots, format_deltas, gate_failures
     from mood_data.domains import load_registry
 
     registry = load_registry(args.domains)  # before any folder is read: a bad file is one line
@@ -162,7 +165,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args) -> int:
-    from train.recipe import RECIPES_DIR
+    from train.recipe_files import RECIPES_DIR
 
     name = "embedded-smoke" if args.smoke else "embedded"
     sweep = RECIPES_DIR / "sweeps" / f"{name}.yaml"

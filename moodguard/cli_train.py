@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 
 from train import entry  # the one parser shared with python -m train.<kind>
-from train.recipe import load_recipe
+
+from .cli_common import load_checked_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = entry.recipe_overrides(args.kind, args)
     # loaded and validated once; passed along from here (trust_remote_code: only with the flag)
-    recipe = load_recipe(args.recipe, overrides, trust_remote_code=args.trust_remote_code)
+    recipe = load_checked_recipe(args.recipe, overrides, trust_remote_code=args.trust_remote_code)
     entry.apply_device(args.device, recipe)
     from train.launch import adapter_folders, run_training
 

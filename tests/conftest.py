@@ -106,7 +106,7 @@ def one_torch_thread():
 def bundle(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """An exported guard+maha+ppl bundle of the shared monitor run (built once per session):
     ``(bundle folder, its eval folder, recipe path)``."""
-    from eval.bundle import export_bundle
+    from eval.run.bundle import export_bundle
     from test_monitor import shared_run
 
     recipe_path, run, recipe, folders = shared_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory)

@@ -52,7 +52,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def tamper(folder: Path, spec: dict) -> None:
     """Apply one bundle tampering; ``wrong_dim`` / ``edit_json`` then rewrite the manifest so
     that only the content check can catch them."""
-    from eval.bundle import write_manifest
+    from eval.run.bundle import write_manifest
 
     op, target = spec["op"], folder / spec["file"]
     if op == "add_file":  # a file the manifest does not list (or a replaced manifest)
@@ -70,7 +70,7 @@ def tamper(folder: Path, spec: dict) -> None:
         target.write_bytes(bytes(data))
         return
     if op == "wrong_dim":  # a valid Mahalanobis fit, but of 5-dim features
-        from eval.detectors import MahalanobisDetector
+        from eval.engine.detectors.mahalanobis import MahalanobisDetector
 
         x = np.random.default_rng(0).normal(size=(40, 5))
         MahalanobisDetector.fit(x).save(target.parent, target.name)

@@ -109,7 +109,7 @@ def test_benchmarks_import_without_datasets():
         "import benchmarks.train_throughput, benchmarks.score_throughput\n"
         "from benchmarks.common import load_rows\n"
         "texts, labels = load_rows('train')\n"
-        "import train.launch, train.guard, eval.monitor\n"
+        "import train.launch, train.guard, eval.run.evaluate\n"
         "print(len(texts), sum(labels) > 0)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_export_layout_and_round_trip(bundle):
-    from eval.bundle import Monitor
+    from eval.run.bundle import Monitor
 
     folder, eval_dir, _ = bundle
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -69,7 +69,7 @@ def test_cli_score_messages_and_conversation_rows(bundle, tmp_path, capsys):
 def test_tampered_or_missing_files_raise_bundle_error(bundle, tmp_path, capsys):
     import shutil
 
-    from eval.bundle import Monitor
+    from eval.run.bundle import Monitor
     from moodguard.cli import main
     from mood_data.errors import BundleError
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.caveats import MIN_FUSION_ROWS, analysis_warnings, headline, min_negatives
-from eval.metrics import analyze
-from eval.plots import chance_points
+from eval.report.caveats import MIN_FUSION_ROWS, analysis_warnings, headline, min_negatives
+from eval.engine.metrics import analyze
+from eval.report.plots import chance_points
 
 
 def _analysis(n_id_safe=35, id_auroc=0.8, n_unsafe=80, fprs=(0.005, 0.01, 0.02)):

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from eval.compare import analysis_deltas, compare_roots, format_deltas, recall_deltas, score_set
-from eval.metrics import tpr_at_fpr
+from eval.report.compare import analysis_deltas, compare_roots, format_deltas, recall_deltas, score_set
+from eval.engine.metrics import tpr_at_fpr
 from test_sweep_fixtures import make_sweep
 
 

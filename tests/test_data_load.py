@@ -14,14 +14,8 @@ from conftest import make_rows, write_jsonl
 import mood_data.embedded as embedded
 from mood_data.domains import load_registry
 from mood_data.errors import DataError
-from mood_data.load import (
-    LeakageWarning,
-    conversation_hash,
-    leakage_report,
-    load_split_file,
-    load_splits,
-    normalize_conversation,
-)
+from mood_data.leakage import LeakageWarning, conversation_hash, leakage_report, normalize_conversation
+from mood_data.load import load_split_file, load_splits
 
 MSGS = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]}]

@@ -1,4 +1,4 @@
-"""eval.detectors: Mahalanobis (empirical / Ledoit-Wolf / OAS, streaming, variants), kNN, logits, I/O."""
+"""eval.engine.detectors: Mahalanobis (empirical / Ledoit-Wolf / OAS, streaming, variants), kNN, logits, I/O."""
 from __future__ import annotations
 
 import json
@@ -8,16 +8,9 @@ import pytest
 import torch
 from sklearn.covariance import OAS, LedoitWolf
 
-from eval.detectors import (
-    GaussianAccumulator,
-    KNNDetector,
-    MahalanobisDetector,
-    MahalanobisFitter,
-    energy,
-    guard_logprob,
-    guard_margin,
-    max_logit,
-)
+from eval.engine.detectors.knn import KNNDetector
+from eval.engine.detectors.logits import energy, guard_logprob, guard_margin, max_logit
+from eval.engine.detectors.mahalanobis import GaussianAccumulator, MahalanobisDetector, MahalanobisFitter
 from mood_data.errors import BundleError, DataError
 
 
@@ -59,7 +52,7 @@ def test_empirical_is_unbiased_cov_plus_ridge_and_scores_match_reference():
 
 
 def test_precision_is_inverse_or_pinv_when_singular():
-    from eval.detectors.mahalanobis import stable_precision
+    from eval.engine.detectors.mahalanobis import stable_precision
 
     x = _gauss(n=200, d=6)
     cov = np.cov(x.T)

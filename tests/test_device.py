@@ -72,7 +72,7 @@ class Spy:
     def __init__(self, monkeypatch):
         from transformers import AutoModelForCausalLM
 
-        from eval.forward import SharedBackbone
+        from eval.engine.forward import SharedBackbone
 
         self.requests: list = []
         self.loads: list[dict] = []
@@ -141,7 +141,8 @@ def test_every_stage_runs_where_the_policy_says(tmp_path, tiny_model_dir, tiny_d
 def test_judge_on_its_own_base_gets_the_placement(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     import shutil
 
-    from eval.judge import load_judge
+    from eval.run.context import resolve
+    from eval.run.judge import load_judge
     from train.recipe import load_recipe
     from test_monitor import write_recipe
 
@@ -150,7 +151,10 @@ def test_judge_on_its_own_base_gets_the_placement(tmp_path, tiny_model_dir, tiny
     path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run")
     recipe = load_recipe(path, [f"judge.model={other}", "dtype=bfloat16"])
     spy = Spy(monkeypatch)
-    judge = load_judge(recipe, None, device="cpu")
+    from eval.run.splits import data_cut
+
+    ctx = resolve(recipe, device="cpu")
+    judge = load_judge(ctx, None, data_cut(ctx.data)[0])
     assert spy.requests == ["cpu"] and len(spy.loads) == 1
     assert spy.loads[0]["dtype"] is torch.bfloat16 and spy.loads[0]["device_map"] == {"": "cpu"}
     assert all(p.dtype is torch.bfloat16 for n, p in judge.backbone.model.named_parameters() if "lora_" not in n)
@@ -160,15 +164,18 @@ def test_device_map_auto_reaches_from_pretrained(tmp_path, tiny_model_dir, tiny_
                                                  monkeypatch):
     """eval.device_map: auto loads with device_map='auto' (on this CPU-only machine accelerate
     puts every module on the CPU; the multi-GPU spread itself has never run here)."""
-    from eval.monitor import ScoreSettings, load_backbone, score_rows
+    from eval.engine.planner import plan, score_shared
+    from eval.run.backbone import load_run
+    from eval.run.context import resolve
     from train.recipe import load_recipe
 
     path, _ = new_run(tmp_path, "dm", tiny_model_dir, tiny_dataset_dir, adapters)
     recipe = load_recipe(path, ["eval.device_map=auto"])
     spy = Spy(monkeypatch)
-    loaded = load_backbone(recipe, device="cpu")
+    ctx = resolve(recipe, device="cpu")
+    loaded = load_run(ctx.model)
     assert [kw["device_map"] for kw in spy.loads] == ["auto"]
     assert loaded.backbone.placement.sharded and loaded.backbone.device.type == "cpu"
-    scores, _ = score_rows(loaded, ["user: hi\nassistant: hello"] * 3, {}, ["guard", "ppl"],
-                           ScoreSettings.from_recipe(recipe))
+    scores, _ = score_shared(plan(["guard", "ppl"]), loaded.backbone, loaded.tokenizer,
+                             ["user: hi\nassistant: hello"] * 3, {}, ctx.score)
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in scores.values())

@@ -11,8 +11,9 @@ import torch
 
 from test_train_guard import write_tiny_recipe
 
-from eval.detectors.ensemble import (ensemble_disagreement, ensemble_mean, ensemble_min, ensemble_scores, member_dirs,
-                                     sigmoid)
+from eval.engine.detectors.ensemble import (EnsembleDisagreement, EnsembleMean, EnsembleMin, ensemble_disagreement,
+                                            ensemble_mean, ensemble_min, sigmoid)
+from eval.run.ensemble import member_dirs
 from mood_data.errors import BundleError, RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,7 +37,7 @@ def test_hand_computed_values():
     m = sum(p) / 3
     assert d[2] == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in p) / 3), abs=1e-12)
     assert sigmoid(np.array([-800.0, 0.0, 800.0])).tolist() == [0.0, 0.5, 1.0]  # no overflow
-    assert all(v.dtype == np.float64 for v in ensemble_scores(MEMBERS).values())
+    assert all(cls().score(MEMBERS).dtype == np.float64 for cls in (EnsembleMean, EnsembleMin, EnsembleDisagreement))
 
 
 def test_min_flags_only_when_every_member_flags():
@@ -56,8 +57,9 @@ def test_member_dirs_errors(tmp_path):
 
 
 def test_monitor_names_parse():
-    from eval.monitor import parse_monitor
-    from train.recipe import RECIPES_DIR, load_recipe
+    from eval.engine.table import parse_monitor
+    from moodguard.cli_common import load_checked_recipe as load_recipe  # monitor names are checked at load
+    from train.recipe_files import RECIPES_DIR
 
     assert parse_monitor("guard+ensemble-disagreement") == ("guard", "ensemble-disagreement")
     r = load_recipe(RECIPES_DIR / "tiny" / "s.yaml",
@@ -69,7 +71,7 @@ def test_monitor_names_parse():
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
-    from eval.monitor import evaluate_recipe
+    from eval.run.evaluate import evaluate_recipe
     from moodguard.cli import main as moodguard
     from train.recipe import load_recipe
 
@@ -128,12 +130,14 @@ def test_three_guards_train_and_evaluate(ensemble_run, tiny_model_dir):
 
 def test_members_share_one_base(ensemble_run):
     """Members are extra adapters on the one loaded base; the ID-validation scores are cached."""
-    from eval.detectors.ensemble import member_adapters
-    from eval.monitor import load_backbone
+    from eval.run.backbone import load_run
+    from eval.run.context import resolve
+    from eval.run.ensemble import member_adapters
 
     run, recipe, _ = ensemble_run
-    loaded = load_backbone(recipe)
-    names = member_adapters(loaded, recipe)
+    model = resolve(recipe).model
+    loaded = load_run(model)
+    names = member_adapters(loaded, member_dirs(model.run_root, model.guard_seeds))
     assert names == ["guard", "guard-seed1", "guard-seed2"]
     assert set(loaded.backbone.model.peft_config) >= {"guard", "guard-seed1", "guard-seed2"}
     n_base = sum(1 for mod in loaded.backbone.model.modules() if type(mod).__name__.endswith("ForCausalLM"))
@@ -144,7 +148,7 @@ def test_members_share_one_base(ensemble_run):
 def test_ensemble_bundle_scores_like_evaluate(ensemble_run, tmp_path):
     """`moodguard export` of an ensemble monitor: the other members travel in the bundle and
     the loaded bundle reproduces evaluate's fused and per-detector scores."""
-    from eval.bundle import Monitor, export_bundle
+    from eval.run.bundle import Monitor, export_bundle
 
     run, recipe, folders = ensemble_run
     out = export_bundle(recipe, tmp_path / "b", "guard+ensemble-disagreement")

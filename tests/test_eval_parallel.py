@@ -145,7 +145,7 @@ def test_score_two_processes_equal_one_and_resume_and_shards(runs, tiny_dataset_
 
 
 def test_resume_refuses_another_input(runs, tiny_dataset_dir, tmp_path, capsys):
-    from eval.streaming import parse_shard, shard_rows
+    from eval.run.streaming import parse_shard, shard_rows
 
     assert [shard_rows(10, (i, 4)) for i in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
     with pytest.raises(Exception, match="0 <= i < N"):

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import make_rows
-from eval.forward import SharedBackbone, encode, guard_pass, length_batches, pad_left, padding_fraction, pool
-from eval.perplexity import (assistant_char_spans, chunked_token_nll, full_logits_nll, perplexity_from_nll,
-                             perplexity_pass, target_mask)
+from train.data import padding_fraction
+from eval.engine.forward import SharedBackbone, encode, guard_pass, length_batches, pad_left, pool
+from eval.engine.detectors.perplexity import perplexity_from_nll
+from eval.engine.forward import assistant_char_spans
+from eval.engine.perplexity import chunked_token_nll, full_logits_nll, perplexity_pass, target_mask
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -164,21 +166,20 @@ def test_score_rows_assistant_only_tokenises_once_and_matches_separate_passes(ti
                                                                               tiny_tokenizer, monkeypatch):
     """guard + ppl with assistant-only perplexity: ONE tokenisation serves both passes, and the
     scores equal a guard pass on plain ids and a perplexity pass on masked ids."""
-    from eval import scoring
-    from eval.monitor import Loaded, ScoreSettings, guard_scores, score_rows
+    from eval.engine import planner
+    from eval.engine.detectors.logits import guard_scores
+    from eval.engine.planner import ScoreSettings, plan, score_shared
 
-    guard_dir, lm_dir = tiny_adapters
-    loaded = Loaded(backbone, tiny_tokenizer, guard_dir, lm_dir, "g", "l")
     settings = ScoreSettings(max_length=64, batch_size=4, assistant_only=True)
     calls = []
-    real_encode = scoring.encode
-    monkeypatch.setattr(scoring, "encode", lambda *a, **k: calls.append(k) or real_encode(*a, **k))
-    got, _ = score_rows(loaded, CONVS, {}, ["guard", "ppl"], settings)
+    real_encode = planner.encode
+    monkeypatch.setattr(planner, "encode", lambda *a, **k: calls.append(k) or real_encode(*a, **k))
+    got, _ = score_shared(plan(["guard", "ppl"]), backbone, tiny_tokenizer, CONVS, {}, settings)
     assert calls == [{"assistant_only": True}]
     ref_guard = guard_scores(guard_pass(backbone, encode(tiny_tokenizer, CONVS, 64), batch_size=4))
     ref_ppl = perplexity_pass(backbone, encode(tiny_tokenizer, CONVS, 64, assistant_only=True), batch_size=4)
     assert np.allclose(got["guard"], ref_guard, atol=1e-6)
     assert np.allclose(got["ppl"], ref_ppl, rtol=1e-6, equal_nan=True)
     calls.clear()
-    score_rows(loaded, CONVS, {}, ["guard"], settings)  # no perplexity: no mask computed
+    score_shared(plan(["guard"]), backbone, tiny_tokenizer, CONVS, {}, settings)  # no perplexity: no mask computed
     assert calls == [{"assistant_only": False}]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from eval.fusion import LAMBDA_GRID, METHODS, Fusion
+from eval.engine.fusion import LAMBDA_GRID, METHODS, Fusion
 from mood_data.domains import ID_DOMAINS, OOD_DOMAINS, DomainRegistry
 from mood_data.errors import BundleError, DataError
 

@@ -67,7 +67,7 @@ def evil_base(tiny_model_dir: Path, root: Path, marker: Path) -> Path:
 
 
 def test_bundle_never_runs_its_base_models_code_unless_asked(bundle, tiny_model_dir, tmp_path, capsys):
-    from eval.bundle import write_manifest
+    from eval.run.bundle import write_manifest
 
     folder, _, _ = bundle
     marker = tmp_path / "PWNED"
@@ -139,7 +139,7 @@ def test_relaunched_training_gets_the_flag_not_the_file():
 
 # ----------------------------------------------------------------------------- NaN fails closed
 def test_unscorable_row_is_an_error_and_json_never_gets_nan(bundle, tmp_path):
-    from eval.bundle import Monitor, UnscorableRow
+    from eval.run.bundle import Monitor, UnscorableRow
     from mood_data import atomic
     from mood_data.errors import OutputError
 
@@ -157,7 +157,7 @@ def test_unscorable_row_is_an_error_and_json_never_gets_nan(bundle, tmp_path):
 
 
 def test_fusion_names_the_row_and_detector():
-    from eval.fusion import Fusion
+    from eval.engine.fusion import Fusion
     from mood_data.errors import DataError
 
     s = {"guard": np.array([0.1, 0.2, 0.3, 0.4]), "ppl": np.array([1.0, 2.0, np.nan, 3.0])}
@@ -373,7 +373,7 @@ def test_sigterm_and_sigint_remove_the_temporary(bundle, tmp_path, sig):
 
 # ----------------------------------------------------------------------------- long conversations
 def test_left_character_cut_equals_full_tokenisation(tiny_tokenizer, monkeypatch):
-    from eval import forward
+    from eval.engine import forward
 
     rng = np.random.default_rng(0)
     words = ["please", "help", "me", "write", "a", "note", "sure", "here", "is", "how"]
@@ -407,9 +407,9 @@ def test_left_character_cut_equals_full_tokenisation(tiny_tokenizer, monkeypatch
 
 # ----------------------------------------------------------------------------- caches
 def test_edited_stats_cache_is_refitted(bundle, tmp_path):
-    from eval.detectors import MahalanobisDetector
-    from eval.cache import cache_intact
-    from eval.fitting import fit_detectors
+    from eval.engine.detectors.mahalanobis import MahalanobisDetector
+    from eval.run.cache import cache_intact
+    from eval.run.fitting import fit_detectors
     from train.recipe import load_recipe
 
     _, eval_dir, recipe_path = bundle

@@ -108,7 +108,7 @@ def test_weight_files_follow_the_umask_like_every_other_file(bundle, tmp_path):
     files 0600, and the bundle copied those modes along."""
     import numpy as np
 
-    from eval.detectors import save_tensors
+    from eval.engine.detectors.tensors import save_tensors
     from mood_data import atomic
 
     old = os.umask(0o022)
@@ -143,8 +143,8 @@ def evil_adapter(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("how", ["rename", "symlink"])
 def test_an_adapter_swapped_after_the_manifest_check_is_never_loaded(bundle, tmp_path, monkeypatch, how):
-    import eval.bundle as bundle_mod
-    from eval.bundle import Monitor, write_manifest
+    import eval.run.bundle as bundle_mod
+    from eval.run.bundle import Monitor, write_manifest
 
     copy = tmp_path / "b"
     shutil.copytree(bundle[0], copy)
@@ -159,7 +159,7 @@ def test_an_adapter_swapped_after_the_manifest_check_is_never_loaded(bundle, tmp
     write_manifest(tampered)
     assert [r["score"] for r in Monitor.load(tampered).score(convs)] != pytest.approx(honest, abs=1e-3)
 
-    import eval.bundle_check as check_mod
+    import eval.run.bundle_check as check_mod
 
     where = check_mod if hasattr(check_mod, "verify_manifest") else bundle_mod  # where the loader calls it
     real_verify = where.verify_manifest
@@ -183,7 +183,7 @@ def test_an_adapter_swapped_after_the_manifest_check_is_never_loaded(bundle, tmp
 def test_push_verifies_the_bundle_and_uploads_the_verified_bytes(bundle, tmp_path, monkeypatch, capsys):
     from unittest import mock
 
-    import eval.bundle as bundle_mod
+    import eval.run.bundle as bundle_mod
     import huggingface_hub
 
     copy = tmp_path / "b"
@@ -206,7 +206,7 @@ def test_push_verifies_the_bundle_and_uploads_the_verified_bytes(bundle, tmp_pat
                          for p in Path(folder_path).rglob("*") if p.is_file()})
 
     api.upload_folder.side_effect = upload_folder
-    import eval.bundle_check as check_mod
+    import eval.run.bundle_check as check_mod
 
     where = check_mod if hasattr(check_mod, "verify_manifest") else bundle_mod
     real_verify = where.verify_manifest
@@ -232,7 +232,7 @@ def rows_of(path: Path) -> list[dict]:
 
 def interrupted(monkeypatch, after_chunks: int):
     """Make ``score`` stop (Ctrl-C) when it starts scoring chunk ``after_chunks`` (0-based)."""
-    import eval.streaming as streaming
+    import eval.run.streaming as streaming
 
     real = streaming.score_chunk
     calls = []
@@ -295,7 +295,7 @@ def test_a_complete_output_is_never_replaced_without_overwrite(bundle, tmp_path,
 
 
 def test_an_earlier_runs_chunks_need_resume_or_overwrite(bundle, tmp_path, monkeypatch, capsys):
-    from eval.streaming import parts_dir
+    from eval.run.streaming import parts_dir
 
     base, ref, out = interrupted_run(bundle, tmp_path, monkeypatch, 12, 4, 2)  # 2 of 3 chunks committed
     parts = parts_dir(out)
@@ -343,7 +343,7 @@ def test_a_symlinked_parts_folder_is_refused_naming_it(bundle, tmp_path, capsys)
 
 # ----------------------------------------------------------------------------- 3. resume trusts no chunk
 def test_resume_rescores_damaged_chunks_and_says_so(bundle, tmp_path, monkeypatch, capsys):
-    from eval.streaming import parts_dir
+    from eval.run.streaming import parts_dir
 
     base, ref, out = interrupted_run(bundle, tmp_path, monkeypatch, 40, 5, 7)  # chunks 0-6 of 8 committed
     parts = parts_dir(out)
@@ -439,13 +439,13 @@ def test_export_never_deletes_a_folder_it_did_not_write(bundle, tmp_path, monkey
     assert len(aside) == 1 and str(aside[0]) in err
     assert (aside[0] / "chapter1.tex").read_text() == "two years of work\n"
     assert (mine / "manifest.json").is_file() and not (mine / "chapter1.tex").exists()
-    from eval.bundle import verify_manifest
+    from eval.run.bundle import verify_manifest
 
     verify_manifest(mine)
 
 
 def test_replacing_a_bundle_deletes_only_its_own_files(bundle, tmp_path, capsys):
-    from eval.bundle import dispose_replaced, own_bundle_files
+    from eval.run.bundle import dispose_replaced, own_bundle_files
 
     ours = tmp_path / "ours"
     shutil.copytree(bundle[0], ours)

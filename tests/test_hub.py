@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 from huggingface_hub import ModelCard
 
-from eval.hub import files_to_upload, push, write_cards
+from eval.run.hub import files_to_upload, push, write_cards
 from moodguard.cli import main
 from test_sweep_fixtures import make_eval_folder
 

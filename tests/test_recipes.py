@@ -9,7 +9,9 @@ import yaml
 from moodguard.cli import main as moodguard
 from mood_data.errors import RecipeError
 from train.data import SeededLengthGroupedSampler, batches_of, padding_fraction, train_validation_split
-from train.recipe import RECIPES_DIR, display_path, gradient_accumulation_steps, list_recipes, load_recipe
+from train.recipe import load_recipe
+from train.recipe_checks import gradient_accumulation_steps
+from train.recipe_files import RECIPES_DIR, display_path, list_recipes
 
 TINY_FAMILY = RECIPES_DIR / "tiny" / "_family.yaml"
 
@@ -21,8 +23,11 @@ def write(path: Path, text: str) -> Path:
 
 
 def error_of(path, overrides=()) -> str:
+    """The one-line error of loading a recipe as every command does (values, then monitor names)."""
+    from moodguard.cli_common import load_checked_recipe
+
     with pytest.raises(RecipeError) as exc:
-        load_recipe(path, overrides)
+        load_checked_recipe(path, overrides)
     msg = str(exc.value)
     assert "\n" not in msg
     return msg
@@ -256,3 +261,43 @@ def test_validation_split_stratified_and_id_only():
     assert not set(split["train"]["id"]) & set(split["validation"]["id"])
     again = train_validation_split(datasets.Dataset.from_list(rows), 0.2, seed=0)
     assert again["validation"]["id"] == split["validation"]["id"]
+
+
+def test_every_recipe_field_has_help():
+    """TRL-style: every schema field (sections recursed) carries a help text."""
+    import dataclasses
+
+    from train.recipe_schema import Recipe
+
+    missing, todo = [], [(Recipe, "")]
+    while todo:
+        cls, prefix = todo.pop()
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            if not f.metadata.get("help"):
+                missing.append(prefix + f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                todo.append((type(default), f"{prefix}{f.name}."))
+    assert not missing, f"recipe fields without help: {missing}"
+
+
+def test_recipes_show_explain(capsys):
+    """Each resolved value with its help and the file (or override) that set it."""
+    path = RECIPES_DIR / "tiny" / "s.yaml"
+    assert moodguard(["recipes", "show", str(path), "guard.max_steps=3", "--explain"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    values = {ln.split(":", 1)[0]: ln for ln in lines if not ln.startswith(" ")}
+    assert values["guard.max_steps"] == f"guard.max_steps: 3    # {display_path(path)} (override)"
+    assert values["model"] == f"model: embedded:tiny-s    # {display_path(path)}"
+    assert values["dtype"].endswith(f"# {display_path(TINY_FAMILY)}")  # set by the family file
+    assert values["eval.knn.k"] == "eval.knn.k: 10    # default"
+    assert values["eval.monitors"].startswith("eval.monitors: [guard, guard+maha, guard+ppl, guard+maha+ppl]")
+    # the line after each value is its help text
+    i = lines.index(values["eval.knn.k"])
+    assert lines[i + 1].strip() == "the k-th nearest safe train feature gives the distance"
+    from train.recipe import explain
+
+    assert len(values) == len(explain(load_recipe(path))) and "guard.lora.r" in values

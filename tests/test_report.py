@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from eval.report import write_report
+from eval.report.report import write_report
 from moodguard.cli import main
 from mood_data.domains import OOD_DOMAINS
 from test_sweep_fixtures import PNG_1x1, make_sweep

@@ -97,8 +97,8 @@ def damage(parts: Path, rng: random.Random) -> list[str]:
 
 
 def test_random_damage_to_the_parts_folder_never_yields_wrong_rows(bundle, tmp_path):
-    from eval.bundle import Monitor
-    from eval.streaming import parts_dir, scan_input, score_stream
+    from eval.run.bundle import Monitor
+    from eval.run.streaming import parts_dir, scan_input, score_stream
     from mood_data.errors import MoodguardError
 
     monitor = Monitor.load(bundle[0])

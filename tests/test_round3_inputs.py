@@ -83,7 +83,7 @@ def test_unsafe_domain_names_are_refused_wherever_declared(tmp_path, name):
 def test_plot_files_are_slug_plus_hash_inside_the_plots_folder(tmp_path):
     import numpy as np
 
-    from eval.runfolder import write_run
+    from eval.report.runfolder import write_run
     from mood_data.domains import OOD_DOMAINS, DomainRegistry, file_slug
 
     reg = DomainRegistry(ood=OOD_DOMAINS + ("Outside.Case", "outside.case"), source="test")
@@ -111,7 +111,7 @@ _GUARD_BUNDLE: dict = {}
 @pytest.fixture
 def guard_bundle(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """A guard-only bundle of the shared monitor run (the issue's case: no ppl to fail closed)."""
-    from eval.bundle import export_bundle
+    from eval.run.bundle import export_bundle
     from test_monitor import shared_run
 
     _, _, recipe, _ = shared_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory)
@@ -173,7 +173,7 @@ def _custom_run(root, unsafe_score: float, ood: tuple[str, ...] = ("my-failure",
     """An eval folder whose rows are all in custom domains (my-chats ID, ``ood`` OOD)."""
     import numpy as np
 
-    from eval.runfolder import write_run
+    from eval.report.runfolder import write_run
     from mood_data.domains import DomainRegistry, ID_DOMAINS, OOD_DOMAINS
 
     reg = DomainRegistry(id=ID_DOMAINS + ("my-chats",), ood=OOD_DOMAINS + ood, source="test")
@@ -229,7 +229,7 @@ def test_compare_names_a_group_missing_on_one_side(tmp_path, capsys, custom_doma
 def test_nan_delta_is_never_a_pass():
     import math
 
-    from eval.compare import Delta
+    from eval.report.compare import Delta
 
     for d in (Delta("m", "g", math.nan, 0.5, math.nan, math.nan, math.nan, "bootstrap"),
               Delta("m", "g", 0.5, 0.5, 0.0, math.nan, math.nan, "bootstrap"),
@@ -241,7 +241,7 @@ def test_nan_delta_is_never_a_pass():
 def test_num_processes_is_bounded_by_the_machine_before_anything_starts(monkeypatch):
     import subprocess
 
-    from eval import parallel
+    from eval.engine import parallel
     from mood_data.errors import RecipeError
 
     started = []
@@ -266,7 +266,7 @@ def test_num_processes_is_bounded_by_the_machine_before_anything_starts(monkeypa
 def test_push_without_network_is_one_line(tmp_path):
     from unittest import mock
 
-    from eval.hub import push
+    from eval.run.hub import push
     from mood_data.errors import MoodguardError
     from test_hub import make_run
 
@@ -282,7 +282,7 @@ def test_push_without_network_is_one_line(tmp_path):
 def test_model_cards_carry_no_markup_and_no_local_paths(tmp_path):
     import json
 
-    from eval.hub import write_cards
+    from eval.run.hub import write_cards
     from test_hub import make_run
 
     run = make_run(tmp_path / "run")

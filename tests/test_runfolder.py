@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from eval.metrics import analyze
-from eval.runfolder import read_results, reanalyze, write_run
+from eval.engine.metrics import analyze
+from eval.report.runfolder import read_results, reanalyze, write_run
 from mood_data.domains import file_slug
 from mood_data.errors import DataError
 

@@ -85,9 +85,11 @@ def test_code_has_no_unsafe_loading():
 
 
 def test_trust_remote_code_defaults_off():
-    from eval.forward import SharedBackbone
+    from eval.engine.forward import SharedBackbone
     from train.modeling import load_tokenizer
-    from train.recipe import Recipe, list_recipes, load_recipe
+    from train.recipe import load_recipe
+    from train.recipe_files import list_recipes
+    from train.recipe_schema import Recipe
 
     assert Recipe.__dataclass_fields__["trust_remote_code"].default is False
     for fn in (SharedBackbone.from_pretrained, load_tokenizer):
@@ -141,7 +143,7 @@ def watch_opens(monkeypatch):
 
 
 def test_bundle_ignores_planted_pickles(bundle, tmp_path, watch_opens):  # noqa: F811
-    from eval.bundle import Monitor, write_manifest
+    from eval.run.bundle import Monitor, write_manifest
     from mood_data.errors import BundleError
 
     folder, _, _ = bundle
@@ -168,8 +170,8 @@ def test_bundle_ignores_planted_pickles(bundle, tmp_path, watch_opens):  # noqa:
 
 
 def test_run_folder_ignores_planted_pickles(bundle, tmp_path, watch_opens):  # noqa: F811
-    from eval.monitor import fit_detectors
-    from eval.runfolder import reanalyze
+    from eval.run.fitting import fit_detectors
+    from eval.report.runfolder import reanalyze
     from train.recipe import load_recipe
 
     _, eval_dir, recipe_path = bundle

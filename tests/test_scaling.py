@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eval.scaling import find_eval_folders, make_chart, params_to_match, recall_points
+from eval.report.scaling import find_eval_folders, make_chart, params_to_match, recall_points
 from test_sweep_fixtures import MONITORS, SIZES, make_sweep
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from moodguard import sweep as sw
+from moodguard import sweep_emit, sweep_file, sweep_plan
 from mood_data.errors import RecipeError
 from train import slurm
-from train.recipe import RECIPES_DIR, REPO_ROOT, load_recipe
+from train.recipe import load_recipe
+from train.recipe_files import RECIPES_DIR, REPO_ROOT
 
 MULTI_NODE = f"""
 name: mn
@@ -31,8 +32,8 @@ monitors: [guard]
 
 def emitted(tmp_path) -> dict[str, str]:
     (tmp_path / "sweep.yaml").write_text(MULTI_NODE)
-    sweep, out = sw.load_sweep(tmp_path / "sweep.yaml"), tmp_path / "out"
-    submit = sw.emit_slurm(sweep, sw.plan_sweep(sweep, out), out)
+    sweep, out = sweep_file.load_sweep(tmp_path / "sweep.yaml"), tmp_path / "out"
+    submit = sweep_emit.emit_slurm(sweep, sweep_plan.plan_sweep(sweep, out), out)
     files = {p.name: p.read_text() for p in submit.parent.glob("*.sbatch")}
     for p in [submit, *submit.parent.glob("*.sbatch")]:
         subprocess.run(["bash", "-n", str(p)], check=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from moodguard import sweep as sw
+from moodguard import sweep_emit, sweep_file, sweep_plan, sweep_run
 from mood_data.errors import RecipeError
-from train.recipe import RECIPES_DIR
+from train.recipe_files import RECIPES_DIR
 
 SWEEP_YAML = f"""
 name: t
@@ -26,7 +26,7 @@ overrides:
 def _sweep(tmp_path, text=SWEEP_YAML):
     p = tmp_path / "sweep.yaml"
     p.write_text(text)
-    return sw.load_sweep(p)
+    return sweep_file.load_sweep(p)
 
 
 class Killed(Exception):
@@ -53,8 +53,8 @@ def fake_stages(monkeypatch):
             out.mkdir(parents=True, exist_ok=True)
             (out / "done").write_text(stage.key)
 
-    for name in sw.STAGES:
-        monkeypatch.setitem(sw.STAGE_FUNCTIONS, name, fake)
+    for name in sweep_plan.STAGES:
+        monkeypatch.setitem(sweep_run.STAGE_FUNCTIONS, name, fake)
     calls.fail = fail
     return calls
 
@@ -65,54 +65,54 @@ class _Calls(list):
 
 def test_resume_skips_finished_and_restarts_interrupted(tmp_path, fake_stages):
     sweep, out = _sweep(tmp_path), tmp_path / "out"
-    stages = sw.plan_sweep(sweep, out)
-    assert [s.id for s in stages] == [f"{r}/{s}" for r in ("tiny-s", "tiny-m") for s in sw.STAGES]
+    stages = sweep_plan.plan_sweep(sweep, out)
+    assert [s.id for s in stages] == [f"{r}/{s}" for r in ("tiny-s", "tiny-m") for s in sweep_plan.STAGES]
     with pytest.raises(Killed):
-        sw.run_stages(stages, out, progress=lambda m: None)
+        sweep_run.run_stages(stages, out, progress=lambda m: None)
     assert fake_stages == [s.id for s in stages[:7]]
     state = json.loads((out / "state.json").read_text())["stages"]
     assert state["tiny-m/fit"]["status"] == "failed" and state["tiny-m/train-lm"]["status"] == "done"
     assert (out / "tiny-m" / "stats" / "partial").exists()
 
     fake_stages.clear()
-    res = sw.run_stages(sw.plan_sweep(sweep, out), out, progress=lambda m: None)
+    res = sweep_run.run_stages(sweep_plan.plan_sweep(sweep, out), out, progress=lambda m: None)
     assert res.ran == ["tiny-m/fit", "tiny-m/evaluate"] == fake_stages
     assert len(res.skipped) == 6
     assert not (out / "tiny-m" / "stats" / "partial").exists()
     assert (out / "tiny-m" / "eval" / "guard+maha" / "done").is_file()
 
     fake_stages.clear()
-    res = sw.run_stages(sw.plan_sweep(sweep, out), out, progress=lambda m: None)
+    res = sweep_run.run_stages(sweep_plan.plan_sweep(sweep, out), out, progress=lambda m: None)
     assert res.ran == [] and fake_stages == [] and len(res.skipped) == 8
 
 
 def test_changed_recipe_changes_keys_downstream(tmp_path, fake_stages):
     sweep, out = _sweep(tmp_path), tmp_path / "out"
-    a = {s.id: s.key for s in sw.plan_sweep(sweep, out)}
-    b = {s.id: s.key for s in sw.plan_sweep(_sweep(tmp_path, SWEEP_YAML.replace("max_steps: 3", "max_steps: 4")), out)}
+    a = {s.id: s.key for s in sweep_plan.plan_sweep(sweep, out)}
+    b = {s.id: s.key for s in sweep_plan.plan_sweep(_sweep(tmp_path, SWEEP_YAML.replace("max_steps: 3", "max_steps: 4")), out)}
     assert a["tiny-s/train-guard"] == b["tiny-s/train-guard"]
-    for st in sw.STAGES:  # the recipe hash covers the whole resolved recipe; fit/evaluate follow upstream
+    for st in sweep_plan.STAGES:  # the recipe hash covers the whole resolved recipe; fit/evaluate follow upstream
         assert a[f"tiny-m/{st}"] != b[f"tiny-m/{st}"]
     # output_dir is not part of the key: a moved sweep keeps its keys
-    assert a == {s.id: s.key for s in sw.plan_sweep(sweep, tmp_path / "elsewhere")}
+    assert a == {s.id: s.key for s in sweep_plan.plan_sweep(sweep, tmp_path / "elsewhere")}
 
 
 def test_only_and_mark_done(tmp_path, fake_stages):
     sweep, out = _sweep(tmp_path), tmp_path / "out"
-    stages = sw.select(sw.plan_sweep(sweep, out), only="train-guard", runs=["tiny-s"])
+    stages = sweep_plan.select(sweep_plan.plan_sweep(sweep, out), only="train-guard", runs=["tiny-s"])
     assert [s.id for s in stages] == ["tiny-s/train-guard"]
-    sw.run_stages(stages, out, mark_only=True, progress=lambda m: None)
+    sweep_run.run_stages(stages, out, mark_only=True, progress=lambda m: None)
     assert fake_stages == []
     fake_stages.fail.clear()
-    res = sw.run_stages(sw.plan_sweep(sweep, out), out, progress=lambda m: None)
+    res = sweep_run.run_stages(sweep_plan.plan_sweep(sweep, out), out, progress=lambda m: None)
     assert "tiny-s/train-guard" in res.skipped and len(res.ran) == 7
     with pytest.raises(RecipeError, match="--only 'nope'"):
-        sw.select(stages, only="nope")
+        sweep_plan.select(stages, only="nope")
 
 
 def test_seeds_and_bad_files(tmp_path):
     s = _sweep(tmp_path, f"recipes:\n  - path: {RECIPES_DIR}/tiny/s.yaml\n    seeds: [1, 2]\n")
-    runs = sorted({st.run for st in sw.plan_sweep(s, tmp_path / "o")})
+    runs = sorted({st.run for st in sweep_plan.plan_sweep(s, tmp_path / "o")})
     assert runs == ["tiny-s-seed1", "tiny-s-seed2"]
     with pytest.raises(RecipeError, match=r"key 'recipes\[0\]'.seeds"):
         _sweep(tmp_path, f"recipes:\n  - path: {RECIPES_DIR}/tiny/s.yaml\n    seeds: x\n")
@@ -125,8 +125,8 @@ def test_emit_slurm_valid_bash_and_dependencies(tmp_path):
         "overrides: {guard.max_steps: 3}",
         "overrides: {accelerate.config: ddp, accelerate.num_processes: 2}")
     sweep, out = _sweep(tmp_path, text), tmp_path / "out"
-    stages = sw.plan_sweep(sweep, out)
-    submit = sw.emit_slurm(sweep, stages, out)
+    stages = sweep_plan.plan_sweep(sweep, out)
+    submit = sweep_emit.emit_slurm(sweep, stages, out)
     files = sorted(submit.parent.glob("*.sbatch"))
     assert len(files) == 9
     for f in [submit, *files]:
@@ -159,7 +159,7 @@ def test_emit_slurm_valid_bash_and_dependencies(tmp_path):
 
 def test_emit_shell_order(tmp_path):
     sweep, out = _sweep(tmp_path), tmp_path / "out"
-    text = sw.emit_shell(sweep, sw.plan_sweep(sweep, out), out)
+    text = sweep_emit.emit_shell(sweep, sweep_plan.plan_sweep(sweep, out), out)
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
     cmds = [l for l in text.splitlines() if l and not l.startswith("#") and "--mark-done" not in l][1:]
     assert [c.split()[1] if c.startswith("python") else c.split()[1] for c in cmds][:4] == ["-m", "-m", "fit", "evaluate"]
@@ -175,30 +175,30 @@ def test_base_sweep_inheritance(tmp_path):
         "overrides: {data.max_train_rows: 10, guard.max_steps: 3}\nchart: {fpr: 0.02}\n")
     child = tmp_path / "child.yaml"
     child.write_text("base: parent/base.yaml\nmonitors: [guard]\noverrides: ['guard.max_steps=5']\n")
-    s = sw.load_sweep(child)
+    s = sweep_file.load_sweep(child)
     assert s.name == "child"  # the name is never inherited (it names the output folder)
     assert [e.recipe for e in s.entries] == [(tmp_path / "parent" / "s.yaml").resolve()]  # relative to the base
     assert s.monitors == ("guard",) and s.chart_fpr == 0.02
     assert s.overrides == ("data.max_train_rows=10", "guard.max_steps=3", "guard.max_steps=5")  # own ones last
     from train.recipe import load_recipe
 
-    (train,) = [st for st in sw.plan_sweep(s, tmp_path / "out") if st.stage == "train-guard"]
+    (train,) = [st for st in sweep_plan.plan_sweep(s, tmp_path / "out") if st.stage == "train-guard"]
     assert load_recipe(train.recipe_path, train.overrides).guard.max_steps == 5
 
     (tmp_path / "a.yaml").write_text("base: b.yaml\nrecipes: [x.yaml]\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(RecipeError, match=r"b\.yaml: key 'base': inheritance cycle through a\.yaml"):
-        sw.load_sweep(tmp_path / "a.yaml")
+        sweep_file.load_sweep(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(RecipeError, match=r"c\.yaml: key 'base': base file not found: nowhere\.yaml"):
-        sw.load_sweep(tmp_path / "c.yaml")
+        sweep_file.load_sweep(tmp_path / "c.yaml")
 
 
 def test_shipped_detector_sweep_extends_the_demo():
-    demo = sw.load_sweep(RECIPES_DIR / "sweeps" / "embedded.yaml")
-    det = sw.load_sweep(RECIPES_DIR / "sweeps" / "embedded-detectors.yaml")
+    demo = sweep_file.load_sweep(RECIPES_DIR / "sweeps" / "embedded.yaml")
+    det = sweep_file.load_sweep(RECIPES_DIR / "sweeps" / "embedded-detectors.yaml")
     assert det.name == "embedded-detectors"
     assert det.overrides[:len(demo.overrides)] == demo.overrides
     assert {"ensemble-disagreement", "judge-uncertainty", "maha", "ppl"} <= set(det.monitors)
-    stages = {st.id for st in sw.plan_sweep(det, Path("/tmp/never-written"))}
+    stages = {st.id for st in sweep_plan.plan_sweep(det, Path("/tmp/never-written"))}
     assert stages == {"tiny-s/train-guard", "tiny-s/train-lm", "tiny-s/train-judge", "tiny-s/fit", "tiny-s/evaluate"}

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from moodguard.cli import main as moodguard
-from train.recipe import RECIPES_DIR, load_recipe
+from train.recipe import load_recipe
+from train.recipe_files import RECIPES_DIR
 
 TINY_FAMILY = RECIPES_DIR / "tiny" / "_family.yaml"
 

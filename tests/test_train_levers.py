@@ -400,7 +400,7 @@ def test_checkpoints_from_before_the_levers_still_resume(tmp_path):
     them at their defaults (the behaviour that run had), and is refused with a non-default one."""
     from mood_data.errors import RecipeError
     from train.checkpoints import RECIPE_FILE, resume_point
-    from train.recipe import RECIPES_DIR
+    from train.recipe_files import RECIPES_DIR
 
     recipe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}"])
     ckpt = tmp_path / "checkpoints" / "guard"

@@ -8,19 +8,17 @@ Public API (what a notebook needs; imported lazily so ``import train`` stays lig
     train_lm(recipe)                 # <run>/lm/
 
 ``run_training`` trains the way ``moodguard train`` does (parallel members / accelerate launch /
-in-process); ``train_validation_cut`` is the one seeded train/validation cut; the detector
-table and the monitor-name parser are :mod:`train.detector_table`.
+in-process); ``train_validation_cut`` is the one seeded train/validation cut (the detector table
+and the monitor-name parser are the evaluation's: :mod:`eval.engine.table`).
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "Recipe": "train.recipe", "load_recipe": "train.recipe",
+    "Recipe": "train.recipe_schema", "load_recipe": "train.recipe",
     "train_guard": "train.guard", "train_lm": "train.lm", "train_judge": "train.judge",
     "run_training": "train.launch", "train_validation_cut": "train.data",
-    "DETECTORS": "train.detector_table", "parse_monitor": "train.detector_table",
-    "parse_monitors": "train.detector_table",
 }
 __all__ = sorted(_EXPORTS)
 

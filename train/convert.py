@@ -10,7 +10,7 @@ the state dict in and saves safetensors + the tokenizer, with the facts of
   pad = eos; the file decides whether ``<bos>`` is added.
 * ``gemma3`` (Gemma 3 text): ``<pad>`` is a real token; ``<bos>`` starts every sequence and
   every perplexity window (a Gemma without it is a different, much worse LM). The saved
-  tokenizer adds ``<bos>`` and :func:`eval.forward.encode` keeps it at the front of a
+  tokenizer adds ``<bos>`` and :func:`eval.engine.forward.encode` keeps it at the front of a
   left-truncated window.
 
 Every converted folder gets left padding and left truncation (the end of a conversation is

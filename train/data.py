@@ -21,7 +21,8 @@ def load_train_split(source: str | None, template: str = "mood", registry: str |
     domain, malign), read by ``mood_data.load.load_splits``. When the source has a test split it
     is loaded too: load_splits then refuses a source whose test rows leak from train BEFORE
     anything is trained on it (not only later, in evaluate)."""
-    from mood_data.load import has_local_test_split, load_splits
+    from mood_data.load import load_splits
+    from mood_data.sources import has_local_test_split
 
     splits = ("train", "test") if has_local_test_split(source) else ("train",)
     kwargs = {"splits": splits, "template": template}
@@ -59,17 +60,24 @@ def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | N
     return datasets.DatasetDict(train=ds.select(sorted(train_idx)), validation=ds.select(sorted(val_idx)))
 
 
-def train_validation_cut(recipe, source: str | None = None, train_split=None):
-    """THE seeded train / validation cut of a recipe's ID train split: ``(train, validation)``
-    (``datasets.Dataset`` each; seed 0, ``data.validation_fraction``, ``data.max_train_rows``).
-    Guard, LM and judge training, fitting, evaluate and export all use this one function; a
-    process computes it once and passes it along. ``source`` overrides ``data.source``;
-    ``train_split`` is the already loaded train split of that source (a caller that loads the
-    test split anyway loads both in one ``load_splits`` call instead of reading test twice)."""
-    d = recipe.data
-    raw = train_split if train_split is not None else load_train_split(source or d.source, d.template, d.registry)
-    parts = train_validation_split(raw, d.validation_fraction, seed=0, max_rows=d.max_train_rows)
+def validation_cut(source: str | None, *, template: str = "mood", registry: str | None = None,
+                   fraction: float = 0.1, max_rows: int | None = None, train_split=None):
+    """THE seeded train / validation cut of a source's ID train split: ``(train, validation)``
+    (``datasets.Dataset`` each; seed 0). Guard, LM and judge training, fitting, evaluate and
+    export all use this one function; a process computes it once and passes it along.
+    ``train_split``: the already loaded train split of that source (a caller that loads the test
+    split anyway loads both in one ``load_splits`` call instead of reading test twice)."""
+    raw = train_split if train_split is not None else load_train_split(source, template, registry)
+    parts = train_validation_split(raw, fraction, seed=0, max_rows=max_rows)
     return parts["train"], parts["validation"]
+
+
+def train_validation_cut(recipe, source: str | None = None, train_split=None):
+    """:func:`validation_cut` of a recipe's data section (``data.validation_fraction``,
+    ``data.max_train_rows``); ``source`` overrides ``data.source``."""
+    d = recipe.data
+    return validation_cut(source or d.source, template=d.template, registry=d.registry,
+                          fraction=d.validation_fraction, max_rows=d.max_train_rows, train_split=train_split)
 
 
 def tokenize_guard(ds, tokenizer, max_length: int):

@@ -15,7 +15,7 @@ import numpy as np
 
 from .entry import module_main
 from .loop import AdapterJob, train_adapter
-from .recipe import Recipe
+from .recipe_schema import Recipe
 
 
 def guard_score(logits) -> np.ndarray:

@@ -2,7 +2,7 @@
 reference used an SFT LoRA on the base model when no instruct variant exists).
 
 Training rows are built from the ID **train** slice only: for every row and every rubric in
-``judge.train_rubrics`` the exact prompt that :mod:`eval.judge` scores (rubric + few-shot
+``judge.train_rubrics`` the exact prompt that :mod:`eval.engine.judge_pass` scores (rubric + few-shot
 examples + conversation cut from the left + answer prompt + generation prompt), followed by ONE
 answer token: the rubric's ``targets`` value for the row's label mapped to the nearest answer
 (alignment: safe -> "0", unsafe -> "9"; uncertainty: "0"). The loss is on that token only.
@@ -11,7 +11,7 @@ The few-shot rows themselves are left out of the training prompts.
     moodguard train judge --recipe R judge.enabled=true [key=value ...]
     python -m train.judge --recipe R [--resume] [key=value ...]
 
-Output: ``<run>/judge/`` (adapter, tokenizer, metrics.json), found by ``eval.judge.load_judge``.
+Output: ``<run>/judge/`` (adapter, tokenizer, metrics.json), found by ``eval.run.judge.load_judge``.
 ``judge.model`` (default: the recipe's model) is the base that is tuned.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Sequence
 from .entry import module_main
 from .loop import AdapterJob, train_adapter
 from .lm import build_lm_model
-from .recipe import Recipe
+from .recipe_schema import Recipe
 
 
 def judge_recipe(recipe: Recipe) -> Recipe:
@@ -66,13 +66,13 @@ def build_judge_datasets(recipe: Recipe, tokenizer):
     import datasets
 
     from .data import train_validation_cut
-    from .judge_prompts import recipe_rubrics, select_shots
+    from .judge_prompts import load_rubrics, select_shots
 
     train, validation = train_validation_cut(recipe)
     split = {"train": train, "validation": validation}
     j = recipe.judge
     shots = select_shots(split["train"], j.n_shots, seed=j.shot_seed, max_chars=j.shot_max_chars)
-    rubrics = list(recipe_rubrics(recipe, j.train_rubrics).values())
+    rubrics = list(load_rubrics(j.alignment_rubric, j.uncertainty_rubric, j.train_rubrics).values())
     where = str(recipe.source_file or "recipe")
     return datasets.DatasetDict({k: datasets.Dataset.from_dict(sft_rows(v, tokenizer, rubrics, shots, j.max_length, where))
                                  for k, v in split.items()})

@@ -1,8 +1,8 @@
 """Judge prompts and rubrics: what the judge trainer (:mod:`train.judge`) and the judge scorer
-(:mod:`eval.judge`) must build identically, so it lives here where both import it downward.
+(:mod:`eval.engine.judge_pass`) must build identically, so it lives here where both import it downward.
 
 Rubrics are YAML data files (``train/rubrics/{alignment,uncertainty}.yaml``, replaceable via
-``judge.alignment_rubric`` / ``judge.uncertainty_rubric``); see :mod:`eval.judge` for the
+``judge.alignment_rubric`` / ``judge.uncertainty_rubric``); see :mod:`eval.engine.judge_pass` for the
 prompt layout and the scoring rule.
 """
 from __future__ import annotations
@@ -18,9 +18,6 @@ import numpy as np
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
 
-from .detector_table import TABLE
-
-RUBRIC_OF = {d.name: d.rubric for d in TABLE if d.rubric}  # judge detector -> its rubric (the table)
 RUBRICS_DIR = Path(__file__).resolve().parent / "rubrics"
 SENTINEL = "\u0000MOODGUARD_CONVERSATION\u0000"
 DIGIT_ANSWERS: dict[str, float] = {str(d): 100.0 * d / 9.0 for d in range(10)}
@@ -91,9 +88,11 @@ def load_rubric(name_or_path: str | Path | None = None, default: str = "alignmen
                   str(doc.get("answer_prefix") or ""))
 
 
-def recipe_rubrics(recipe, names: Sequence[str] = ("alignment", "uncertainty")) -> dict[str, Rubric]:
-    j = recipe.judge
-    files = {"alignment": j.alignment_rubric, "uncertainty": j.uncertainty_rubric}
+def load_rubrics(alignment: str | Path | None, uncertainty: str | Path | None,
+                 names: Sequence[str] = ("alignment", "uncertainty")) -> dict[str, Rubric]:
+    """The rubrics ``names`` from the judge section's files (``judge.alignment_rubric`` /
+    ``judge.uncertainty_rubric``; None = the packaged one)."""
+    files = {"alignment": alignment, "uncertainty": uncertainty}
     return {n: load_rubric(files[n], n) for n in names}
 
 

@@ -19,7 +19,8 @@ from mood_data.children import run_child
 from mood_data.errors import RecipeError
 
 from .loop import adapter_dirname, end_distributed
-from .recipe import REPO_ROOT, Recipe, accelerate_config_path
+from .recipe_files import REPO_ROOT, accelerate_config_path
+from .recipe_schema import Recipe
 
 CPU_CONFIGS = ("cpu",)
 

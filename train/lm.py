@@ -13,7 +13,7 @@ from typing import Sequence
 from .guard import lora_config
 from .entry import module_main
 from .loop import AdapterJob, train_adapter
-from .recipe import Recipe
+from .recipe_schema import Recipe
 
 
 def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):

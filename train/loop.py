@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 
 from mood_data.errors import RecipeError
 
-from .recipe import Recipe, TrainSection, gradient_accumulation_steps
+from .recipe_checks import gradient_accumulation_steps
+from .recipe_schema import Recipe, TrainSection
 
 
 @dataclass

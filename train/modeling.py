@@ -210,7 +210,7 @@ def check_lora(model, recipe, kind: str) -> None:
     """The recipe's LoRA for ``kind`` fits the loaded ``model`` before peft builds it: every
     target module exists, and ``r`` is at most min(in, out) of some module it adapts (a larger
     rank adds nothing and, at 1e9, asks for hundreds of GB)."""
-    from .recipe import display_path
+    from .recipe_files import display_path
 
     lo = recipe.section(kind).lora
     where = display_path(recipe.source_file) if recipe.source_file else "recipe"

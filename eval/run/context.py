@@ -1,0 +1,147 @@
+"""The evaluation's configuration, resolved ONCE from a recipe into plain values.
+
+The command line (or a public API call: ``evaluate_recipe``, ``fit_detectors``,
+``export_bundle``) loads the recipe and calls :func:`resolve`; everything below receives the
+:class:`EvalContext` (or a part of it) and never the :class:`~train.recipe_schema.Recipe`. This is
+also where the monitors are parsed, once: a recipe's ``eval.monitors`` with a one-line error
+naming the file (or override) that set them.
+
+* :class:`ModelSpec` -- the base model and where the run's adapters are (``<run>/guard``, ``lm``,
+  the seed members), dtype, device placement, remote code;
+* :class:`DataSpec` -- the data source and its cut (train / validation slice, test caps);
+* :class:`JudgeSpec` -- the judge (model, adapter, rubrics, few-shot examples);
+* the monitors (name -> detectors), the settings of the fitted detectors, the feature layers,
+  the pass settings (:class:`~eval.engine.planner.ScoreSettings`), fusion and thresholds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from mood_data.errors import RecipeError
+from train.recipe_typing import where
+
+from ..engine.detectors.knn import KNNSettings
+from ..engine.detectors.mahalanobis import MahalanobisSettings
+from ..engine.planner import Plan, ScoreSettings, plan
+from ..engine.table import DETECTORS, NAMES, fitted, needed, parse_monitor, parse_monitors
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The backbone of a run: the base (as the recipe names it) and its adapters' run folder."""
+
+    base: str
+    run_root: Path
+    tokenizer: str | None = None
+    dtype: str = "bfloat16"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    device: str | None = None  # --device
+    guard_seeds: tuple[int, ...] = (0,)  # several: an ensemble (<run>/guard-seed<S>, the first anchors)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the rows come from and how they are cut."""
+
+    source: str  # --source, else the recipe's data.source
+    recipe_source: str  # the recipe's data.source (named in meta.json settings)
+    template: str = "mood"
+    registry: str | None = None
+    validation_fraction: float = 0.1
+    max_train_rows: int | None = None
+    max_test_unsafe_per_domain: int | None = None
+    max_test_safe_per_domain: int | None = None
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    model: str | None = None  # null: the recipe's model
+    adapter: str | None = None  # null: <run>/judge when it holds an adapter
+    alignment_rubric: str | None = None
+    uncertainty_rubric: str | None = None
+    n_shots: int = 2
+    shot_seed: int = 0
+    shot_max_chars: int = 600
+    max_length: int = 2048
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Everything fit / evaluate / export need, resolved once."""
+
+    name: str  # the recipe's name (meta.json)
+    model: ModelSpec
+    data: DataSpec
+    judge: JudgeSpec
+    monitors: dict[str, tuple[str, ...]]  # canonical monitor name -> its detectors (first = anchor)
+    needed: tuple[str, ...]  # every detector the monitors use, table order
+    plan: Plan  # the passes that score them (eval.engine.planner)
+    stats_root: Path  # <run>/stats: fitted statistics and cached ID-validation scores
+    score: ScoreSettings  # how the passes read the model
+    layers: tuple[int, ...]  # the hidden-state layers the feature detectors read
+    detector_settings: dict[str, Any] = field(default_factory=dict)  # of every fitted detector
+    fusion: str = "lambda"
+    fprs: tuple[float, ...] = (0.005, 0.01, 0.02)
+    calibration_split: str = "test"
+    steps: dict[str, int | None] = field(default_factory=dict)  # guard / lm training steps (meta.json)
+    recipe_doc: Mapping[str, Any] = field(default_factory=dict, repr=False)  # the resolved recipe, copied into bundles
+
+
+def parse_recipe_monitors(recipe) -> dict[str, tuple[str, ...]]:
+    """THE parse of a recipe's ``eval.monitors``: ``{canonical name: detectors}``; an unknown
+    detector is a one-line RecipeError naming the file that set the key and ``eval.monitors[i]``."""
+    from train.recipe_files import display_path
+
+    fallback = display_path(recipe.source_file) if recipe.source_file else "recipe"
+    out: dict[str, tuple[str, ...]] = {}
+    for i, mon in enumerate(recipe.eval.monitors):
+        try:
+            parts = parse_monitor(mon)
+        except RecipeError:
+            raise RecipeError(f"{where(f'eval.monitors[{i}]', recipe.origins, fallback)}: key 'eval.monitors[{i}]': "
+                              f"unknown monitor {mon!r}; combine {list(NAMES)} with '+'") from None
+        out["+".join(parts)] = parts
+    return out
+
+
+def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | None = None, *,
+            predict_safe: bool = False, device: str | None = None) -> EvalContext:
+    """The :class:`EvalContext` of ``recipe``: ``monitors`` (default: its ``eval.monitors``),
+    ``source`` (default: its ``data.source``), ``--predict-safe`` and ``--device``."""
+    ev, d, j = recipe.eval, recipe.data, recipe.judge
+    if monitors is None:
+        parsed = parse_recipe_monitors(recipe)
+    else:
+        parsed = {name: parse_monitor(name) for name in parse_monitors(monitors)}
+    model = ModelSpec(base=recipe.model, run_root=Path(recipe.output_dir), tokenizer=recipe.tokenizer,
+                      dtype=recipe.dtype, device_map=ev.device_map, trust_remote_code=recipe.trust_remote_code,
+                      device=device, guard_seeds=tuple(recipe.guard.seeds))
+    data = DataSpec(source=source or d.source, recipe_source=d.source, template=d.template, registry=d.registry,
+                    validation_fraction=d.validation_fraction, max_train_rows=d.max_train_rows,
+                    max_test_unsafe_per_domain=d.max_test_unsafe_per_domain,
+                    max_test_safe_per_domain=d.max_test_safe_per_domain)
+    judge = JudgeSpec(model=j.model, adapter=j.adapter, alignment_rubric=j.alignment_rubric,
+                      uncertainty_rubric=j.uncertainty_rubric, n_shots=j.n_shots, shot_seed=j.shot_seed,
+                      shot_max_chars=j.shot_max_chars, max_length=j.max_length)
+    steps = {"guard": recipe.guard.max_steps if recipe.guard.max_steps and recipe.guard.max_steps > 0 else None,
+             "lm": recipe.lm.max_steps if recipe.lm.max_steps and recipe.lm.max_steps > 0 else None}
+    used = tuple(needed(parsed))
+    # the typed settings of each fitted detector the monitors use, from the recipe's eval section
+    m, k = ev.mahalanobis, ev.knn
+    known = {MahalanobisSettings: MahalanobisSettings(m.estimator, m.variant, m.ridge),
+             KNNSettings: KNNSettings(k.k, k.max_ref)}
+    return EvalContext(
+        name=recipe.name, model=model, data=data, judge=judge, monitors=parsed, needed=used, plan=plan(used),
+        stats_root=model.run_root / "stats",
+        score=ScoreSettings(ev.max_length, ev.batch_size, ev.mahalanobis.pooling, ev.perplexity.assistant_only,
+                            predict_safe),
+        layers=tuple(int(x) for x in ev.mahalanobis.layers),
+        detector_settings={n: known[DETECTORS[n].Settings] for n in fitted(used)},
+        fusion=ev.fusion, fprs=tuple(ev.fprs), calibration_split=ev.calibration_split, steps=steps,
+        recipe_doc=recipe.to_dict())
+
+
+__all__ = ["DataSpec", "EvalContext", "JudgeSpec", "ModelSpec", "parse_recipe_monitors", "resolve"]
