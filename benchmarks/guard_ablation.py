@@ -34,6 +34,7 @@ SETTINGS: dict[str, list[str]] = {
     "today": [],
     "head_lr": ["guard.head_learning_rate=1.0e-2"],
     "lpft": ["guard.init_head=probe"],
+    "lpft_c01": ["guard.init_head=probe", "guard.probe_c=0.1"],
     "lpft_head_lr": ["guard.init_head=probe", "guard.head_learning_rate=1.0e-3"],
     "epochs": ["guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
     "lpft_epochs": ["guard.init_head=probe", "guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
