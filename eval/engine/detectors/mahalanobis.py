@@ -31,6 +31,15 @@ inverse of the covariance in float64 (Cholesky solve; pseudo-inverse if singular
   Gaussian fitted on all train rows (safe and unsafe), same estimator.
 
 All scores: higher = more unsafe / OOD.
+
+Sufficient statistics (``moodguard refresh``): a detector fitted here keeps, per fitted class,
+the accumulator in centred form -- count ``n``, ``mean``, ``scatter = sum (x-m)(x-m)^T`` and the
+two higher moments the shrinkage estimators need (``third = sum ||x-m||^2 (x-m)``, ``q4 = sum
+||x-m||^4``), all float64 -- and saves them beside the mean and precision (``suff_*`` tensors).
+:meth:`MahalanobisDetector.updated` adds new rows to them (the exact merge of
+:meth:`GaussianAccumulator.merge`) and finalises again: the same detector as a full refit on the
+old and the new rows, without a pass over the old rows. A detector saved before these statistics
+existed loads and scores as before, but cannot be updated (:attr:`MahalanobisDetector.updatable`).
 """
 from __future__ import annotations
 
@@ -127,6 +136,17 @@ class GaussianAccumulator:
         _, s2, _, q = _reshift(self.n, self.s1, self.s2, self.t, self.q, delta)
         s2 = 0.5 * (s2 + s2.T)
         return self.shift + delta, s2, max(q, 0.0)
+
+    def centred_state(self) -> "GaussianAccumulator":
+        """The same rows' accumulator shifted to their mean: ``shift`` = mean, ``s2`` = scatter,
+        ``t`` = sum ||x-m||^2 (x-m), ``q`` = sum ||x-m||^4 (``s1`` = 0 up to rounding, dropped):
+        the sufficient statistics a detector stores (:meth:`MahalanobisDetector.updated`)."""
+        if self.n == 0:
+            return GaussianAccumulator()
+        delta = self.s1 / self.n
+        _, s2, t, q = _reshift(self.n, self.s1, self.s2, self.t, self.q, delta)
+        out = GaussianAccumulator(self.n, self.shift + delta, np.zeros_like(self.s1), 0.5 * (s2 + s2.T), t, float(q))
+        return out
 
     def finalize(self, estimator: str = "empirical", ridge: float = 1e-6) -> "GaussianStats":
         mean, scatter, q = self.centred()
@@ -279,7 +299,13 @@ class MahalanobisFitter:
                                shrinkage=shrink, precision=g.precision)
             gauss = {"": g, "unsafe_": gu}
             meta.update(shrinkage=shrink, n=n, n_safe=self.safe.n, n_unsafe=self.unsafe.n)
-        return MahalanobisDetector(gauss, meta, store_covariance=store_covariance)
+        return MahalanobisDetector(gauss, meta, store_covariance=store_covariance,
+                                   sufficient=MahalanobisFitter(self.variant, self.safe.centred_state(),
+                                                                self.unsafe.centred_state()))
+
+
+# the accumulators a detector stores (tensor prefix, MahalanobisFitter field)
+SUFFICIENT = (("suff_", "safe"), ("suff_unsafe_", "unsafe"))
 
 
 @dataclass(frozen=True)
@@ -300,10 +326,30 @@ class MahalanobisDetector(Detector):
     Settings = MahalanobisSettings
     KIND = "mahalanobis"  # the statistics files' "detector" field
 
-    def __init__(self, gaussians: dict[str, GaussianStats], meta: dict, store_covariance: bool = False):
+    def __init__(self, gaussians: dict[str, GaussianStats], meta: dict, store_covariance: bool = False,
+                 sufficient: MahalanobisFitter | None = None):
         self.gaussians = gaussians
         self.meta = meta
         self.store_covariance = store_covariance
+        self.sufficient = sufficient  # the fitted rows' centred accumulators (None: saved without them)
+
+    @property
+    def updatable(self) -> bool:
+        """True when the detector holds its sufficient statistics (it can take new rows exactly)."""
+        return self.sufficient is not None
+
+    def updated(self, features, malign=None, *, metadata: dict | None = None) -> "MahalanobisDetector":
+        """The detector refitted on its own rows plus ``features`` (``malign`` per row as in
+        :meth:`MahalanobisFitter.update`), from the stored sufficient statistics: equal to a full
+        refit on old + new rows up to float64 rounding, without the old rows. Same estimator,
+        ridge, variant and class score; ``metadata`` replaces the recorded cache parts."""
+        if self.sufficient is None:
+            raise DataError("mahalanobis: these statistics were saved without their sufficient statistics "
+                            "(count, mean, scatter): they cannot be updated, only refitted")
+        fitter = copy.deepcopy(self.sufficient).update(features, malign)
+        return fitter.finalize(self.meta["estimator"], self.meta["ridge"], class_score=self.meta["class_score"],
+                               store_covariance=self.store_covariance,
+                               metadata=self.meta.get("metadata") if metadata is None else metadata)
 
     @property
     def settings(self) -> MahalanobisSettings:
@@ -350,7 +396,14 @@ class MahalanobisDetector(Detector):
                 tensors[f"{prefix}precision"] = g.precision
                 if self.store_covariance:
                     tensors[f"{prefix}covariance"] = g.covariance
-        return save_tensors(directory, name, tensors, {"detector": self.KIND, **self.meta})
+        meta = dict(self.meta)
+        if self.sufficient is not None:
+            for prefix, which in SUFFICIENT:
+                acc = getattr(self.sufficient, which)
+                if acc.n:
+                    tensors.update({f"{prefix}mean": acc.shift, f"{prefix}scatter": acc.s2, f"{prefix}third": acc.t})
+                    meta[f"{prefix}n"], meta[f"{prefix}q4"] = int(acc.n), float(acc.q)
+        return save_tensors(directory, name, tensors, {"detector": self.KIND, **meta})
 
     @classmethod
     def load(cls, directory: str | Path, name: str) -> "MahalanobisDetector":
@@ -375,8 +428,33 @@ class MahalanobisDetector(Detector):
                 n=int(meta.get("n", 0)), estimator=meta.get("estimator"), ridge=meta.get("ridge"),
                 shrinkage=meta.get("shrinkage", 0.0),
             )
-        meta = {k: v for k, v in meta.items() if k not in ("detector", "tensors", "sha256", "format_version")}
-        return cls(gauss, meta, store_covariance="covariance" in tensors)
+        sufficient = _load_sufficient(path, Path(directory) / f"{name}.json", tensors, meta, variant, d)
+        meta = {k: v for k, v in meta.items() if k not in ("detector", "tensors", "sha256", "format_version")
+                and not k.startswith("suff_")}
+        return cls(gauss, meta, store_covariance="covariance" in tensors, sufficient=sufficient)
+
+
+def _load_sufficient(tpath: Path, jpath: Path, tensors: dict, meta: dict, variant: str, d: int):
+    """The stored accumulators (None when the file has none: saved before they were stored)."""
+    if "suff_mean" not in tensors:
+        return None
+    fitter = MahalanobisFitter(variant)
+    for prefix, which in SUFFICIENT:
+        if f"{prefix}mean" not in tensors:
+            continue
+        for key, shape in ((f"{prefix}mean", (d,)), (f"{prefix}scatter", (d, d)), (f"{prefix}third", (d,))):
+            if key not in tensors:
+                raise_bad(tpath, key, "missing")
+            check_shape(tpath, key, tensors[key], shape)
+        n, q4 = meta.get(f"{prefix}n"), meta.get(f"{prefix}q4")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise_bad(jpath, f"{prefix}n", f"expected a row count >= 1, got {n!r}")
+        if not isinstance(q4, (int, float)) or isinstance(q4, bool) or not np.isfinite(q4) or q4 < 0:
+            raise_bad(jpath, f"{prefix}q4", f"expected a finite number >= 0, got {q4!r}")
+        mean = tensors[f"{prefix}mean"].astype(np.float64)
+        setattr(fitter, which, GaussianAccumulator(n, mean, np.zeros(d), tensors[f"{prefix}scatter"].astype(np.float64),
+                                                   tensors[f"{prefix}third"].astype(np.float64), float(q4)))
+    return fitter
 
 
 def raise_bad(path: Path, key: str, what: str):
