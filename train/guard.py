@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mood_data.errors import RecipeError
+
 from .entry import module_main
 from .loop import AdapterJob, train_adapter
 from .recipe_schema import Recipe
@@ -46,10 +48,28 @@ def lora_config(recipe: Recipe, kind: str, task_type):
                       target_modules=lo.target_modules)
 
 
-def build_guard_model(recipe: Recipe, tokenizer):
-    from peft import TaskType, get_peft_model
+def adapted_model(model, recipe: Recipe, kind: str, task_type):
+    """``model`` with its LoRA: a fresh one (``get_peft_model``), or with ``<kind>.init_adapter``
+    the weights of that adapter (a guard's head too), trainable (the warm start of ``moodguard
+    refresh --mode continue``); shapes are checked with the recipe (train.recipe_checks)."""
+    from peft import PeftModel, get_peft_model
 
     from .distributed import peft_model_kwargs
+
+    config = lora_config(recipe, kind, task_type)
+    init = recipe.section(kind).init_adapter
+    if init is None:
+        return get_peft_model(model, config, **peft_model_kwargs())  # under ZeRO-3: autocast off (DeepSpeed 8072)
+    try:
+        return PeftModel.from_pretrained(model, init, config=config, is_trainable=True, **peft_model_kwargs())
+    except (RuntimeError, ValueError, OSError) as exc:  # a weight of another shape, an unreadable file
+        raise RecipeError(f"{recipe.source_file}: key '{kind}.init_adapter': {init}: cannot be loaded "
+                          f"({' '.join(str(exc).split())[:200]})") from None
+
+
+def build_guard_model(recipe: Recipe, tokenizer):
+    from peft import TaskType
+
     from .modeling import check_lora, load_guard_model
 
     kwargs = {"attn_implementation": recipe.attn_implementation} if recipe.attn_implementation else {}
@@ -57,9 +77,7 @@ def build_guard_model(recipe: Recipe, tokenizer):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     check_lora(model, recipe, "guard")  # before peft allocates the LoRA matrices
-    # under ZeRO-3: autocast_adapter_dtype=False (DeepSpeed issue 8072)
-    model = get_peft_model(model, lora_config(recipe, "guard", TaskType.SEQ_CLS), **peft_model_kwargs())
-    return model
+    return adapted_model(model, recipe, "guard", TaskType.SEQ_CLS)
 
 
 def build_guard_datasets(recipe: Recipe, tokenizer):

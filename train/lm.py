@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .guard import lora_config
+from .guard import adapted_model
 from .entry import module_main
 from .loop import AdapterJob, train_adapter
 from .recipe_schema import Recipe
@@ -19,9 +19,8 @@ from .recipe_schema import Recipe
 def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
     """LoRA (``TaskType.CAUSAL_LM``) on the recipe's causal LM, with the LoRA settings of
     ``section`` (``lm`` here; the judge reuses it with ``judge``)."""
-    from peft import TaskType, get_peft_model
+    from peft import TaskType
 
-    from .distributed import peft_model_kwargs
     from .modeling import check_lora, load_causal_lm
 
     kwargs = {"attn_implementation": recipe.attn_implementation} if recipe.attn_implementation else {}
@@ -30,8 +29,7 @@ def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     check_lora(model, recipe, section)  # before peft allocates the LoRA matrices
-    # under ZeRO-3: autocast_adapter_dtype=False (DeepSpeed issue 8072)
-    return get_peft_model(model, lora_config(recipe, section, TaskType.CAUSAL_LM), **peft_model_kwargs())
+    return adapted_model(model, recipe, section, TaskType.CAUSAL_LM)
 
 
 def build_lm_datasets(recipe: Recipe, tokenizer):

@@ -119,6 +119,8 @@ def check_recipe(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> No
         if sec.pad_to_multiple_of is not None and sec.pad_to_multiple_of < 1:
             fail(f"{kind}.pad_to_multiple_of", "must be >= 1 or null")
         _check_selection_and_head(kind, sec, fail)
+        if sec.init_adapter is not None:
+            _check_init_adapter(kind, sec, fail)
         try:
             gradient_accumulation_steps(sec.global_batch_size, sec.per_device_batch_size, acc.num_processes)
         except RecipeError:
@@ -196,6 +198,44 @@ def _check_selection_and_head(kind: str, sec: TrainSection, fail) -> None:
             fail(f"{kind}.class_weights", f"expected 'balanced', null or two weights [safe, unsafe], got {len(cw)} values")
         if any(w <= 0 for w in cw):
             fail(f"{kind}.class_weights", f"weights must be > 0, got {cw}")
+
+
+# the peft task type of each kind's adapter (a warm start must continue an adapter of its own kind)
+TASK_TYPES = {"guard": "SEQ_CLS", "lm": "CAUSAL_LM", "judge": "CAUSAL_LM"}
+
+
+def _check_init_adapter(kind: str, sec: TrainSection, fail) -> None:
+    """``<kind>.init_adapter``: an adapter folder of this kind whose LoRA shape is the recipe's,
+    one seed, and no probe head (the warm-started head would be replaced)."""
+    from pathlib import Path
+
+    from mood_data.errors import MoodguardError
+    from mood_data.readers import read_json
+
+    key = f"{kind}.init_adapter"
+    folder = Path(sec.init_adapter)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            fail(key, f"{folder}: no {name} (expected a {kind} adapter folder)")
+    try:
+        cfg = read_json(folder / "adapter_config.json", RecipeError)
+    except MoodguardError as exc:
+        fail(key, str(exc))
+    if cfg.get("task_type") != TASK_TYPES[kind]:
+        fail(key, f"{folder}: a {cfg.get('task_type')} adapter, not a {kind} ({TASK_TYPES[kind]}) adapter")
+    lo = sec.lora
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else sorted(lo.target_modules)
+    theirs = cfg.get("target_modules")
+    theirs = sorted(theirs) if isinstance(theirs, list) else theirs
+    for name, mine, other in (("r", lo.r, cfg.get("r")), ("alpha", lo.alpha, cfg.get("lora_alpha")),
+                              ("target_modules", targets, theirs)):
+        if mine != other:
+            fail(key, f"{folder}: its LoRA {name} is {short_repr(other)} but {kind}.lora.{name} is {short_repr(mine)} "
+                      "(a warm start continues the same adapter shape)")
+    if len(sec.seeds) != 1:
+        fail(key, f"a warm start continues one adapter; {kind}.seeds must hold one seed, got {sec.seeds}")
+    if kind == "guard" and sec.init_head != "random":
+        fail(key, "the warm-started head would be replaced by guard.init_head: probe; leave init_head at random")
 
 
 __all__ = ["MAX_BATCH", "MAX_GLOBAL_BATCH", "MAX_LORA_R", "MAX_PROCESSES", "MAX_SEED", "MAX_TOKENS", "SIZE_LIMITS",

@@ -84,6 +84,10 @@ class TrainSection:
     pad_to_multiple_of: int | None = setting(8, "pad batches to a multiple of this many tokens; null = no rounding")
     packing: bool = setting(False, "causal LM only: padding-free packing (flattened batches with position ids)")
     parallel_members: int = setting(1, "seed members trained at once, one process each; 1 = one after the other")
+    init_adapter: str | None = setting(None, "warm start: an adapter folder of this kind (adapter_config.json + "
+                                             "adapter_model.safetensors; a guard's with its head) whose weights the "
+                                             "training continues from (moodguard refresh --mode continue); its LoRA "
+                                             "shape must equal lora below; null = a fresh LoRA")
     lora: LoraSection = factory(LoraSection, "the LoRA adapter")
 
 
