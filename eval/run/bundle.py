@@ -16,6 +16,9 @@ Layout (``moodguard export``)::
     <bundle>/fusion.json         fitted fusion parameters (eval.engine.fusion.Fusion)
     <bundle>/thresholds.json     fused-score thresholds at the chosen FPRs + where they came from
     <bundle>/recipe.yaml         the fully resolved recipe
+    <bundle>/lineage.json        where it came from: parent bundle (sha256 of its manifest), data
+                                 fingerprints, refresh mode, gate figures, code version
+                                 (:mod:`eval.run.lineage`; ``moodguard lineage``)
     <bundle>/moodguard-bundle.json   the marker: with the manifest, what tells ``export`` that an
                                  existing folder is a bundle it wrote (which it may replace)
     <bundle>/manifest.json       sha256 of every other file
@@ -59,6 +62,7 @@ from .cache import read_calibration
 from .context import EvalContext
 from .ensemble import member_names
 from .fitting import extra_detector_scores, fit_statistics, load_stats
+from .lineage import LINEAGE, root_lineage
 
 MANIFEST = "manifest.json"
 MARKER = "moodguard-bundle.json"  # with the manifest: "a bundle this tool wrote" (export may replace it)
@@ -169,10 +173,13 @@ def _copy_adapter(src: Path, dst: Path) -> None:
         shutil.copy2(Path(src) / f, dst / f)
 
 
-def export(ctx: EvalContext, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def export(ctx: EvalContext, out_dir: str | Path, *, overwrite: bool = False, cut=None,
+           lineage: dict | None = None) -> Path:
     """Write the bundle of the one monitor of ``ctx`` (evaluating it first if needed).
     ``out_dir`` may be new, empty or a bundle this tool wrote; anything else only with
-    ``overwrite`` (moved aside, never deleted): :func:`check_export_out`."""
+    ``overwrite`` (moved aside, never deleted): :func:`check_export_out`. ``cut``: the
+    ``(train, validation)`` slices to fit on (default: the data's seeded cut; a refresh passes
+    its old + new slices); ``lineage``: its ``lineage.json`` (default: a root, from ``cut``)."""
     from mood_data.domains import load_registry
     from mood_data.sources import check_source
 
@@ -196,9 +203,10 @@ def export(ctx: EvalContext, out_dir: str | Path, *, overwrite: bool = False) ->
         read_json(meta_path, BundleError).get("predict_safe", False) == ctx.score.predict_safe
     loaded = load_backbone(ctx.model, guard_dir, lm_dir)  # once, for evaluate, fit and the extra detectors
     if fresh:
-        cut = data_cut(ctx.data)  # once, likewise
+        cut = cut or data_cut(ctx.data)  # once, likewise
     else:  # evaluate needs the test split: the cut comes from the same read
-        splits, cut = eval_splits(ctx.data)
+        splits, own_cut = eval_splits(ctx.data)
+        cut = cut or own_cut
         evaluate(ctx, loaded, splits, cut)
     analysis = read_json(apath, BundleError)
     fitted = fit_statistics(ctx, loaded, cut)  # cache hits after evaluate
@@ -259,7 +267,10 @@ def export(ctx: EvalContext, out_dir: str | Path, *, overwrite: bool = False) ->
             **extra_spec,
         })
         metrics = read_json(guard_dir / "metrics.json", BundleError) if (guard_dir / "metrics.json").is_file() else {}
-        card = bundle_card(out_dir, dict(ctx.recipe_doc), analysis, monitor, read_json(meta_path, BundleError), metrics)
+        lineage = lineage if lineage is not None else root_lineage(monitor, cut)
+        atomic.write_json(tmp / LINEAGE, lineage)
+        card = bundle_card(out_dir, dict(ctx.recipe_doc), analysis, monitor, read_json(meta_path, BundleError), metrics,
+                           lineage=lineage)
         atomic.write_text(tmp / "README.md", str(card))  # the model card, covered by the manifest
         atomic.write_json(tmp / MARKER, {"moodguard_bundle": FORMAT})
         write_manifest(tmp)

@@ -97,9 +97,10 @@ def write_cards(path: str | os.PathLike, fpr: float = 0.01) -> list[Path]:
 
 
 def bundle_card(bundle_dir: Path, recipe_doc: dict, analysis: dict, monitor: str, meta: dict | None = None,
-                metrics: dict | None = None, fpr: float = 0.01):
+                metrics: dict | None = None, fpr: float = 0.01, lineage: dict | None = None):
     """The card of a bundle being exported (written into it before its manifest); ``recipe_doc``:
-    the resolved recipe as a mapping (what the bundle's recipe.yaml holds)."""
+    the resolved recipe as a mapping (what the bundle's recipe.yaml holds); ``lineage``: its
+    lineage.json (the card shows the chain)."""
     from ..report.caveats import analysis_warnings
 
     o = analysis.get(OVERALL) or {}
@@ -111,6 +112,10 @@ def bundle_card(bundle_dir: Path, recipe_doc: dict, analysis: dict, monitor: str
     thr = ", ".join(f"FPR {k}: {v:.4f}" for k, v in (analysis.get("thresholds") or {}).items() if v is not None)
     usage = ("## Use\n\n```\nmoodguard score --monitor <this folder> conversations.jsonl --out scores.jsonl\n```\n\n"
              f"Thresholds on the fused score (flag when strictly above): {thr}.")
+    if lineage is not None:
+        from .lineage import lineage_markdown
+
+        usage += "\n\n" + lineage_markdown(lineage)
     return build_card("bundle", name=f"{recipe_doc.get('name') or bundle_dir.name}-{monitor}",
                       base_model=recipe_doc.get("model"), recipe=recipe_doc, metrics=metrics, evals=[ev], extra=usage)
 
