@@ -67,3 +67,20 @@ def test_warm_start_refusals_are_one_line(first, tmp_path, capsys):
         assert rc == 2 and len(err.strip().splitlines()) == 1, err
         assert __import__("re").search(pattern, err), err
     assert not (tmp_path / "x" / "guard").exists()
+
+
+def test_one_class_training_rows_finish_with_a_null_auroc(tmp_path, tiny_model_dir, capsys):
+    """Training on unsafe rows only (a refresh on an incident's rows without replay): the
+    validation AUROC is undefined; metrics.json records null instead of the run failing at the
+    very end on a NaN it may not write."""
+    from conftest import make_rows, write_jsonl
+
+    rows = [r for r in make_rows(12, split="train") if r["malign"] == 1]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "data", tmp_path / "run",
+                               guard__max_steps=2, guard__save_steps=2)
+    capsys.readouterr()
+    assert moodguard(["train", "guard", "--recipe", str(recipe)]) == 0
+    metrics = json.loads((tmp_path / "run" / "guard" / "metrics.json").read_text())
+    assert metrics["validation"]["eval_auroc"] is None and metrics["validation"]["eval_loss"] > 0
+    assert "validation eval_auroc is nan (a validation slice with one class?): recorded as null" in capsys.readouterr().err

@@ -316,6 +316,23 @@ def _write_run_files(out: Path, recipe: Recipe, metrics: dict) -> None:
     write_json(out / "versions.json", save_versions())
 
 
+def finite_or_null(metrics: dict, kind: str) -> dict:
+    """Validation metrics for metrics.json: a value that is not a finite number (the AUROC of a
+    validation slice holding one class, e.g. a refresh on unsafe rows only) is recorded as null,
+    with one warning line, instead of failing the write after the whole training."""
+    import math
+    import sys
+
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            print(f"moodguard: warning: {kind}: validation {k} is {v} (a validation slice with one class?): "
+                  "recorded as null", file=sys.stderr)
+            v = None
+        out[k] = v
+    return out
+
+
 def hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value: no network to use."""
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
@@ -412,7 +429,7 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
                 "kind": job.kind,
                 "seed": seed,
                 "train": dict(train_out.metrics),
-                "validation": dict(val),
+                "validation": finite_or_null(dict(val), job.kind),
                 "n_train": len(datasets_["train"]),
                 "n_validation": len(datasets_["validation"]),
                 "num_processes": args.world_size,
