@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("moodguard.cli_bundle", "export a monitor bundle"),
     "score": ("moodguard.cli_bundle", "score conversations with a monitor bundle"),
     "push": ("moodguard.cli_bundle", "upload a run, adapter or bundle (with its model card) to the Hugging Face Hub"),
+    "refresh": ("moodguard.cli_refresh", "update a deployed monitor on new data: drift, update, gate, lineage"),
     "lineage": ("moodguard.cli_refresh", "print where a bundle came from (its chain of refreshes)"),
     "sweep": ("moodguard.cli_sweep", "run a scaling sweep over recipes"),
     "chart": ("moodguard.cli_sweep", "chart recall vs parameter count for a sweep"),

@@ -37,11 +37,7 @@ def fit_feature_detectors(ctx: EvalContext, loaded: Loaded, rows, kinds: Sequenc
     todo: list[tuple[str, int, Path, dict]] = []
     for kind in kinds:
         for layer in ctx.layers:
-            # the statistics cache key: what every fitted detector shares + the detector's settings
-            parts = {"kind": kind, "model": ctx.model.base, "adapter": loaded.guard_hash, "layer": int(layer),
-                     "pooling": ctx.score.pooling, "max_length": ctx.score.max_length, "data": fp,
-                     **DETECTORS[kind].cache_parts(ctx.detector_settings[kind])}
-            d = ctx.stats_root / cache_key(**parts)
+            d, parts = stats_entry(ctx, loaded, fp, kind, layer)
             dirs[kind][layer] = d
             if (d / "meta.json").is_file() and cache_intact(d):  # an edited entry is refitted, not trusted
                 try:
@@ -64,13 +60,58 @@ def fit_feature_detectors(ctx: EvalContext, loaded: Loaded, rows, kinds: Sequenc
     guard_pass(loaded.backbone, enc, batch_size=ctx.score.batch_size, layers=sorted({t[1] for t in todo}),
                pooling=ctx.score.pooling, on_batch=update, desc="fit: guard forward")
     for kind, layer, d, parts in todo:
-        det = fitters[(kind, layer)].finalize(metadata=parts)
-        with atomic.atomic_dir(d) as tmp:
-            det.save(tmp, kind)
-            atomic.write_json(tmp / "meta.json", {"kind": kind, "key": d.name, "parts": parts,
-                                                  "n_rows": len(enc.input_ids), "truncated_rows": enc.n_truncated,
-                                                  "sha256": cache_digests(tmp)})
+        save_stats(d, fitters[(kind, layer)].finalize(metadata=parts), kind, parts, len(enc.input_ids), enc.n_truncated)
     return dirs
+
+
+def stats_entry(ctx: EvalContext, loaded: Loaded, data_fp: str, kind: str, layer: int) -> tuple[Path, dict]:
+    """``(<run>/stats/<key>, parts)`` of a fitted detector: the statistics cache key is what every
+    fitted detector shares (base, guard adapter, layer, pooling, context, the fit slice's
+    fingerprint) + the detector's settings."""
+    parts = {"kind": kind, "model": ctx.model.base, "adapter": loaded.guard_hash, "layer": int(layer),
+             "pooling": ctx.score.pooling, "max_length": ctx.score.max_length, "data": data_fp,
+             **DETECTORS[kind].cache_parts(ctx.detector_settings[kind])}
+    return ctx.stats_root / cache_key(**parts), parts
+
+
+def save_stats(d: Path, det, kind: str, parts: dict, n_rows: int, n_truncated: int) -> None:
+    """One cache entry: the detector's files and ``meta.json`` (its key's parts, sha256 of each file)."""
+    with atomic.atomic_dir(d) as tmp:
+        det.save(tmp, kind)
+        atomic.write_json(tmp / "meta.json", {"kind": kind, "key": d.name, "parts": parts, "n_rows": n_rows,
+                                              "truncated_rows": n_truncated, "sha256": cache_digests(tmp)})
+
+
+def update_feature_detectors(ctx: EvalContext, loaded: Loaded, fitted: dict, train_rows, new_rows) -> dict[str, int]:
+    """The fitted detectors of ``fitted`` (``{kind: {layer: detector}}``, fitted on ``train_rows``
+    minus ``new_rows`` with this guard adapter) updated with ``new_rows`` from their sufficient
+    statistics (``detector.updated``): ONE guard forward over the new rows only, none over the
+    old ones. Each result is written where :func:`fit_feature_detectors` would put a full fit on
+    ``train_rows`` (same key), so fitting finds it. Returns ``{kind: layers updated}``."""
+    fp = fingerprint(train_rows["id"], train_rows["conversation"])
+    malign = np.asarray(new_rows["malign"], dtype=np.int64)
+    feats: dict[int, list] = {int(layer): [] for per in fitted.values() for layer in per}
+    enc = encode(loaded.tokenizer, list(new_rows["conversation"]), ctx.score.max_length)
+    order: list = []
+
+    def keep(batch: GuardBatch) -> None:
+        order.append(np.asarray(batch.index))
+        for layer in feats:
+            feats[layer].append(np.asarray(batch.features[layer], dtype=np.float64))
+
+    if len(new_rows):
+        guard_pass(loaded.backbone, enc, batch_size=ctx.score.batch_size, layers=sorted(feats), pooling=ctx.score.pooling,
+                   on_batch=keep, desc="refresh: guard forward (new rows)")
+    index = np.concatenate(order) if order else np.zeros(0, np.int64)
+    done: dict[str, int] = {}
+    for kind, per in fitted.items():
+        for layer, det in per.items():
+            x = np.concatenate(feats[int(layer)]) if feats[int(layer)] else np.zeros((0, det.meta["d"]))
+            d, parts = stats_entry(ctx, loaded, fp, kind, layer)
+            updated = det.updated(x, malign[index], metadata=parts)
+            save_stats(d, updated, kind, parts, len(train_rows), enc.n_truncated)
+            done[kind] = done.get(kind, 0) + 1
+    return done
 
 
 def fit_statistics(ctx: EvalContext, loaded: Loaded, cut) -> dict:
@@ -148,4 +189,4 @@ def fit_detectors(recipe, *, source=None, predict_safe: bool = False, device: st
 
 
 __all__ = ["calibration_scores", "extra_detector_scores", "fit_detectors", "fit_feature_detectors", "fit_statistics",
-           "load_stats", "run_fit"]
+           "load_stats", "run_fit", "save_stats", "stats_entry", "update_feature_detectors"]
