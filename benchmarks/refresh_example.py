@@ -45,8 +45,8 @@ RECIPE = {
     "data": {"max_test_unsafe_per_domain": 40, "max_test_safe_per_domain": 150},
     "eval": {"max_length": 160, "batch_size": 32, "monitors": [MONITOR]},
 }
-# the refresh's update: fewer steps than the first training (a continuation)
-REFRESH_OVERRIDES = ["guard.max_steps=60"]
+# the refresh's update: the deployed recipe's settings, as many guard steps as the first training
+REFRESH_OVERRIDES: list[str] = []  # the parent recipe's steps (guard.max_steps 150)
 
 
 def write_jsonl(path: Path, rows) -> None:
@@ -124,13 +124,12 @@ def figures(refresh_dir: Path, gate: dict) -> dict:
             "seconds": sum(v["seconds"] for v in led.values())}
 
 
-SETUPS = {  # name: refresh arguments
+SETUPS = {  # name: refresh arguments (after REFRESH_OVERRIDES)
+    "continue, new + 5x replayed (default)": ["--mode", "continue"],
+    "continue, new + 2x replayed": ["--mode", "continue", "--replay", "2x"],
     "continue, old + new (replay all)": ["--mode", "continue", "--replay", "all"],
-    "continue, old + new, 150 steps": ["--mode", "continue", "--replay", "all", "guard.max_steps=150"],
-    "continue, new + 200 replayed": ["--mode", "continue", "--replay", "200"],
     "continue, new only (replay 0)": ["--mode", "continue", "--replay", "0"],
     "retrain, old + new": ["--mode", "retrain"],
-    "retrain, old + new, 150 steps": ["--mode", "retrain", "guard.max_steps=150"],
     "stats only (adapters kept)": ["--mode", "stats"],
 }
 
@@ -151,7 +150,7 @@ def measure(out: Path, setups: list[str]) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| setup | wall s | ID recall (parent) | ID AUROC | forgetting | tool-missing recall (parent) | "
+    lines = ["| setup | wall s | ID recall (parent) | candidate ID AUROC* | forgetting | tool-missing recall (parent) | "
              "other OOD mean (parent) | gate |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['wall_seconds']:.0f} | {r['id_recall']:.3f} ({r['id_recall_old']:.3f}) | "

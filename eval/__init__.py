@@ -12,6 +12,8 @@ points: they resolve the recipe once, :func:`eval.run.context.resolve`)::
     export_bundle(recipe, "bundle/", "guard+maha")
     Monitor.load("bundle/").score(["<start_of_turn>user\\nhi<end_of_turn>"])
     score_stream(Monitor.load("bundle/"), scan_input("in.jsonl"), "out.jsonl")  # chunked, resumable
+    res = refresh(RefreshRequest(source="bundle/", data="new.jsonl", out="r1/"))  # docs/refresh.md
+    res.promoted, res.reason, res.bundle        # exit_code 0 promoted / 3 held back; read_lineage(res.bundle)
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ _EXPORTS = {
     "resolve": "eval.run.context", "Monitor": "eval.run.bundle", "score_stream": "eval.run.streaming",
     "scan_input": "eval.run.streaming", "analyze": "eval.engine.metrics", "tpr_at_fpr": "eval.engine.metrics",
     "DETECTORS": "eval.engine.table", "parse_monitor": "eval.engine.table", "parse_monitors": "eval.engine.table",
+    "refresh": "eval.run.refresh", "RefreshRequest": "eval.run.refresh", "read_lineage": "eval.run.lineage",
 }
 __all__ = sorted(_EXPORTS)
 

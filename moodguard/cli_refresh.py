@@ -18,9 +18,9 @@ def add_refresh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("continue", "retrain", "stats"), default="continue",
                    help="continue: warm start from the deployed adapters (default); retrain: fresh adapters from the "
                         "base model; stats: adapters kept, statistics updated from their sufficient statistics")
-    p.add_argument("--replay", default="all", metavar="all|N",
-                   help="continue mode: train on old + new train rows (all, the default) or on the new train rows "
-                        "plus N seeded old train rows")
+    p.add_argument("--replay", default=None, metavar="all|N|Kx",
+                   help="continue mode: train on the new train rows plus N seeded old train rows (Kx: K times the "
+                        "new train rows; default 5x), or on every old + new train row (all)")
     p.add_argument("--recipe", default=None,
                    help="training / evaluation settings (default: the deployed bundle's recipe.yaml); its base model "
                         "must be the bundle's")

@@ -162,7 +162,7 @@ def test_promoted_bundle_is_the_candidate_with_the_gate_in_its_lineage(world, co
     assert moodguard(["lineage", str(bundle)]) == 0
     text = capsys.readouterr().out
     assert f"1. {sha256_file(world / 'v1' / 'manifest.json')[:16]}  export" in text
-    assert "2. " in text and "continue  guard+maha+ppl  gate: promoted: promoted: test  <- this bundle" in text
+    assert "2. " in text and "continue  guard+maha+ppl  gate: promoted: test  <- this bundle" in text
     assert f"read from {world / 'v1'} (verified: same sha256)" in text
     rows = Monitor.load(bundle).score(["<start_of_turn>user\nhi<end_of_turn>\n"])
     assert rows[0]["score"] is not None

@@ -196,7 +196,7 @@ def test_bad_requests_are_one_line_before_anything_is_written(tmp_path, capsys):
     data.write_text("")
     base = ["refresh", "--from", str(src), "--data", str(data)]
     cases = [
-        ([*base, "--out", str(tmp_path / "o"), "--replay", "some"], "--replay 'some': expected 'all' or a number"),
+        ([*base, "--out", str(tmp_path / "o"), "--replay", "some"], "--replay 'some': expected 'all', a number of old train rows >= 0, or Kx"),
         ([*base, "--out", str(tmp_path / "o"), "--mode", "retrain", "--replay", "5"], "replay is a continue-mode choice"),
         ([*base, "--out", str(tmp_path / "o"), "--test-fraction", "1"], "--test-fraction 1.0: must be in (0, 1)"),
         ([*base, "--out", str(tmp_path / "o"), "--n-boot", "0"], "--n-boot 0: the gate needs bootstrap intervals"),

@@ -146,7 +146,10 @@ def read_lineage(bundle: str | Path) -> dict:
 def _gate_text(gate: Mapping | None) -> str:
     if not gate:
         return "-"
-    return f"{gate.get('decision')}: {gate.get('reason')}" if gate.get("reason") else str(gate.get("decision"))
+    reason, decision = gate.get("reason"), str(gate.get("decision"))
+    if not reason:
+        return decision
+    return str(reason) if str(reason).startswith(decision) else f"{decision}: {reason}"
 
 
 def format_chain(lineage: Mapping, sha256: str, folder: str | Path, parent_check: str | None = None) -> str:

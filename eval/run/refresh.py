@@ -51,6 +51,9 @@ STAGES = ("parent", "data", "drift", "guard", "lm", "stats", "candidate", "gate"
 LEDGER = "refresh.json"
 LEDGER_FORMAT = 1
 EXIT_HELD_BACK = 3
+# continue mode's default: the new train rows plus five times as many old train rows (measured against
+# old + new on the worked example: docs/refresh.md#continue-or-retrain-replay-or-not)
+DEFAULT_REPLAY = "5x"
 # keys the refresh sets itself (an override of one is refused: it would be silently replaced)
 FORCED = ("output_dir", "data.source", "data.registry", "data.max_train_rows", "data.max_test_unsafe_per_domain",
           "data.max_test_safe_per_domain", "guard.init_adapter", "lm.init_adapter", "eval.monitors")
@@ -67,7 +70,8 @@ class RefreshRequest:
     recipe: str | None = None
     overrides: tuple[str, ...] = ()
     domains: str | None = None
-    replay: str = "all"  # "all" (old + new train) or a number of old train rows replayed with the new ones
+    replay: str | None = None  # "all" (old + new train), N or Kx old train rows replayed with the new ones;
+    # None: the mode's default (continue: DEFAULT_REPLAY; retrain / stats: all)
     test_fraction: float = 0.2
     fpr: float = 0.01
     id_margin: float = 0.05
@@ -96,10 +100,20 @@ def say(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
+def resolved(req: RefreshRequest) -> RefreshRequest:
+    """``req`` with the mode's default replay filled in."""
+    import dataclasses
+
+    if req.replay is not None:
+        return req
+    return dataclasses.replace(req, replay=DEFAULT_REPLAY if req.mode == "continue" else "all")
+
+
 def check_request(req: RefreshRequest) -> None:
     """Every value of the request, in one line each, before anything is read or written."""
     if req.mode not in MODES:
         raise MoodguardError(f"--mode {req.mode!r}: expected one of {', '.join(MODES)}")
+    req = resolved(req)
     if req.replay != "all":
         if replay_count(req.replay, 1) is None:
             raise MoodguardError(f"--replay {req.replay!r}: expected 'all', a number of old train rows >= 0, or Kx "
@@ -603,6 +617,7 @@ def refresh(req: RefreshRequest) -> RefreshResult:
     from mood_data.runlock import output_lock
 
     check_request(req)
+    req = resolved(req)
     out = Path(req.out)
     if out.is_symlink():
         raise OutputError(f"{out}: --out is a symlink (refused: a refresh writes only into a folder of its own)")
