@@ -268,7 +268,8 @@ def test_head_learning_rate_is_a_group_of_its_own(tmp_path, tiny_model_dir, tiny
     for label, extra in (("shared", {}), ("head", {"guard__head_learning_rate": 2e-2})):
         spy = spy_on_trainer(monkeypatch)
         rec = write_tiny_recipe(tmp_path / f"{label}.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / label,
-                                guard__max_steps=3, guard__save_steps=10, guard__warmup_ratio=0.0, **extra)
+                                guard__max_steps=3, guard__save_steps=10, guard__warmup_ratio=0.0,
+                                guard__learning_rate=1e-3, **extra)  # pinned: the recipes' lr may change
         train(rec)
         moved[label] = float((head_of(tmp_path / label / "guard") - spy.head_begin).norm())
         if label == "shared":
