@@ -50,7 +50,7 @@ def build_guard_model(recipe: Recipe, tokenizer):
     from peft import TaskType, get_peft_model
 
     from .distributed import peft_model_kwargs
-    from .modeling import check_lora, load_guard_model
+    from .modeling import check_lora, load_guard_model, without_embedding_tables
 
     kwargs = {"attn_implementation": recipe.attn_implementation} if recipe.attn_implementation else {}
     model = load_guard_model(recipe.model, None, recipe.dtype, recipe.trust_remote_code, num_labels=2, **kwargs)
@@ -59,7 +59,7 @@ def build_guard_model(recipe: Recipe, tokenizer):
     check_lora(model, recipe, "guard")  # before peft allocates the LoRA matrices
     # under ZeRO-3: autocast_adapter_dtype=False (DeepSpeed issue 8072)
     model = get_peft_model(model, lora_config(recipe, "guard", TaskType.SEQ_CLS), **peft_model_kwargs())
-    return model
+    return without_embedding_tables(model)
 
 
 def build_guard_datasets(recipe: Recipe, tokenizer):

@@ -22,7 +22,7 @@ def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
     from peft import TaskType, get_peft_model
 
     from .distributed import peft_model_kwargs
-    from .modeling import check_lora, load_causal_lm
+    from .modeling import check_lora, load_causal_lm, without_embedding_tables
 
     kwargs = {"attn_implementation": recipe.attn_implementation} if recipe.attn_implementation else {}
     model = load_causal_lm(recipe.model, None, recipe.dtype, recipe.trust_remote_code, **kwargs)
@@ -31,7 +31,8 @@ def build_lm_model(recipe: Recipe, tokenizer, section: str = "lm"):
         model.config.pad_token_id = tokenizer.pad_token_id
     check_lora(model, recipe, section)  # before peft allocates the LoRA matrices
     # under ZeRO-3: autocast_adapter_dtype=False (DeepSpeed issue 8072)
-    return get_peft_model(model, lora_config(recipe, section, TaskType.CAUSAL_LM), **peft_model_kwargs())
+    return without_embedding_tables(get_peft_model(model, lora_config(recipe, section, TaskType.CAUSAL_LM),
+                                                   **peft_model_kwargs()))
 
 
 def build_lm_datasets(recipe: Recipe, tokenizer):
