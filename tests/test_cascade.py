@@ -1,0 +1,216 @@
+"""Cascade monitors (docs/cascade.md): routing, the band fit (ID rows only, within the budget),
+the cascade run folder, the cascade bundle scored for real (stage 2 only on escalated rows), the
+cross-backbone path and the cost-recall chart."""
+from __future__ import annotations
+
+import itertools
+import re
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mood_data.domains import ID_DOMAINS, OOD_DOMAINS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ----------------------------------------------------------------------------- numbers only
+def synthetic(seed: int, n: int = 120, ood: int = 0):
+    """Two stages' scores of ``n`` ID rows (stage 2 separates better) and ``ood`` OOD rows."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n + ood) < 0.35).astype(int)
+    y[n:] = 1
+    s1 = np.round(rng.normal(size=n + ood) + 1.0 * y, 1)  # ties, like a coarse guard
+    s2 = rng.normal(size=n + ood) + 2.0 * y
+    domains = [ID_DOMAINS[i % len(ID_DOMAINS)] for i in range(n)] + [OOD_DOMAINS[i % len(OOD_DOMAINS)] for i in range(ood)]
+    return s1, s2, y, domains
+
+
+def exact_auroc(safe, unsafe) -> float:
+    greater = (unsafe[:, None] > safe[None, :]).sum() + 0.5 * (unsafe[:, None] == safe[None, :]).sum()
+    return float(greater) / (safe.size * unsafe.size)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_is_the_best_band_within_the_budget(seed):
+    """The exact sweep returns what a brute force over every band of every pair of cuts returns:
+    the highest ID recall at the FPR, then ID AUROC, then the lower cost; within the budget."""
+    from eval.engine.cascade import Budget, CascadeRule, fit_rule, route
+    from eval.engine.metrics import tpr_at_fpr
+
+    s1, s2, y, dom = synthetic(seed)
+    costs, fpr, budget = [1.0, 2.0], 0.05, 0.3
+    fit = fit_rule([s1, s2], y, dom, costs, Budget(max_escalation_rate=budget), fpr=fpr)
+    v = np.unique(s1)
+    cuts = np.r_[-np.inf, (v[1:] + v[:-1]) / 2, np.inf]
+    bands = [None] + [(None if np.isneginf(cuts[a]) else cuts[a], None if np.isposinf(cuts[b]) else cuts[b])
+                      for a, b in itertools.combinations(range(cuts.size), 2)]
+    best = None
+    for i, band in enumerate(bands):
+        r = route(CascadeRule((band,), fit.rule.norms), [s1, s2])
+        esc = r.reached[1].mean()
+        if esc > budget + 1e-12 or (band is not None and esc == 0):
+            continue
+        safe, unsafe = r.score[y == 0], r.score[y == 1]
+        key = (-tpr_at_fpr(safe, unsafe, fpr), -exact_auroc(safe, unsafe), costs[0] + costs[1] * esc, i)
+        best = min(best, key) if best else key
+    assert fit.rule.bands[0] == bands[best[3]]
+    assert fit.report["id_recall"] == pytest.approx(-best[0])
+    assert fit.report["escalation_rate"] <= budget
+    assert fit.report["cost_per_conversation"] == pytest.approx(best[2])
+    assert fit.report["within_budget"] is True
+
+
+def test_cost_budget_is_respected_and_stage_one_alone_when_nothing_fits():
+    from eval.engine.cascade import Budget, fit_rule
+
+    s1, s2, y, dom = synthetic(3)
+    fit = fit_rule([s1, s2], y, dom, [1.0, 2.0], Budget(max_cost_per_conversation=1.5), fpr=0.05)
+    assert fit.report["cost_per_conversation"] <= 1.5 and fit.report["escalation_rate"] <= 0.25
+    assert fit.report["escalation_rate"] > 0  # the budget buys some escalation, and it is used
+    low = fit_rule([s1, s2], y, dom, [1.0, 2.0], Budget(max_cost_per_conversation=0.5), fpr=0.05)
+    assert low.rule.bands == (None,) and low.report["within_budget"] is False  # stage 1 alone costs more
+
+
+def test_fitted_bands_use_id_rows_only():
+    """Changing every OOD row (scores and labels) leaves the bands equal; changing one ID row
+    does not (so the comparison can fail)."""
+    from eval.engine.cascade import Budget, fit_rule
+
+    s1, s2, y, dom = synthetic(4, ood=60)
+    args = dict(fpr=0.05)
+    fit = fit_rule([s1, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=0.3), **args)
+    ood = np.array([d in OOD_DOMAINS for d in dom])
+    t1, t2, ty = s1.copy(), s2.copy(), y.copy()
+    t1[ood], t2[ood], ty[ood] = 50.0, -50.0, 0
+    again = fit_rule([t1, t2], ty, dom, [1.0, 1.0], Budget(max_escalation_rate=0.3), **args)
+    assert again.rule == fit.rule and again.report["n_dropped_not_id"] == 60
+    assert again.report["n_rows"] == fit.report["n_rows"] == 120
+    moved = np.where(~ood, s1 + 3.0 * y, s1)  # ID rows do count: a better stage 1 moves the band
+    other = fit_rule([moved, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=0.3), **args)
+    assert other.rule.bands != fit.rule.bands
+
+
+def test_threshold_on_the_cascade_score_is_the_cascade_decision():
+    """At the (1 - FPR) quantile of the ID-safe cascade scores: stage 1 flags its 'high' rows,
+    clears its 'low' rows, the escalated rows are flagged by stage 2's score; the ID-safe rows
+    flagged are the FPR's share."""
+    from eval.engine.cascade import Budget, fit_rule, route
+    from eval.engine.metrics import threshold_at_fpr
+
+    s1, s2, y, dom = synthetic(5, n=400)
+    fit = fit_rule([s1, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=0.4), fpr=0.05)
+    r = route(fit.rule, [s1, s2])
+    lo, hi = fit.rule.bands[0]
+    lo = -np.inf if lo is None else lo
+    hi = np.inf if hi is None else hi
+    assert np.array_equal(r.reached[1], (s1 >= lo) & (s1 <= hi))
+    assert np.array_equal(r.stage, np.where(r.reached[1], 2, 1))
+    thr = threshold_at_fpr(r.score[y == 0], 0.05)
+    flagged = r.score > thr
+    assert 1 <= thr < 2  # in the escalated rows' tier: stage 2 decides there
+    mu, sd = fit.rule.norms[1]
+    t2 = mu + sd * np.tan((thr - 1 - 0.5) * np.pi)  # the stage-2 score of the threshold
+    expect = (s1 > hi) | (r.reached[1] & (s2 > t2))
+    assert np.array_equal(flagged, expect)
+    n_safe = int((y == 0).sum())
+    assert flagged[y == 0].sum() == n_safe - 1 - int(np.floor(0.95 * (n_safe - 1)))
+
+
+def test_recall_grows_with_the_budget_and_the_ends_are_the_single_monitors():
+    """The measured trade-off is monotone: the fitted ID recall never falls as the budget grows;
+    budget 0 ranks every row as stage 1 does, a full budget reaches at least stage 2's recall."""
+    from eval.engine.cascade import Budget, fit_rule, route
+    from eval.engine.metrics import tpr_at_fpr
+
+    s1, s2, y, dom = synthetic(6, n=300)
+    recalls = []
+    for b in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0):
+        fit = fit_rule([s1, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=b), fpr=0.05)
+        recalls.append(fit.report["id_recall"])
+        assert fit.report["escalation_rate"] <= b + 1e-12
+        if b == 0.0:
+            r = route(fit.rule, [s1, s2])
+            assert np.array_equal(np.argsort(r.score, kind="stable"), np.argsort(s1, kind="stable"))
+    assert recalls == sorted(recalls)
+    assert recalls[-1] >= tpr_at_fpr(s2[y == 0], s2[y == 1], 0.05) - 1e-12
+    assert recalls[0] == pytest.approx(tpr_at_fpr(s1[y == 0], s1[y == 1], 0.05))
+
+
+def test_three_stages_and_the_grid_search():
+    from eval.engine.cascade import Budget, fit_rule, route
+
+    s1, s2, y, dom = synthetic(7, n=200)
+    s3 = s2 + np.random.default_rng(1).normal(size=s2.size) * 0.3 + y
+    fit = fit_rule([s1, s2, s3], y, dom, [1.0, 1.0, 3.0], Budget(max_escalation_rate=0.5), fpr=0.05)
+    r = route(fit.rule, [s1, s2, s3])
+    assert len(fit.rule.bands) == 2 and fit.report["escalation_rate"] <= 0.5
+    assert fit.report["cost_per_conversation"] == pytest.approx(1 + r.reached[1].mean() + 3 * r.reached[2].mean())
+    # tiers: low at stage 1 < low at stage 2 < stage 3 < high at stage 2 < high at stage 1
+    for stage, tier_lo, tier_hi in ((1, 0, 1), (3, 2, 3)):
+        sel = r.stage == stage
+        assert np.all((r.score[sel] >= tier_lo) | (r.score[sel] >= 4)) and np.all(r.score[sel] < 5)
+    grid = fit_rule([s1, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=0.3), fpr=0.05, search="grid",
+                    grid_size=8)
+    exact = fit_rule([s1, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=0.3), fpr=0.05)
+    assert grid.report["candidates_last_stage_swept"] < exact.report["candidates_last_stage_swept"]
+    assert grid.report["id_recall"] <= exact.report["id_recall"] + 1e-12
+
+
+def test_rule_round_trip_and_bad_values(tmp_path):
+    from eval.engine.cascade import CascadeRule
+    from mood_data.errors import BundleError
+
+    rule = CascadeRule(((None, 1.5), None), ((0.0, 1.0), (1.0, 2.0), (0.5, 0.5)))
+    path = tmp_path / "cascade.json"
+    assert CascadeRule.from_dict(path, json.loads(json.dumps(rule.to_dict())), 3) == rule
+    bad = rule.to_dict()
+    bad["norms"][1]["sigma"] = -1
+    with pytest.raises(BundleError, match=r"cascade.json: field 'rule.norms\[1\].sigma': must be > 0"):
+        CascadeRule.from_dict(path, bad, 3)
+    bad = rule.to_dict()
+    bad["bands"][0] = {"lo": 2.0, "hi": 1.0}
+    with pytest.raises(BundleError, match=r"field 'rule.bands\[0\]': lo 2.0 > hi 1.0"):
+        CascadeRule.from_dict(path, bad, 3)
+    with pytest.raises(BundleError, match=r"field 'rule.norms': expected 2 entries \(one per stage\)"):
+        CascadeRule.from_dict(path, rule.to_dict(), 2)
+
+
+# ----------------------------------------------------------------------------- the recipe section
+def test_cascade_section_parses_and_stays_out_of_recipes_without_one(tmp_path):
+    """A recipe without stages resolves to the same document as before the section existed (sweep
+    stage keys and run recipe.yaml files unchanged); a cascade resolves its stages once, this
+    run's monitors joining the evaluated ones; bad stages are one line naming the file and key."""
+    from eval.run.context import resolve
+    from mood_data.errors import RecipeError
+    from train.recipe import load_recipe
+
+    assert "cascade" not in load_recipe("recipes/tiny/s.yaml").to_dict()
+    other = tmp_path / "m.yaml"
+    other.write_text("base: " + str(Path("recipes/tiny/m.yaml").resolve()) + "\noutput_dir: " + str(tmp_path / "m-run")
+                     + "\n")
+    rec = tmp_path / "s.yaml"
+    rec.write_text("base: " + str(Path("recipes/tiny/s.yaml").resolve()) + "\neval: {monitors: [guard]}\n"
+                   "cascade:\n  max_escalation_rate: 0.3\n  stages: [{monitor: guard}, {recipe: m.yaml, "
+                   "monitor: maha+guard}]\n")
+    ctx = resolve(load_recipe(rec))
+    assert list(ctx.monitors) == ["guard"]  # stage 2 is the other run's
+    s1, s2 = ctx.cascade.stages
+    assert (s1.monitor, s1.context, s1.label) == ("guard", None, "guard")
+    assert s2.monitor == "maha+guard" and s2.label == "m:maha+guard" and s2.run_root == tmp_path / "m-run"
+    assert list(s2.context.monitors) == ["maha+guard"] and s2.context.cascade is None
+    same = resolve(load_recipe(rec, ["cascade.stages=[{monitor: guard}, {monitor: guard+maha+ppl}]"]))
+    assert list(same.monitors) == ["guard", "guard+maha+ppl"]
+    for override, expect in (
+            ("cascade.stages=[{monitor: guard}, {monitor: guard+astro}]",
+             "s.yaml (override): key 'cascade.stages[1].monitor': unknown monitor 'guard+astro'"),
+            ("cascade.stages=[{monitor: guard}, {recipe: nope.yaml, monitor: guard}]",
+             "key 'cascade.stages[1].recipe': recipe file"),
+            ("cascade.name=guard+maha", "key 'cascade.name': 'guard+maha' is a monitor's name"),
+            ("cascade.max_escalation_rate=1.5", "key 'cascade.max_escalation_rate': must be in [0, 1]"),
+            ("cascade.stages=[{monitor: guard}]", "key 'cascade.stages': a cascade needs at least two stages")):
+        with pytest.raises(RecipeError, match=re.escape(expect)):
+            resolve(load_recipe(rec, [override]))
