@@ -214,3 +214,161 @@ def test_cascade_section_parses_and_stays_out_of_recipes_without_one(tmp_path):
             ("cascade.stages=[{monitor: guard}]", "key 'cascade.stages': a cascade needs at least two stages")):
         with pytest.raises(RecipeError, match=re.escape(expect)):
             resolve(load_recipe(rec, [override]))
+
+
+# ----------------------------------------------------------------------------- evaluated runs
+_RUNS: dict = {}
+SAME = ["cascade.max_escalation_rate=0.4", "cascade.stages=[{monitor: guard}, {monitor: guard+maha+ppl}]"]
+
+
+def write_run_recipe(path: Path, model_dir: Path, data_dir: Path, run_dir: Path, monitors: str,
+                     extra: str = "") -> Path:
+    path.write_text(f"model: {model_dir}\ndtype: float32\noutput_dir: {run_dir}\n"
+                    f"data: {{source: {data_dir}, validation_fraction: 0.25}}\n"
+                    f"eval:\n  batch_size: 8\n  max_length: 48\n  fusion: mean\n  monitors: {monitors}\n{extra}",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def runs(tiny_model_dir, tiny_dataset_dir, tiny_tokenizer, tmp_path_factory):
+    """Two evaluated runs on two random tiny backbones (xs, xxs), once per session: ``{"a": recipe
+    path of xs with a guard -> guard+maha+ppl cascade, "b": recipe path of xxs, "folders": ...}``."""
+    if not _RUNS:
+        from eval.run.evaluate import evaluate_recipe
+        from test_forward import make_adapters
+        from train.recipe import load_recipe
+        from train.tiny import build_random_model
+
+        root = tmp_path_factory.mktemp("cascade_runs")
+        make_adapters(tiny_model_dir, root / "run-a", seed=2)
+        xxs = build_random_model(root / "xxs", "xxs", tiny_tokenizer, seed=5)
+        make_adapters(xxs, root / "run-b", seed=3)
+        b = write_run_recipe(root / "b.yaml", xxs, tiny_dataset_dir, root / "run-b", "[guard+maha+ppl]")
+        a = write_run_recipe(root / "a.yaml", tiny_model_dir, tiny_dataset_dir, root / "run-a", "[guard]",
+                             "cascade:\n  max_escalation_rate: 0.4\n  stages: [{monitor: guard}, "
+                             "{monitor: guard+maha+ppl}]\n")
+        folders = evaluate_recipe(load_recipe(b), n_boot=20, plots=False)
+        folders.update({f"a:{k}": v for k, v in evaluate_recipe(load_recipe(a), n_boot=20, plots=False).items()})
+        _RUNS.update(a=a, b=b, root=root, folders=folders)
+    return _RUNS
+
+
+def results(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in open(folder / "results.jsonl", encoding="utf-8")]
+
+
+def test_evaluate_writes_the_cascade_run_folder(runs, tiny_dataset_dir):
+    from eval.engine.cascade import CascadeRule, route
+    from eval.engine.metrics import threshold_at_fpr
+    from eval.report.runfolder import reanalyze
+
+    folder = runs["folders"]["a:cascade"]
+    guard, full = results(runs["folders"]["a:guard"]), results(runs["folders"]["a:guard+maha+ppl"])
+    rows = results(folder)
+    n_test = sum(1 for _ in open(tiny_dataset_dir / "test.jsonl"))
+    assert len(rows) == n_test and [r["id"] for r in rows] == [r["id"] for r in guard]
+    doc = json.loads((folder / "cascade.json").read_text())
+    rule = CascadeRule.from_dict(folder / "cascade.json", doc["rule"], 2)
+    routed = route(rule, [np.array([r["score"] for r in guard]), np.array([r["score"] for r in full])])
+    assert [r["score"] for r in rows] == pytest.approx(routed.score.tolist(), abs=0, rel=0)
+    assert [r["stage"] for r in rows] == routed.stage.tolist()
+    escalated = [r["stage"] == 2 for r in rows]
+    assert 0 < sum(escalated) < n_test
+    for r, g, f, esc in zip(rows, guard, full, escalated):
+        assert r["score_stage1"] == g["score"]
+        assert r["score_stage2"] == (f["score"] if esc else None)  # stage 2 ran only on escalated rows
+    # the thresholds: the (1 - FPR) quantile of the ID-safe rows' cascade scores, like every monitor
+    analysis = json.loads((folder / "analysis.json").read_text())
+    safe = [r["score"] for r in rows if r["domain"] in ID_DOMAINS and r["malign"] == 0]
+    assert analysis["thresholds"]["0.01"] == pytest.approx(threshold_at_fpr(safe, 0.01))
+    assert analysis["monitor"] == "cascade"
+    assert doc["test"]["overall"] == analysis["overall"]["tpr"]
+    assert doc["test"]["recall"]["id"] == analysis["groups"]["id"]["tpr"]
+    before = analysis["overall"]
+    assert reanalyze(folder, plots=False)["overall"] == before  # mood-bench compatible: from results.jsonl alone
+    # the measured costs: stage 1 pays the guard pass, stage 2 only the LM pass (same backbone)
+    meta_full = json.loads((runs["folders"]["a:guard+maha+ppl"] / "meta.json").read_text())
+    per = {k: v / meta_full["n_rows"] for k, v in meta_full["detector_seconds"].items()}
+    assert [s["marginal_seconds_per_conversation"] for s in doc["stages"]] == pytest.approx([per["guard"], per["ppl"]])
+    esc = doc["test"]["escalation_rate"][0]
+    assert esc == pytest.approx(np.mean(escalated))
+    assert doc["test"]["cost_per_conversation"] == pytest.approx(per["guard"] + esc * per["ppl"])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["seconds_per_conversation"] == pytest.approx(doc["test"]["cost_per_conversation"])
+    assert doc["fit"]["escalation_rate"] <= 0.4 and doc["stages"][1]["seconds_per_conversation"] == pytest.approx(
+        meta_full["seconds_per_conversation"])
+    # the fit read the stages' ID validation scores, which every eval folder now records
+    val = json.loads((runs["folders"]["a:guard"] / "validation.json").read_text())
+    assert doc["fit"]["n_rows"] == len(val["ids"]) and set(val["domains"]) <= set(ID_DOMAINS)
+    assert set(doc["test"]["escalation_rate_by_group"]) >= {"id_safe", "id", *OOD_DOMAINS}
+
+
+def test_changing_every_ood_row_leaves_the_bands_equal(runs, tmp_path):
+    """Stage folders copied, every OOD test row's scores replaced: the fitted rule is the same
+    (the OOD rows are never seen by the fit), while the cascade's OOD recall moves."""
+    from eval.run.cascade import evaluate_cascade
+    from eval.run.context import resolve
+    from train.recipe import load_recipe
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs["root"] / "run-a" / "eval", copy / "eval")
+    rng = np.random.default_rng(0)
+    for name in ("guard", "guard+maha+ppl"):
+        path = copy / "eval" / name / "results.jsonl"
+        rows = results(path.parent)
+        for r in rows:
+            if r["domain"] in OOD_DOMAINS:
+                r["score"] = float(rng.normal() * 5)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = resolve(load_recipe(runs["a"], [f"output_dir={copy}"]))
+    folder = evaluate_cascade(ctx, n_boot=0, plots=False)
+    old = json.loads((runs["folders"]["a:cascade"] / "cascade.json").read_text())
+    new = json.loads((folder / "cascade.json").read_text())
+    assert new["rule"] == old["rule"] and new["fit"] == old["fit"]
+    assert new["test"]["recall"] != old["test"]["recall"]  # the edit reached the evaluation
+
+
+def cross(runs, run: str = "") -> list[str]:
+    """Overrides: stage 2 = run b's guard+maha+ppl (a path on the command line: from the cwd)."""
+    return ["cascade.name=cross", "cascade.max_escalation_rate=0.4",
+            f"cascade.stages=[{{monitor: guard}}, {{recipe: {runs['b']}{run}, monitor: guard+maha+ppl}}]"]
+
+
+def cross_context(runs, extra=()):
+    from eval.run.context import resolve
+    from train.recipe import load_recipe
+
+    return resolve(load_recipe(runs["a"], [*cross(runs), *extra]))
+
+
+def test_cross_backbone_cascade_pays_every_pass_of_the_other_run(runs):
+    """tiny guard -> another backbone's guard+maha+ppl: stage 2 costs its whole monitor (guard
+    pass + LM pass of ITS run), the rows are joined on their ids."""
+    from eval.run.cascade import evaluate_cascade
+
+    folder = evaluate_cascade(cross_context(runs), n_boot=0, plots=False)
+    doc = json.loads((folder / "cascade.json").read_text())
+    meta_b = json.loads((runs["folders"]["guard+maha+ppl"] / "meta.json").read_text())
+    meta_a = json.loads((runs["folders"]["a:guard"] / "meta.json").read_text())
+    assert [s["label"] for s in doc["stages"]] == ["guard", "b:guard+maha+ppl"]
+    assert doc["stages"][1]["run"] == str(runs["root"] / "run-b")
+    assert doc["stages"][1]["marginal_seconds_per_conversation"] == pytest.approx(meta_b["seconds_per_conversation"])
+    assert doc["stages"][0]["marginal_seconds_per_conversation"] == pytest.approx(
+        meta_a["detector_seconds"]["guard"] / meta_a["n_rows"])
+    b = {r["id"]: r["score"] for r in results(runs["folders"]["guard+maha+ppl"])}
+    rows = results(folder)
+    assert all(r["score_stage2"] == (b[r["id"]] if r["stage"] == 2 else None) for r in rows)
+    assert doc["stages"][0]["params"] != doc["stages"][1]["params"]  # two backbones
+
+
+def test_a_stage_that_was_not_evaluated_is_one_line(runs, tmp_path, capsys):
+    from moodguard.cli import main
+
+    empty = tmp_path / "empty-run"
+    (empty / "guard").mkdir(parents=True)
+    rc = main(["evaluate", "--recipe", str(runs["a"]), "--no-plots", "--n-boot", "0", *cross(runs, f", run: {empty}")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"moodguard evaluate: error: {empty}/eval/guard+maha+ppl: stage 2 (b:guard+maha+ppl) has "
+                             "not been evaluated: run `moodguard evaluate")
