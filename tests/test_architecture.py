@@ -217,6 +217,7 @@ def test_needs_are_read_only_by_the_planner():
 
 # the functions that may receive the whole Recipe in eval: the resolver and the public entry points
 RECIPE_ENTRIES = {("eval.run.context", "resolve"), ("eval.run.context", "parse_recipe_monitors"),
+                  ("eval.run.context", "resolve_cascade"),  # the resolver of the recipe's cascade: section
                   ("eval.run.evaluate", "evaluate_recipe"),
                   ("eval.run.fitting", "fit_detectors"), ("eval.run.bundle", "export_bundle")}
 

@@ -199,8 +199,9 @@ def test_cascade_section_parses_and_stays_out_of_recipes_without_one(tmp_path):
     ctx = resolve(load_recipe(rec))
     assert list(ctx.monitors) == ["guard"]  # stage 2 is the other run's
     s1, s2 = ctx.cascade.stages
-    assert (s1.monitor, s1.context, s1.label) == ("guard", None, "guard")
+    assert (s1.monitor, s1.own, s1.label, list(s1.context.monitors)) == ("guard", True, "guard", ["guard"])
     assert s2.monitor == "maha+guard" and s2.label == "m:maha+guard" and s2.run_root == tmp_path / "m-run"
+    assert not s2.own
     assert list(s2.context.monitors) == ["maha+guard"] and s2.context.cascade is None
     same = resolve(load_recipe(rec, ["cascade.stages=[{monitor: guard}, {monitor: guard+maha+ppl}]"]))
     assert list(same.monitors) == ["guard", "guard+maha+ppl"]
@@ -372,3 +373,130 @@ def test_a_stage_that_was_not_evaluated_is_one_line(runs, tmp_path, capsys):
     assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"moodguard evaluate: error: {empty}/eval/guard+maha+ppl: stage 2 (b:guard+maha+ppl) has "
                              "not been evaluated: run `moodguard evaluate")
+
+
+# ----------------------------------------------------------------------------- the cascade bundle
+def count_rows(backbone) -> dict[str, int]:
+    """Wrap a loaded backbone's two forwards: rows through the guard forward and the LM forward."""
+    counts = {"guard": 0, "lm": 0}
+    guard, lm = backbone.guard_forward, backbone.lm_hidden
+
+    def guard_forward(input_ids, *a, **k):
+        counts["guard"] += int(input_ids.shape[0])
+        return guard(input_ids, *a, **k)
+
+    def lm_hidden(input_ids, *a, **k):
+        counts["lm"] += int(input_ids.shape[0])
+        return lm(input_ids, *a, **k)
+
+    backbone.guard_forward, backbone.lm_hidden = guard_forward, lm_hidden
+    return counts
+
+
+@pytest.fixture
+def cascade_bundle(runs):
+    from eval.run.cascade_bundle import export_cascade
+    from eval.run.context import resolve
+    from train.recipe import load_recipe
+
+    if "bundle" not in runs:
+        runs["bundle"] = export_cascade(resolve(load_recipe(runs["a"])), runs["root"] / "bundle")
+    return runs["bundle"]
+
+
+def test_score_runs_stage_two_only_on_escalated_rows(runs, cascade_bundle):
+    """guard -> guard+maha+ppl on one backbone: the base is loaded once, the guard forward runs on
+    every row (its pooled features give maha too), the LM forward on the escalated rows only;
+    the scores and stages equal the offline evaluation of the same cascade on the same rows."""
+    from eval.run.cascade_bundle import Cascade, load_bundle
+
+    rows = results(runs["folders"]["a:cascade"])
+    cas = load_bundle(cascade_bundle)
+    assert isinstance(cas, Cascade) and [s.label for s in cas.stages] == ["guard", "guard+maha+ppl"]
+    assert cas.stages[0].scorer is cas.stages[1].scorer  # one model for both stages
+    counts = count_rows(cas.stages[1].scorer.loaded.backbone)
+    out = cas.score([r["conversation"] for r in rows])
+    escalated = sum(r["stage"] == 2 for r in rows)
+    assert 0 < escalated < len(rows)
+    assert counts == {"guard": len(rows), "lm": escalated}  # stage 2's forward count = escalated rows
+    assert cas.rows_scored == [len(rows), escalated]
+    for r, o in zip(rows, out):
+        assert o["stage"] == r["stage"]
+        assert o["score"] == pytest.approx(r["score"], rel=1e-6, abs=1e-6)
+        assert o["stage_scores"]["guard"] == pytest.approx(r["score_stage1"], rel=1e-6, abs=1e-6)
+        if r["stage"] == 2:
+            assert o["stage_scores"]["guard+maha+ppl"] == pytest.approx(r["score_stage2"], rel=1e-6, abs=1e-6)
+            assert set(o["detectors"]["guard+maha+ppl"]) == {"guard", "maha", "ppl"}
+        else:
+            assert o["stage_scores"]["guard+maha+ppl"] is None and "guard+maha+ppl" not in o["detectors"]
+        assert o["flags"] == {k: o["score"] > t for k, t in cas.thresholds.items()}
+    analysis = json.loads((runs["folders"]["a:cascade"] / "analysis.json").read_text())
+    assert cas.thresholds == analysis["thresholds"]
+
+
+def test_cli_scores_a_cascade_bundle(runs, cascade_bundle, tmp_path, capsys):
+    from moodguard.cli import main
+
+    rows = results(runs["folders"]["a:cascade"])[:40]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": r["id"], "conversation": r["conversation"]}) + "\n" for r in rows)
+                   + json.dumps({"id": "blank", "conversation": "  "}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--monitor", str(cascade_bundle), str(inp), "--out", str(out), "--chunk-size", "16"]) == 0
+    got = [json.loads(line) for line in open(out)]
+    assert [g["id"] for g in got] == [r["id"] for r in rows] + ["blank"]
+    assert [g["stage"] for g in got[:-1]] == [r["stage"] for r in rows]
+    assert got[-1]["score"] is None and all(got[-1]["flags"].values()) and got[-1]["unscorable"]
+    err = capsys.readouterr().err
+    assert f"stage 1 scored {len(rows)} rows; stage 2 scored {sum(r['stage'] == 2 for r in rows)} rows" in err
+
+
+def test_cross_backbone_bundle_runs_the_other_backbone_on_escalated_rows_only(runs, tmp_path):
+    from eval.run.cascade import evaluate_cascade
+    from eval.run.cascade_bundle import export_cascade, load_bundle
+
+    ctx = cross_context(runs)
+    folder = evaluate_cascade(ctx, n_boot=0, plots=False)
+    cas = load_bundle(export_cascade(ctx, tmp_path / "cross"))
+    first, second = (s.scorer.loaded.backbone for s in cas.stages)
+    assert first is not second
+    c1, c2 = count_rows(first), count_rows(second)
+    rows = results(folder)
+    out = cas.score([r["conversation"] for r in rows])
+    escalated = sum(r["stage"] == 2 for r in rows)
+    assert c1 == {"guard": len(rows), "lm": 0}
+    assert c2 == {"guard": escalated, "lm": escalated}  # the second backbone: both its passes, escalated rows only
+    assert [o["stage"] for o in out] == [r["stage"] for r in rows]
+    assert [o["score"] for o in out] == pytest.approx([r["score"] for r in rows], rel=1e-6, abs=1e-6)
+
+
+def test_an_edited_cascade_bundle_is_one_line(runs, cascade_bundle, tmp_path, capsys):
+    """A rule edited (manifest rewritten so only the value check can catch it) or a stage file
+    tampered: one line naming the file and field, exit 2, nothing written."""
+    from eval.run.bundle import write_manifest
+    from moodguard.cli import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"conversation": results(runs["folders"]["a:cascade"])[0]["conversation"]}) + "\n")
+    for edit, expect in (
+            (lambda doc: doc["rule"]["norms"][1].update(sigma=0), "cascade.json: field 'rule.norms[1].sigma': must be > 0"),
+            (lambda doc: doc["rule"].update(bands=[]), "cascade.json: field 'rule.bands': expected 1 entries"),
+            (lambda doc: doc["stages"][1].update(folder="../x"), "cascade.json: field 'stages[1].folder': expected "
+                                                                 "'stages/2'")):
+        copy = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(cascade_bundle, copy)
+        doc = json.loads((copy / "cascade.json").read_text())
+        edit(doc)
+        (copy / "cascade.json").write_text(json.dumps(doc))
+        write_manifest(copy)
+        out = tmp_path / "out.jsonl"
+        assert main(["score", "--monitor", str(copy), str(inp), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("moodguard score: error: ") and expect in err[0], err
+        assert not out.exists()
+    copy = tmp_path / "tampered"
+    shutil.copytree(cascade_bundle, copy)
+    (copy / "stages" / "2" / "fusion.json").write_text("{}")
+    assert main(["score", "--monitor", str(copy), str(inp)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stages/2/fusion.json: sha256 does not match manifest.json" in err[0]

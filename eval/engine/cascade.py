@@ -122,6 +122,13 @@ def _stop(s: np.ndarray, band: Band) -> tuple[np.ndarray, np.ndarray]:
     return s < _lo(band), s > _hi(band)
 
 
+def passes_on(rule: CascadeRule, k: int, s: np.ndarray) -> np.ndarray:
+    """The rows stage ``k`` (0-based, not the last) escalates, from their stage-k scores ``s``:
+    ``lo <= s <= hi`` (none without a band); the same test :func:`route` applies."""
+    low, high = _stop(np.asarray(s, dtype=np.float64), rule.bands[k])
+    return ~low & ~high
+
+
 @dataclass(frozen=True)
 class Routed:
     """The cascade's decision for each row."""
@@ -356,4 +363,4 @@ def fit_rule(stage_scores: Sequence[np.ndarray], malign, domains: Sequence[str],
 
 
 __all__ = ["Budget", "CascadeRule", "Fit", "Routed", "SEARCHES", "candidate_cuts", "expected_cost", "fit_rule",
-           "norms_of", "route", "squash"]
+           "norms_of", "passes_on", "route", "squash"]

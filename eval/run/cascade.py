@@ -89,7 +89,7 @@ def check_stage(i: int, stage: StageSpec) -> Path:
 def check_other_runs(spec: CascadeSpec) -> None:
     """The stages of other runs are evaluated (this run's are evaluated by the same command)."""
     for i, st in enumerate(spec.stages):
-        if st.context is not None:
+        if not st.own:
             check_stage(i, st)
 
 
@@ -226,7 +226,7 @@ def evaluate_cascade(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True
         },
     }
     devices = {st.meta.get("device") for st in stages}
-    own = next((st for st in stages if st.spec.context is None), first)
+    own = next((st for st in stages if st.spec.own), first)
     meta = {"monitor": spec.name, "recipe": ctx.name, "model": ctx.model.base, "params": own.meta.get("params"),
             "n_rows": len(ids), "seconds": cost * len(ids), "seconds_per_conversation": cost,
             "truncated_rows": own.meta.get("truncated_rows"), "versions": save_versions(),

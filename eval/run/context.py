@@ -70,14 +70,15 @@ class JudgeSpec:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage of a cascade: a monitor of this run (``context`` None) or of another run (its own
-    context, resolved once with that one monitor)."""
+    """One stage of a cascade: a monitor of this run (``own``) or of another run, with the context
+    of its run resolved once for that one monitor (what exporting the stage needs)."""
 
     monitor: str  # canonical monitor name
     detectors: tuple[str, ...]
     run_root: Path
     label: str  # the monitor (this run) or "<run name>:<monitor>"
-    context: "EvalContext | None" = None
+    context: "EvalContext"
+    own: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,17 +132,17 @@ def parse_recipe_monitors(recipe) -> dict[str, tuple[str, ...]]:
                               f"unknown monitor {mon!r}; combine {list(NAMES)} with '+'") from None
         out["+".join(parts)] = parts
     for i, stage in enumerate(recipe.cascade.stages):  # the cascade's monitors are checked with them
-        stage_monitor(recipe, i, stage.monitor, fallback)
+        stage_monitor(recipe.origins, fallback, i, stage.monitor)
     return out
 
 
-def stage_monitor(recipe, i: int, name: str, fallback: str) -> tuple[str, ...]:
+def stage_monitor(origins: Mapping[str, str], fallback: str, i: int, name: str) -> tuple[str, ...]:
     """The detectors of ``cascade.stages[i].monitor`` (one-line RecipeError naming the file)."""
     key = f"cascade.stages[{i}].monitor"
     try:
         return parse_monitor(name)
     except RecipeError:
-        raise RecipeError(f"{where(key, recipe.origins, fallback)}: key '{key}': unknown monitor {name!r}; combine "
+        raise RecipeError(f"{where(key, origins, fallback)}: key '{key}': unknown monitor {name!r}; combine "
                           f"{list(NAMES)} with '+'") from None
 
 
@@ -168,10 +169,11 @@ def resolve_cascade(recipe, device: str | None = None, predict_safe: bool = Fals
     here = Path.cwd() if origin.endswith("(override)") or not Path(origin).is_file() else Path(origin).resolve().parent
     stages = []
     for i, st in enumerate(cas.stages):
-        parts = stage_monitor(recipe, i, st.monitor, fallback)
+        parts = stage_monitor(recipe.origins, fallback, i, st.monitor)
         name = "+".join(parts)
         if st.recipe is None and st.run is None:
-            stages.append(StageSpec(name, parts, Path(recipe.output_dir), name))
+            ctx = resolve(recipe, [name], predict_safe=predict_safe, device=device, cascade=False)
+            stages.append(StageSpec(name, parts, ctx.model.run_root, name, ctx))
             continue
         run = None if st.run is None else (here / st.run if not Path(st.run).is_absolute() else Path(st.run))
         path = (here / st.recipe if not Path(st.recipe).is_absolute() else Path(st.recipe)) if st.recipe else \
@@ -184,7 +186,7 @@ def resolve_cascade(recipe, device: str | None = None, predict_safe: bool = Fals
         other = load_recipe(path, [f"output_dir={run}"] if run is not None else [],
                             trust_remote_code=recipe.trust_remote_code)
         ctx = resolve(other, [name], predict_safe=predict_safe, device=device, cascade=False)
-        stages.append(StageSpec(name, parts, ctx.model.run_root, f"{ctx.name}:{name}", ctx))
+        stages.append(StageSpec(name, parts, ctx.model.run_root, f"{ctx.name}:{name}", ctx, own=False))
     return CascadeSpec(cas.name, tuple(stages), cas.max_escalation_rate, cas.max_cost_per_conversation, cas.fpr,
                        cas.search, cas.grid_size)
 
@@ -199,7 +201,7 @@ def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | N
     if monitors is None:
         parsed = parse_recipe_monitors(recipe)
         for st in cas.stages if cas is not None else ():
-            if st.context is None:
+            if st.own:
                 parsed.setdefault(st.monitor, st.detectors)
     else:
         parsed = {name: parse_monitor(name) for name in parse_monitors(monitors)}
