@@ -500,3 +500,34 @@ def test_an_edited_cascade_bundle_is_one_line(runs, cascade_bundle, tmp_path, ca
     assert main(["score", "--monitor", str(copy), str(inp)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stages/2/fusion.json: sha256 does not match manifest.json" in err[0]
+
+
+# ----------------------------------------------------------------------------- the cost-recall view
+def test_cost_recall_view_has_every_monitor_and_cascade_per_backbone(runs, tmp_path, capsys):
+    """The chart command writes the cost view next to the scaling chart: one point per eval folder
+    at its measured seconds per conversation, the cross-backbone cascade's panel also showing the
+    other backbone's stage monitor."""
+    import csv
+
+    from eval.run.cascade import evaluate_cascade
+    from moodguard.cli import main
+
+    evaluate_cascade(cross_context(runs), n_boot=0, plots=False)
+    assert main(["chart", str(runs["root"]), "--fpr", "0.01"]) == 0
+    assert "cost_vs_recall.png" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(runs["root"] / "chart" / "cost_vs_recall.csv")))
+    by = {(r["panel"], r["run"], r["monitor"]): r for r in rows}
+    assert {("run-a", "run-a", m) for m in ("guard", "guard+maha+ppl", "cascade", "cross")} <= set(by)
+    assert ("run-a", "run-b", "guard+maha+ppl") in by and ("run-b", "run-b", "guard+maha+ppl") in by
+    for (panel, run, monitor), r in by.items():
+        folder = runs["root"] / run / "eval" / monitor
+        meta = json.loads((folder / "meta.json").read_text())
+        analysis = json.loads((folder / "analysis.json").read_text())
+        assert float(r["seconds_per_conversation"]) == pytest.approx(meta["seconds_per_conversation"])
+        assert float(r["tpr"]) == pytest.approx(analysis["overall"]["tpr"]["0.01"])
+        assert r["kind"] == ("cascade" if monitor in ("cascade", "cross") else "monitor")
+    cascade = by[("run-a", "run-a", "cascade")]
+    assert float(cascade["escalation_rate"]) == json.loads(
+        (runs["folders"]["a:cascade"] / "cascade.json").read_text())["test"]["escalation_rate"][0]
+    md = (runs["root"] / "chart" / "cost_vs_recall.md").read_text()
+    assert "| run-a | cascade (guard > guard+maha+ppl," in md and "| run-a | run-b:guard+maha+ppl |" in md

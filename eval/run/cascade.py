@@ -34,9 +34,9 @@ from mood_data.readers import read_json, short_repr
 from ..engine.cascade import Budget, CascadeRule, Fit, expected_cost, fit_rule, route
 from ..engine.metrics import OVERALL, analyze
 from ..engine.planner import plan
+from ..report.cost import CASCADE_FILE
 from .context import CascadeSpec, EvalContext, StageSpec
 
-CASCADE_FILE = "cascade.json"
 FORMAT = 1
 
 
