@@ -531,3 +531,17 @@ def test_cost_recall_view_has_every_monitor_and_cascade_per_backbone(runs, tmp_p
         (runs["folders"]["a:cascade"] / "cascade.json").read_text())["test"]["escalation_rate"][0]
     md = (runs["root"] / "chart" / "cost_vs_recall.md").read_text()
     assert "| run-a | cascade (guard > guard+maha+ppl," in md and "| run-a | run-b:guard+maha+ppl |" in md
+
+
+def test_fill_budget_spends_the_budget():
+    """Without fill a narrower band wins when it has the same ID recall; with fill only the bands
+    escalating the most the budget allows compete."""
+    from eval.engine.cascade import Budget, fit_rule
+
+    s1, s2, y, dom = synthetic(8, n=200)
+    s2 = s1 + 0.01 * np.random.default_rng(2).normal(size=s1.size)  # stage 2 adds nothing: no band needed
+    lean = fit_rule([s1, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=0.3), fpr=0.05)
+    full = fit_rule([s1, s2], y, dom, [1.0, 1.0], Budget(max_escalation_rate=0.3, fill=True), fpr=0.05)
+    assert lean.report["escalation_rate"] < 0.25
+    assert full.report["escalation_rate"] == pytest.approx(0.3) and full.report["budget"]["fill"] is True
+

@@ -199,6 +199,8 @@ class CascadeSection:
                                                       "the first stage, in [0, 1]")
     max_cost_per_conversation: float | None = setting(None, "budget: at most this many seconds per conversation "
                                                             "(the stages' measured seconds on this device)")
+    fill_budget: bool = setting(False, "spend the budget: only the bands escalating the most it allows compete "
+                                       "(else a narrower band wins when it has the same ID recall)")
     fpr: float = setting(0.01, "the FPR whose ID recall the band fit maximises, in (0, 1)")
     search: Literal["exact", "grid"] = setting("exact", "band search: every cut between distinct ID validation "
                                                         "scores, or grid_size quantiles of them")

@@ -25,7 +25,9 @@ ID-safe cascade scores, recall = share of ID-unsafe cascade scores strictly abov
 :mod:`eval.engine.metrics`) among the bands within the budget (``max_escalation_rate``: share of
 rows leaving stage 0; ``max_cost_per_conversation``: mean seconds over the rows, each paying the
 marginal cost of every stage it reaches). Ties (the recall counts a few rows) go to the higher ID
-AUROC of the cascade score, then the lower cost, then the first candidate. Candidate band edges
+AUROC of the cascade score, then the lower cost, then the first candidate. With ``fill`` the budget
+is spent: only the bands escalating the most it allows compete (the ID rows then only place the
+band; what more escalation buys on OOD data, no ID row can show). Candidate band edges
 are the midpoints between consecutive distinct scores of the rows reaching the stage (``exact``)
 or ``grid_size`` of them evenly spaced (``grid``), plus unbounded edges. Two stages: one exact
 sweep. More stages: coordinate ascent (each stage's band swept with the others fixed, repeated
@@ -187,8 +189,12 @@ def expected_cost(reached: np.ndarray, marginal: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------- fitting
 @dataclass
 class Budget:
+    """At most this share of rows leaving stage 0 and / or this mean cost; ``fill``: spend it (only
+    the bands escalating the most the budget allows compete)."""
+
     max_escalation_rate: float | None = None
     max_cost_per_conversation: float | None = None
+    fill: bool = False
 
     def ok(self, escalation: np.ndarray, cost: np.ndarray) -> np.ndarray:
         keep = np.ones(np.shape(escalation), dtype=bool)
@@ -273,6 +279,8 @@ def _best_band(k: int, bands: list[Band], cols: list[np.ndarray], norms, y: np.n
     cost = up_cost + (cum[upto[b_idx]] - cum[below[a_idx]]) / n
     leave0 = n_esc / n if k == 0 else np.full(n_esc.size, float(prefix.reached[1].mean()))
     keep = (n_esc > 0) & budget.ok(leave0, cost)  # an empty band is the "no band" candidate below
+    if budget.fill and keep.any():  # spend the budget: only the bands escalating the most it allows
+        keep &= cost >= cost[keep].max() - 1e-12 * max(1.0, abs(cost[keep].max()))
     a_idx, b_idx, cost, leave0 = a_idx[keep], b_idx[keep], cost[keep], leave0[keep]
     # candidate 0: no band (every reaching row stops at stage k, ranked by its score)
     hits, auc = _evaluate(np.where(reach, low_score, fixed_score)[None, :], y, fpr)
@@ -285,6 +293,8 @@ def _best_band(k: int, bands: list[Band], cols: list[np.ndarray], norms, y: np.n
         hits_parts.append(h)
         auc_parts.append(au)
     hits, auc = np.concatenate(hits_parts), np.concatenate(auc_parts)
+    if budget.fill and a_idx.size:
+        hits[0] = -1  # no band only when no band fits
     costs = np.r_[up_cost, cost]
     leaves = np.r_[0.0 if k == 0 else float(prefix.reached[1].mean()), leave0]
     best = int(np.lexsort((np.arange(hits.size), costs, -np.nan_to_num(auc, nan=-1.0), -hits))[0])
@@ -348,7 +358,7 @@ def fit_rule(stage_scores: Sequence[np.ndarray], malign, domains: Sequence[str],
                      "scores), ties: ID AUROC, then lower cost",
         "fpr": fpr, "search": search, "grid_size": grid_size if search == "grid" else None,
         "budget": {"max_escalation_rate": budget.max_escalation_rate,
-                   "max_cost_per_conversation": budget.max_cost_per_conversation},
+                   "max_cost_per_conversation": budget.max_cost_per_conversation, "fill": budget.fill},
         "n_rows": int(y.size), "n_id_safe": n_safe, "n_id_unsafe": n_unsafe, "n_dropped_not_id": int((~is_id).sum()),
         "id_recall": tpr_at_fpr(safe, unsafe, fpr), "id_auroc": auroc(safe, unsafe),
         "reach": [float(r) for r in routed.reached.mean(axis=1)],

@@ -154,7 +154,7 @@ def fit_cascade(spec: CascadeSpec, stages: list[StageRun], registry) -> Fit:
 
     val = stages[0].validation
     return fit_rule(_aligned(stages, "validation", "ID validation"), val["malign"], val["domains"],
-                    marginal_costs(stages), Budget(spec.max_escalation_rate, spec.max_cost_per_conversation),
+                    marginal_costs(stages), Budget(spec.max_escalation_rate, spec.max_cost_per_conversation, spec.fill_budget),
                     fpr=spec.fpr, search=spec.search, grid_size=spec.grid_size, registry=registry,
                     progress=lambda it: progress(it, desc=f"cascade {spec.name}: band search", unit="chunk"))
 

@@ -56,7 +56,7 @@ def evaluated_cascade(ctx: EvalContext) -> tuple[Path, dict, dict]:
     fit = doc.get("fit") or {}
     now = {"stages": [st.label for st in spec.stages], "fpr": spec.fpr, "search": spec.search,
            "budget": {"max_escalation_rate": spec.max_escalation_rate,
-                      "max_cost_per_conversation": spec.max_cost_per_conversation}}
+                      "max_cost_per_conversation": spec.max_cost_per_conversation, "fill": spec.fill_budget}}
     then = {"stages": [s.get("label") for s in doc.get("stages") or []], "fpr": fit.get("fpr"),
             "search": fit.get("search"), "budget": fit.get("budget")}
     changed = [k for k in now if now[k] != then[k]]

@@ -89,6 +89,7 @@ class CascadeSpec:
     stages: tuple[StageSpec, ...]
     max_escalation_rate: float | None
     max_cost_per_conversation: float | None
+    fill_budget: bool = False
     fpr: float = 0.01
     search: str = "exact"
     grid_size: int = 64
@@ -187,8 +188,8 @@ def resolve_cascade(recipe, device: str | None = None, predict_safe: bool = Fals
                             trust_remote_code=recipe.trust_remote_code)
         ctx = resolve(other, [name], predict_safe=predict_safe, device=device, cascade=False)
         stages.append(StageSpec(name, parts, ctx.model.run_root, f"{ctx.name}:{name}", ctx, own=False))
-    return CascadeSpec(cas.name, tuple(stages), cas.max_escalation_rate, cas.max_cost_per_conversation, cas.fpr,
-                       cas.search, cas.grid_size)
+    return CascadeSpec(cas.name, tuple(stages), cas.max_escalation_rate, cas.max_cost_per_conversation,
+                       cas.fill_budget, cas.fpr, cas.search, cas.grid_size)
 
 
 def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | None = None, *,
