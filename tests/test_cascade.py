@@ -545,3 +545,27 @@ def test_fill_budget_spends_the_budget():
     assert lean.report["escalation_rate"] < 0.25
     assert full.report["escalation_rate"] == pytest.approx(0.3) and full.report["budget"]["fill"] is True
 
+
+
+def test_stages_join_on_ids_validation_rows_in_common_test_rows_all(runs, tmp_path):
+    """Runs cut with other data settings: the fit uses the ID validation rows every stage scored;
+    a stage that scored other test rows is one line naming its folder."""
+    from eval.run.cascade import evaluate_cascade
+    from eval.run.context import resolve
+    from mood_data.errors import DataError
+    from train.recipe import load_recipe
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs["root"] / "run-a" / "eval", copy / "eval")
+    path = copy / "eval" / "guard+maha+ppl" / "validation.json"
+    val = json.loads(path.read_text())
+    keep = len(val["ids"]) - 5
+    path.write_text(json.dumps({k: (v[:keep] if isinstance(v, list) else v) for k, v in val.items()}))
+    ctx = resolve(load_recipe(runs["a"], [f"output_dir={copy}"]))
+    doc = json.loads((evaluate_cascade(ctx, n_boot=0, plots=False) / "cascade.json").read_text())
+    assert doc["fit"]["n_rows"] == keep and doc["fit"]["validation_rows_per_stage"] == [len(val["ids"]), keep]
+    res = copy / "eval" / "guard+maha+ppl" / "results.jsonl"
+    res.write_text("".join(res.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(DataError, match=r"guard\+maha\+ppl: stage 2 \(guard\+maha\+ppl\) scored other test rows than "
+                                        r"stage 1 .*\(1 missing, 0 extra\)"):
+        evaluate_cascade(ctx, n_boot=0, plots=False)

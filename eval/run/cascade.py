@@ -106,35 +106,38 @@ def read_stage(i: int, stage: StageSpec) -> StageRun:
     return StageRun(stage, folder, read_results(folder / RESULTS), val, meta, read_json(folder / ANALYSIS, DataError))
 
 
-def _aligned(stages: list[StageRun], key: str, what: str) -> list[np.ndarray]:
-    """Each stage's scores on stage 1's rows (test rows: ``key`` = "rows"; ID validation rows:
-    "validation"), joined on the ids; the same rows must be there, with the same labels."""
+def _aligned(stages: list[StageRun], key: str, what: str) -> tuple[list, list[np.ndarray]]:
+    """``(ids, each stage's scores on them)``, joined on the ids. Test rows (``key`` "rows"): every
+    stage must have scored stage 1's rows (one-line error otherwise). ID validation rows
+    ("validation"): the rows every stage scored (runs cut with other data settings overlap in
+    part). A row's labels must agree in every stage."""
     first = stages[0]
-    if key == "rows":
-        ids = [r["id"] for r in first.rows]
-        labels = {r["id"]: (r["domain"], int(r["malign"])) for r in first.rows}
-    else:
-        ids = list(first.validation["ids"])
-        labels = dict(zip(ids, zip(first.validation["domains"], (int(m) for m in first.validation["malign"]))))
-    out = []
+    table = []
     for st in stages:
         if key == "rows":
-            got = {r["id"]: (float(r["score"]), (r["domain"], int(r["malign"]))) for r in st.rows}
+            table.append({r["id"]: (float(r["score"]), (r["domain"], int(r["malign"]))) for r in st.rows})
         else:
             v = st.validation
-            got = {i: (float(s), (d, int(m))) for i, s, d, m in zip(v["ids"], v["score"], v["domains"], v["malign"])}
-        missing = [i for i in ids if i not in got]
-        if missing or len(got) != len(ids):
-            extra = [i for i in got if i not in labels]
-            raise DataError(f"{st.folder}: stage {stages.index(st) + 1} ({st.spec.label}) scored other {what} rows than "
-                            f"stage 1 ({first.folder}): e.g. id {short_repr((missing or extra)[0])} "
-                            f"({len(missing)} missing, {len(extra)} extra); evaluate the stages on the same data")
-        wrong = next((i for i in ids if got[i][1] != labels[i]), None)
+            table.append({i: (float(s), (d, int(m))) for i, s, d, m in zip(v["ids"], v["score"], v["domains"],
+                                                                            v["malign"])})
+    ids = [r["id"] for r in first.rows] if key == "rows" else list(first.validation["ids"])
+    if key == "rows":
+        for k, got in enumerate(table[1:], 1):
+            missing = [i for i in ids if i not in got]
+            extra = [i for i in got if i not in table[0]]
+            if missing or extra:
+                raise DataError(f"{stages[k].folder}: stage {k + 1} ({stages[k].spec.label}) scored other {what} rows "
+                                f"than stage 1 ({first.folder}): e.g. id {short_repr((missing or extra)[0])} "
+                                f"({len(missing)} missing, {len(extra)} extra); evaluate the stages on the same "
+                                "test rows (the same data source and data.max_test_* caps)")
+    else:
+        ids = [i for i in ids if all(i in got for got in table[1:])]
+    for k, got in enumerate(table[1:], 1):
+        wrong = next((i for i in ids if got[i][1] != table[0][i][1]), None)
         if wrong is not None:
-            raise DataError(f"{st.folder}: id {short_repr(wrong)}: field 'domain'/'malign': {got[wrong][1]} in stage "
-                            f"{stages.index(st) + 1}, {labels[wrong]} in stage 1")
-        out.append(np.array([got[i][0] for i in ids], dtype=np.float64))
-    return out
+            raise DataError(f"{stages[k].folder}: id {short_repr(wrong)}: field 'domain'/'malign': {got[wrong][1]} in "
+                            f"stage {k + 1}, {table[0][wrong][1]} in stage 1")
+    return ids, [np.array([got[i][0] for i in ids], dtype=np.float64) for got in table]
 
 
 def marginal_costs(stages: Sequence[StageRun]) -> list[float]:
@@ -152,8 +155,9 @@ def fit_cascade(spec: CascadeSpec, stages: list[StageRun], registry) -> Fit:
     """The bands, fitted on the ID validation rows (rows of other domains dropped)."""
     from mood_data.console import progress
 
-    val = stages[0].validation
-    return fit_rule(_aligned(stages, "validation", "ID validation"), val["malign"], val["domains"],
+    ids, scores = _aligned(stages, "validation", "ID validation")
+    labels = dict(zip(stages[0].validation["ids"], zip(stages[0].validation["domains"], stages[0].validation["malign"])))
+    return fit_rule(scores, [labels[i][1] for i in ids], [labels[i][0] for i in ids],
                     marginal_costs(stages), Budget(spec.max_escalation_rate, spec.max_cost_per_conversation, spec.fill_budget),
                     fpr=spec.fpr, search=spec.search, grid_size=spec.grid_size, registry=registry,
                     progress=lambda it: progress(it, desc=f"cascade {spec.name}: band search", unit="chunk"))
@@ -185,13 +189,15 @@ def evaluate_cascade(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True
     ids = [r["id"] for r in first.rows]
     domains = [r["domain"] for r in first.rows]
     malign = np.array([int(r["malign"]) for r in first.rows])
-    test_scores = _aligned(stages, "rows", "test")
+    _, test_scores = _aligned(stages, "rows", "test")
     routed = route(rule, test_scores, f"{spec.name} (test rows)")
-    val_routed = route(rule, _aligned(stages, "validation", "ID validation"), f"{spec.name} (ID validation rows)")
+    val_ids, val_scores = _aligned(stages, "validation", "ID validation")
+    val_routed = route(rule, val_scores, f"{spec.name} (ID validation rows)")
+    labels = dict(zip(first.validation["ids"], zip(first.validation["domains"], first.validation["malign"])))
+    val = {"ids": val_ids, "domains": [labels[i][0] for i in val_ids], "malign": [int(labels[i][1]) for i in val_ids]}
     marginal = marginal_costs(stages)
     cost = expected_cost(routed.reached, marginal)
     negatives = None
-    val = first.validation
     if ctx.calibration_split == "validation":  # thresholds from the held-out ID slice, as for every monitor
         is_safe = np.array([registry.is_id(d) for d in val["domains"]]) & (np.asarray(val["malign"]) == 0)
         negatives = val_routed.score[is_safe]
@@ -212,7 +218,7 @@ def evaluate_cascade(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True
                     "id_recall": ((st.analysis.get("groups") or {}).get("id") or {}).get("tpr")}
                    for k, st in enumerate(stages)],
         "rule": rule.to_dict(),
-        "fit": fit.report,
+        "fit": {**fit.report, "validation_rows_per_stage": [len(st.validation["ids"]) for st in stages]},
         "test": {
             "n_rows": len(ids),
             "reach": [float(r) for r in routed.reached.mean(axis=1)],
@@ -240,8 +246,7 @@ def evaluate_cascade(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True
     write_run(folder, monitor=spec.name, ids=ids, conversations=[r["conversation"] for r in first.rows],
               domains=domains, malign=malign, score=routed.score, registry=registry, fprs=ctx.fprs, meta=meta,
               n_boot=n_boot, plots=plots, negatives=negatives, extra_columns=columns,
-              validation={"ids": list(val["ids"]), "domains": list(val["domains"]), "malign": list(val["malign"]),
-                          "score": [float(v) for v in val_routed.score]},
+              validation={**val, "score": [float(v) for v in val_routed.score]},
               extra_files={CASCADE_FILE: doc})
     return folder
 
