@@ -569,3 +569,19 @@ def test_stages_join_on_ids_validation_rows_in_common_test_rows_all(runs, tmp_pa
     with pytest.raises(DataError, match=r"guard\+maha\+ppl: stage 2 \(guard\+maha\+ppl\) scored other test rows than "
                                         r"stage 1 .*\(1 missing, 0 extra\)"):
         evaluate_cascade(ctx, n_boot=0, plots=False)
+
+
+def test_cost_view_finds_another_runs_stage_after_the_folder_moved(runs, tmp_path):
+    from eval.report.cost import cost_points
+    from eval.report.scaling import find_eval_folders
+    from eval.run.cascade import evaluate_cascade
+
+    evaluate_cascade(cross_context(runs), n_boot=0, plots=False)
+    for run in ("run-a", "run-b"):
+        shutil.copytree(runs["root"] / run / "eval", tmp_path / "moved" / run / "eval")
+    doc_path = tmp_path / "moved" / "run-a" / "eval" / "cross" / "cascade.json"
+    doc = json.loads(doc_path.read_text())
+    doc["stages"][1]["eval_folder"] = "/nonexistent/run-b/eval/guard+maha+ppl"  # where it was evaluated
+    doc_path.write_text(json.dumps(doc))
+    points = cost_points(find_eval_folders(tmp_path / "moved"))
+    assert any(p.panel == "run-a" and p.run == "run-b" for p in points)

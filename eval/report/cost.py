@@ -72,8 +72,11 @@ def cost_points(folders: Sequence[EvalFolder], fpr: float = 0.01) -> list[CostPo
         if not cascade.is_file():
             continue
         for st in read_json(cascade, MoodguardError).get("stages") or []:
-            folder = Path(str(st.get("eval_folder", "")))
-            if (f.run, str(folder.resolve())) in seen or not (folder / "analysis.json").is_file():
+            # where the evaluation found it, else beside this run (a sweep folder that moved)
+            tries = [Path(str(st.get("eval_folder", ""))),
+                     f.path.parents[2] / Path(str(st.get("run", ""))).name / "eval" / str(st.get("monitor", ""))]
+            folder = next((t for t in tries if (t / "analysis.json").is_file()), None)
+            if folder is None or (f.run, str(folder.resolve())) in seen:
                 continue
             seen.add((f.run, str(folder.resolve())))
             points += [_point(g, fpr, f.run) for g in find_eval_folders(folder)]
