@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO  # noqa: F401  (puts the repository on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402,F401  (offline environment)
 
 
 def cascade_context(run: Path, name: str, stages: list[str], budget: float, cross: Path | None, fill: bool = False):
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--time", type=int, default=0, metavar="N", help="also score N test rows with the bundles")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    from common import write_json
+    from benchmarks.common import write_json
 
     stages = args.stages.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]

@@ -585,3 +585,28 @@ def test_cost_view_finds_another_runs_stage_after_the_folder_moved(runs, tmp_pat
     doc_path.write_text(json.dumps(doc))
     points = cost_points(find_eval_folders(tmp_path / "moved"))
     assert any(p.panel == "run-a" and p.run == "run-b" for p in points)
+
+
+def test_the_measured_frontier_is_a_monotone_trade_off(runs):
+    """benchmarks/cascade_frontier.py on evaluated runs: the fitted ID recall never falls as the
+    escalation budget grows, each cascade stays within its budget, and the ends are the single
+    monitors (budget 0: the guard's cost and recall; a filled 100 % budget: the full monitor's
+    recall at the guard pass plus the LM pass)."""
+    from benchmarks.cascade_frontier import frontier, single
+
+    run = runs["root"] / "run-a"
+    if not (run / "recipe.yaml").is_file():  # what training writes; these runs' adapters were made directly
+        shutil.copy2(runs["a"], run / "recipe.yaml")
+    budgets = [0.0, 0.1, 0.2, 0.4, 1.0]
+    rows = frontier(run, ["guard", "guard+maha+ppl"], budgets, None, 0)
+    fill = frontier(run, ["guard", "guard+maha+ppl"], budgets, None, 0, fill=True)
+    guard, full = single(run / "eval" / "guard"), single(run / "eval" / "guard+maha+ppl")
+    for r in (*rows, *fill):
+        assert r["fit_escalation"] <= r["budget"] + 1e-12
+    fitted = [r["fit_id_recall"] for r in rows]
+    assert fitted == sorted(fitted)
+    assert rows[0]["cost"] == pytest.approx(guard["cost"]) and rows[0]["overall"] == guard["overall"]
+    assert fill[-1]["test_escalation"] == 1.0 and fill[-1]["cost"] == pytest.approx(full["cost"])
+    assert fill[-1]["overall"] == full["overall"]
+    costs = [r["cost"] for r in fill]
+    assert costs == sorted(costs)  # spending more budget costs more
