@@ -8,7 +8,7 @@ Each RUN is a run folder whose stage monitors were evaluated by ``moodguard eval
 ``validation.json``: this version or later). For every budget (``cascade.max_escalation_rate``)
 the cascade is fitted and evaluated exactly as ``moodguard evaluate`` does
 (:func:`eval.run.cascade.evaluate_cascade`, no forward pass), written to
-``RUN/eval/cascade-<budget %>/``. ``--cross RUN_B``: stage 2 is RUN_B's last stage monitor
+``RUN/eval/cascade[-<stage 1 unless guard>]-<budget %>/``. ``--cross RUN_B``: stage 2 is RUN_B's last stage monitor
 (another backbone), folders ``RUN/eval/cross-<budget %>/``. ``--fill``: ``cascade.fill_budget``
 (each budget spent), folders ``...-fill-<budget %>/``.
 
@@ -54,7 +54,8 @@ def frontier(run: Path, stages: list[str], budgets: list[float], cross: Path | N
 
     rows = []
     for b in budgets:
-        name = f"{'cross' if cross else 'cascade'}{'-fill' if fill else ''}-{round(100 * b):03d}"
+        first = "" if stages[0] == "guard" else f"-{stages[0]}"
+        name = f"{'cross' if cross else 'cascade'}{first}{'-fill' if fill else ''}-{round(100 * b):03d}"
         folder = evaluate_cascade(cascade_context(run, name, stages, b, cross, fill), n_boot=n_boot, plots=False)
         doc = json.loads((folder / "cascade.json").read_text())
         analysis = json.loads((folder / "analysis.json").read_text())

@@ -72,6 +72,8 @@ def cost_points(folders: Sequence[EvalFolder], fpr: float = 0.01) -> list[CostPo
         if not cascade.is_file():
             continue
         for st in read_json(cascade, MoodguardError).get("stages") or []:
+            if Path(str(st.get("run", ""))).name == f.path.parents[1].name:
+                continue  # a stage of this run: its folder is among the run's own
             # where the evaluation found it, else beside this run (a sweep folder that moved)
             tries = [Path(str(st.get("eval_folder", ""))),
                      f.path.parents[2] / Path(str(st.get("run", ""))).name / "eval" / str(st.get("monitor", ""))]
@@ -129,13 +131,15 @@ def draw(points: Sequence[CostPoint], fpr: float):
     panels = list(dict.fromkeys(p.panel for p in points))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
+    most = max(sum(p.panel == panel for p in points) for panel in panels)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, (3.4 + 0.16 * most) * nrows), squeeze=False,
+                             sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes.flat, panels):
         mine = [p for p in points if p.panel == panel and p.tpr is not None and p.seconds_per_conversation]
         for i, p in enumerate(mine):
             cascade = p.kind == "cascade"
-            c = "black" if cascade else colors[i % len(colors)]
+            c = colors[i % len(colors)]
             if p.tpr_lo is not None and p.tpr_hi is not None:
                 ax.errorbar([p.seconds_per_conversation], [p.tpr], yerr=[[p.tpr - p.tpr_lo], [p.tpr_hi - p.tpr]],
                             color=c, lw=0.8, alpha=0.5, capsize=2)
@@ -145,7 +149,7 @@ def draw(points: Sequence[CostPoint], fpr: float):
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(f"seconds per conversation ({', '.join(sorted({str(p.device) for p in mine}))})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6.5, loc="best")
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)  # below: no point hidden
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     for row in axes:
