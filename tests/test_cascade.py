@@ -610,3 +610,29 @@ def test_the_measured_frontier_is_a_monotone_trade_off(runs):
     assert fill[-1]["overall"] == full["overall"]
     costs = [r["cost"] for r in fill]
     assert costs == sorted(costs)  # spending more budget costs more
+
+
+def test_export_refuses_a_missing_or_stale_cascade(runs, tmp_path, capsys):
+    from moodguard.cli import main
+
+    cases = (("the recipe has no cascade (cascade.stages is empty)", ["cascade.stages=[]"]),
+             ("field 'budget': evaluated with", ["cascade.max_escalation_rate=0.25"]),
+             ("the cascade 'other' has not been evaluated", ["cascade.name=other"]))
+    for expect, overrides in cases:
+        out = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        assert main(["export", "--recipe", str(runs["a"]), "--cascade", "--out", str(out), *overrides]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("moodguard export: error: ") and expect in err[0], err
+        assert not out.exists()
+
+
+def test_base_override_is_refused_for_stages_on_several_bases(runs, tmp_path):
+    from eval.run.cascade import evaluate_cascade
+    from eval.run.cascade_bundle import export_cascade, load_bundle
+    from mood_data.errors import BundleError
+
+    ctx = cross_context(runs)
+    evaluate_cascade(ctx, n_boot=0, plots=False)
+    bundle = export_cascade(ctx, tmp_path / "cross")
+    with pytest.raises(BundleError, match="--base: the cascade's stages use 2 base models"):
+        load_bundle(bundle, base="/nonexistent")
