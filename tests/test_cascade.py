@@ -25,7 +25,8 @@ def synthetic(seed: int, n: int = 120, ood: int = 0):
     y[n:] = 1
     s1 = np.round(rng.normal(size=n + ood) + 1.0 * y, 1)  # ties, like a coarse guard
     s2 = rng.normal(size=n + ood) + 2.0 * y
-    domains = [ID_DOMAINS[i % len(ID_DOMAINS)] for i in range(n)] + [OOD_DOMAINS[i % len(OOD_DOMAINS)] for i in range(ood)]
+    domains = [ID_DOMAINS[i % len(ID_DOMAINS)] for i in range(n)]
+    domains += [OOD_DOMAINS[i % len(OOD_DOMAINS)] for i in range(ood)]
     return s1, s2, y, domains
 
 
@@ -479,7 +480,8 @@ def test_an_edited_cascade_bundle_is_one_line(runs, cascade_bundle, tmp_path, ca
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"conversation": results(runs["folders"]["a:cascade"])[0]["conversation"]}) + "\n")
     for edit, expect in (
-            (lambda doc: doc["rule"]["norms"][1].update(sigma=0), "cascade.json: field 'rule.norms[1].sigma': must be > 0"),
+            (lambda doc: doc["rule"]["norms"][1].update(sigma=0),
+             "cascade.json: field 'rule.norms[1].sigma': must be > 0"),
             (lambda doc: doc["rule"].update(bands=[]), "cascade.json: field 'rule.bands': expected 1 entries"),
             (lambda doc: doc["stages"][1].update(folder="../x"), "cascade.json: field 'stages[1].folder': expected "
                                                                  "'stages/2'")):

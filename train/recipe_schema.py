@@ -251,6 +251,6 @@ class Recipe:
         return getattr(self, kind)
 
 
-__all__ = ["AccelerateSection", "CascadeSection", "CascadeStage", "DataSection", "EvalSection", "GUARD_ONLY", "JudgeSection", "KnnSection",
-           "LoraSection", "MahalanobisSection", "PerplexitySection", "Recipe", "TrainSection", "factory", "recipe_yaml",
-           "setting"]
+__all__ = ["AccelerateSection", "CascadeSection", "CascadeStage", "DataSection", "EvalSection", "GUARD_ONLY",
+           "JudgeSection", "KnnSection", "LoraSection", "MahalanobisSection", "PerplexitySection", "Recipe", "TrainSection",
+           "factory", "recipe_yaml", "setting"]

@@ -149,7 +149,7 @@ def draw(points: Sequence[CostPoint], fpr: float):
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(f"seconds per conversation ({', '.join(sorted({str(p.device) for p in mine}))})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)  # below: no point hidden
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)  # hides no point
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     for row in axes:

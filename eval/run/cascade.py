@@ -156,9 +156,10 @@ def fit_cascade(spec: CascadeSpec, stages: list[StageRun], registry) -> Fit:
     from mood_data.console import progress
 
     ids, scores = _aligned(stages, "validation", "ID validation")
-    labels = dict(zip(stages[0].validation["ids"], zip(stages[0].validation["domains"], stages[0].validation["malign"])))
-    return fit_rule(scores, [labels[i][1] for i in ids], [labels[i][0] for i in ids],
-                    marginal_costs(stages), Budget(spec.max_escalation_rate, spec.max_cost_per_conversation, spec.fill_budget),
+    val = stages[0].validation
+    labels = dict(zip(val["ids"], zip(val["domains"], val["malign"])))
+    budget = Budget(spec.max_escalation_rate, spec.max_cost_per_conversation, spec.fill_budget)
+    return fit_rule(scores, [labels[i][1] for i in ids], [labels[i][0] for i in ids], marginal_costs(stages), budget,
                     fpr=spec.fpr, search=spec.search, grid_size=spec.grid_size, registry=registry,
                     progress=lambda it: progress(it, desc=f"cascade {spec.name}: band search", unit="chunk"))
 
@@ -240,8 +241,8 @@ def evaluate_cascade(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True
             "device": own.meta.get("device") if len(devices) == 1 else " + ".join(sorted(map(str, devices))),
             "dtype": own.meta.get("dtype"), "settings": own.meta.get("settings"),
             "calibration_split": ctx.calibration_split,
-            "cascade": {"stages": [s["label"] for s in doc["stages"]], "escalation_rate": doc["test"]["escalation_rate"],
-                        "rule": doc["rule"]}}
+            "cascade": {"stages": [s["label"] for s in doc["stages"]],
+                        "escalation_rate": doc["test"]["escalation_rate"], "rule": doc["rule"]}}
     folder = ctx.model.run_root / "eval" / spec.name
     write_run(folder, monitor=spec.name, ids=ids, conversations=[r["conversation"] for r in first.rows],
               domains=domains, malign=malign, score=routed.score, registry=registry, fprs=ctx.fprs, meta=meta,
@@ -257,5 +258,5 @@ def load_rule(folder: Path) -> CascadeRule:
     return CascadeRule.from_dict(folder / CASCADE_FILE, doc.get("rule"), len(doc.get("stages") or []))
 
 
-__all__ = ["CASCADE_FILE", "StageRun", "check_other_runs", "check_stage", "evaluate_cascade", "fit_cascade", "load_rule", "marginal_costs", "read_stage",
-           "stage_folder"]
+__all__ = ["CASCADE_FILE", "StageRun", "check_other_runs", "check_stage", "evaluate_cascade", "fit_cascade", "load_rule",
+           "marginal_costs", "read_stage", "stage_folder"]

@@ -61,8 +61,9 @@ def evaluated_cascade(ctx: EvalContext) -> tuple[Path, dict, dict]:
             "search": fit.get("search"), "budget": fit.get("budget")}
     changed = [k for k in now if now[k] != then[k]]
     if changed:
-        raise MoodguardError(f"{folder / CASCADE_FILE}: field '{changed[0]}': evaluated with {short_repr(then[changed[0]])}, "
-                             f"the recipe now says {short_repr(now[changed[0]])}: run `moodguard evaluate` again")
+        key = changed[0]
+        raise MoodguardError(f"{folder / CASCADE_FILE}: field '{key}': evaluated with {short_repr(then[key])}, the "
+                             f"recipe now says {short_repr(now[key])}: run `moodguard evaluate` again")
     return folder, doc, read_json(folder / "analysis.json", BundleError)
 
 
@@ -87,8 +88,8 @@ def export_cascade(ctx: EvalContext, out_dir: str | Path, *, overwrite: bool = F
             "stages": [{"label": st.label, "monitor": st.monitor, "folder": f"stages/{k}"}
                        for k, st in enumerate(spec.stages, 1)],
             "rule": doc["rule"], "fit": doc.get("fit"),
-            "evaluation": {"folder": str(folder), **{k: (doc.get("test") or {}).get(k)
-                                                      for k in ("escalation_rate", "cost_per_conversation", "overall")}},
+            "evaluation": {"folder": str(folder), **{k: (doc.get("test") or {}).get(k) for k in
+                                                     ("escalation_rate", "cost_per_conversation", "overall")}},
         })
         atomic.write_json(tmp / "thresholds.json", {
             "thresholds": analysis["thresholds"], "fprs": analysis["fprs"], "n_id_safe": analysis["n_id_safe"],
@@ -161,8 +162,8 @@ class Cascade:
             specs.append(spec)
         bases = {spec["base"] for spec in specs}
         if base is not None and len(bases) > 1:
-            raise BundleError(f"--base: the cascade's stages use {len(bases)} base models ({', '.join(sorted(bases))}); "
-                              "--base would replace all of them")
+            raise BundleError(f"--base: the cascade's stages use {len(bases)} base models "
+                              f"({', '.join(sorted(bases))}); --base would replace all of them")
         files = manifest.get("files") or {}
         scorers: list[Monitor | None] = [None] * len(stages)
         for k in range(len(stages) - 1, -1, -1):  # the last stage first: earlier ones may borrow its model
