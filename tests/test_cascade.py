@@ -638,3 +638,13 @@ def test_base_override_is_refused_for_stages_on_several_bases(runs, tmp_path):
     bundle = export_cascade(ctx, tmp_path / "cross")
     with pytest.raises(BundleError, match="--base: the cascade's stages use 2 base models"):
         load_bundle(bundle, base="/nonexistent")
+
+
+def test_a_cascade_fitted_on_few_id_safe_rows_says_so(runs):
+    """The fixture's validation slice has 9 ID-safe rows: the FPR-1% band fit rests on them, and
+    the cascade's analysis warns (small_cascade_fit), like a fusion fitted on few rows."""
+    analysis = json.loads((runs["folders"]["a:cascade"] / "analysis.json").read_text())
+    warning = next(w for w in analysis["warnings"] if w["kind"] == "small_cascade_fit")
+    assert warning["n_id_safe"] == 9 and "FPR 0.01 needs >= 1000" in warning["message"]
+    assert "small_cascade_fit" not in {w["kind"] for w in json.loads(
+        (runs["folders"]["a:guard"] / "analysis.json").read_text())["warnings"]}

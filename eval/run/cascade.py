@@ -179,6 +179,8 @@ def evaluate_cascade(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True
     from mood_data.domains import load_registry
     from train.modeling import save_versions
 
+    from ..engine.parallel import is_main
+    from ..report.caveats import print_warnings
     from ..report.runfolder import write_run
 
     spec = ctx.cascade
@@ -242,13 +244,16 @@ def evaluate_cascade(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True
             "dtype": own.meta.get("dtype"), "settings": own.meta.get("settings"),
             "calibration_split": ctx.calibration_split,
             "cascade": {"stages": [s["label"] for s in doc["stages"]],
-                        "escalation_rate": doc["test"]["escalation_rate"], "rule": doc["rule"]}}
+                        "escalation_rate": doc["test"]["escalation_rate"], "rule": doc["rule"],
+                        "fit": {k: fit.report[k] for k in ("fpr", "n_id_safe", "n_id_unsafe", "escalation_rate")}}}
     folder = ctx.model.run_root / "eval" / spec.name
     write_run(folder, monitor=spec.name, ids=ids, conversations=[r["conversation"] for r in first.rows],
               domains=domains, malign=malign, score=routed.score, registry=registry, fprs=ctx.fprs, meta=meta,
               n_boot=n_boot, plots=plots, negatives=negatives, extra_columns=columns,
               validation={**val, "score": [float(v) for v in val_routed.score]},
               extra_files={CASCADE_FILE: doc})
+    if is_main():
+        print_warnings(read_json(folder / "analysis.json", DataError).get("warnings") or [], spec.name)
     return folder
 
 
