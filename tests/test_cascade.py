@@ -648,3 +648,14 @@ def test_a_cascade_fitted_on_few_id_safe_rows_says_so(runs):
     assert warning["n_id_safe"] == 9 and "FPR 0.01 needs >= 1000" in warning["message"]
     assert "small_cascade_fit" not in {w["kind"] for w in json.loads(
         (runs["folders"]["a:guard"] / "analysis.json").read_text())["warnings"]}
+
+
+def test_recipes_show_explain_lists_each_stage(capsys):
+    """--explain prints one row per stage field (it crashed on the list of sections)."""
+    from moodguard.cli import main
+
+    assert main(["recipes", "show", "recipes/tiny/m.yaml", "cascade.stages=[{monitor: guard}, {monitor: guard+ppl}]",
+                 "cascade.max_escalation_rate=0.3", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "cascade.stages[1].monitor: guard+ppl    # recipes/tiny/m.yaml (override)" in out
+    assert "cascade.max_cost_per_conversation: null    # default" in out
