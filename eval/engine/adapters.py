@@ -79,7 +79,8 @@ def check_adapter_fits(model, adapter: Path, base: str) -> None:
 def check_vocab(tokenizer_dir: Path, tokenizer, model, base: str) -> None:
     """Every token id the tokenizer can produce indexes a row of the base model's input
     embeddings (an id beyond them would be an index error mid-scoring)."""
-    rows = model.get_input_embeddings().num_embeddings
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "base_layer", emb).num_embeddings  # a LoRA on the embedding table wraps it
     ids = list(tokenizer.get_vocab().values())
     top = max(ids, default=-1)
     if top >= rows:
