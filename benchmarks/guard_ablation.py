@@ -49,6 +49,13 @@ SETTINGS: dict[str, list[str]] = {
                             "guard.lora.target_modules=[embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
                             "guard.learning_rate=3.0e-3", "guard.max_steps=-1", "guard.num_epochs=3",
                             "guard.eval_every=epoch"],
+    "linear_lpft_c01": ["guard.lora.r=16", "guard.lora.alpha=32",
+                        "guard.lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
+                        "guard.init_head=probe", "guard.probe_c=0.1", "guard.learning_rate=5.0e-4",
+                        "guard.eval_every=50"],
+    "linear_lr5e-4": ["guard.lora.r=16", "guard.lora.alpha=32",
+                      "guard.lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
+                      "guard.learning_rate=5.0e-4", "guard.eval_every=50"],
     "full": ["guard.init_head=probe", "guard.head_learning_rate=1.0e-3", "guard.class_weights=balanced",
              "guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
 }

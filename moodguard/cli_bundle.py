@@ -22,6 +22,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the bundle even where --out holds something else: that is moved aside to "
                         "<out>.moodguard-old-<time>, never deleted (never the working folder or the run itself)")
     p.add_argument("--source", default=None, help="data source (default: the recipe's data.source)")
+    p.add_argument("--cascade", action="store_true",
+                   help="export the recipe's evaluated cascade (its cascade: section) instead of --monitor: every "
+                        "stage's bundle, the fitted bands and the cascade's thresholds (docs/cascade.md)")
 
 
 def run_export(args) -> int:
@@ -31,13 +34,19 @@ def run_export(args) -> int:
     ctx = context_from_args(args, [args.monitor])
     check_export_out(args.out, args.overwrite, (Path.cwd(), ctx.model.run_root))  # before the lock and the work
     with output_lock(ctx.model.run_root, "output_dir"), output_file_lock(args.out):
-        out = export(ctx, args.out, overwrite=args.overwrite)
+        if args.cascade:
+            from eval.run.cascade_bundle import export_cascade
+
+            out = export_cascade(ctx, args.out, overwrite=args.overwrite)
+        else:
+            out = export(ctx, args.out, overwrite=args.overwrite)
     print(f"bundle written: {out}")
     return 0
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--monitor", required=True, help="a bundle folder written by `moodguard export`")
+    p.add_argument("--monitor", required=True,
+                   help="a bundle folder written by `moodguard export` (a monitor, or a cascade: --cascade)")
     p.add_argument("input", help="jsonl file with a 'conversation' (string) or 'messages' (list) per row")
     p.add_argument("--out", default=None,
                    help="write one JSON row per conversation here, committed in chunks (default: stdout)")
@@ -109,12 +118,12 @@ def run_score(args) -> int:
 def _score(args, scan, shard) -> int:
     import sys
 
-    from eval.run.bundle import Monitor
     from eval.engine.parallel import main_print
+    from eval.run.cascade_bundle import load_bundle
     from eval.run.streaming import SCORE_CHUNK, score_stream
 
-    monitor = Monitor.load(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
-                           trust_remote_code=args.trust_remote_code)
+    monitor = load_bundle(args.monitor, base=args.base, batch_size=args.batch_size, device=args.device,
+                          trust_remote_code=args.trust_remote_code)  # a monitor or a cascade bundle
     s = score_stream(monitor, scan, args.out, shard=shard, resume=args.resume, overwrite=args.overwrite,
                      chunk=SCORE_CHUNK if args.chunk_size is None else args.chunk_size)
     per = s.seconds / max(s.rows - s.resumed_rows, 1)
@@ -122,7 +131,9 @@ def _score(args, scan, shard) -> int:
                f"{per * 1000:.1f} ms per conversation; flagged "
                + ", ".join(f"{s.flagged.get(k, 0)}/{s.rows} at FPR {k}" for k in monitor.thresholds)
                + f"; left-truncated to {monitor.settings.max_length} tokens: {s.truncated}"
-               + (f"; unscorable (flagged: fail closed): {s.unscorable}" if s.unscorable else ""), file=sys.stderr)
+               + (f"; unscorable (flagged: fail closed): {s.unscorable}" if s.unscorable else "")
+               + "".join(f"; stage {k + 1} scored {n} rows" for k, n in enumerate(getattr(monitor, "rows_scored", ()))),
+               file=sys.stderr)
     return 0
 
 

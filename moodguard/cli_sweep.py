@@ -92,9 +92,12 @@ def add_chart_arguments(p: argparse.ArgumentParser) -> None:
 def run_chart(args) -> int:
     from eval.report.scaling import log_chart_to_wandb, make_chart, wandb_enabled
 
+    from eval.report.cost import make_cost_chart
+
     chart = make_chart(args.sweep_dir, fpr=args.fpr, guard_monitor=args.guard, reference=args.reference)
     print(chart.match.sentence() if chart.match else "no guard-alone monitor in the sweep: nothing to match")
-    for f in chart.files.values():
+    cost = make_cost_chart(args.sweep_dir, fpr=args.fpr, out_dir=chart.files["png"].parent, required=False)
+    for f in [*chart.files.values(), *(cost.files.values() if cost else ())]:
         print(f"wrote {f}")
     if wandb_enabled(args.wandb):
         log_chart_to_wandb(chart, f"{Path(args.sweep_dir).resolve().name}-chart")

@@ -110,14 +110,18 @@ def finish(sweep: Sweep, out_dir: Path, wandb: bool = False, fpr: float | None =
     from eval.report.report import write_report
     from eval.report.scaling import log_chart_to_wandb, log_to_wandb, make_chart
 
+    from eval.report.cost import make_cost_chart
+
     chart = make_chart(out_dir, fpr=fpr or sweep.chart_fpr)
     if chart.match is not None:
         print(chart.match.sentence())
+    cost = make_cost_chart(out_dir, fpr=fpr or sweep.chart_fpr, out_dir=chart.files["png"].parent, required=False)
     report = write_report(out_dir, fpr=fpr or sweep.chart_fpr)
     if wandb:
         log_chart_to_wandb(chart, f"{sweep.name}-chart")
         log_to_wandb(f"{sweep.name}-stages", {"stages": stage_table(out_dir)}, {})
-    return {**{f"chart.{k}": v for k, v in chart.files.items()}, **report}
+    return {**{f"chart.{k}": v for k, v in chart.files.items()},
+            **{f"cost.{k}": v for k, v in (cost.files.items() if cost else ())}, **report}
 
 
 __all__ = ["STAGE_FUNCTIONS", "SweepResult", "finish", "prepare_out_dir", "run_stages"]

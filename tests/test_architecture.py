@@ -217,6 +217,7 @@ def test_needs_are_read_only_by_the_planner():
 
 # the functions that may receive the whole Recipe in eval: the resolver and the public entry points
 RECIPE_ENTRIES = {("eval.run.context", "resolve"), ("eval.run.context", "parse_recipe_monitors"),
+                  ("eval.run.context", "resolve_cascade"),  # the resolver of the recipe's cascade: section
                   ("eval.run.evaluate", "evaluate_recipe"),
                   ("eval.run.fitting", "fit_detectors"), ("eval.run.bundle", "export_bundle")}
 
@@ -276,7 +277,7 @@ def test_monitors_flag_goes_through_the_recipe_check(tmp_path, capsys):
 
 
 REPORTING = ("eval.report.runfolder", "eval.report.caveats", "eval.report.plots", "eval.report.scaling",
-             "eval.report.report", "eval.report.compare")
+             "eval.report.report", "eval.report.compare", "eval.report.cost")
 
 # a child interpreter in which ``import torch`` (and every torch submodule) fails. A finder is used
 # rather than ``sys.modules["torch"] = None``: scipy's array-API probe reads ``sys.modules["torch"]``
@@ -314,8 +315,11 @@ from eval.report.compare import compare_roots
 from eval.report.report import write_report
 from eval.report.runfolder import reanalyze
 from eval.report.scaling import make_chart
+from eval.report.cost import make_cost_chart
 root = make_sweep(Path("sweep"))
 chart = make_chart(root, fpr=0.01)
+cost = make_cost_chart(root, fpr=0.01)
+assert sorted(cost.files) == ["csv", "md", "png", "svg"]
 report = write_report(root, fpr=0.01)
 deltas = compare_roots(root, root, n_boot=10)
 analysis = reanalyze(root / "tiny-s" / "eval" / "guard", n_boot=10)  # run folder: analysis, summary, plots

@@ -93,3 +93,22 @@ def test_tampered_or_missing_files_raise_bundle_error(bundle, tmp_path, capsys):
         Monitor.load(copy)
     with pytest.raises(BundleError, match="manifest.json: file not found"):
         Monitor.load(tmp_path)
+
+
+def test_a_bundle_whose_guard_lora_adapts_the_embedding_table_loads(tiny_model_dir, tmp_path):
+    """The tiny recipes put LoRA on embed_tokens: the vocabulary check reads the wrapped table's
+    rows (it failed with an AttributeError, so such a bundle, the demo's, could not be scored)."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from eval.engine.adapters import check_vocab
+    from eval.engine.forward import SharedBackbone
+
+    torch.manual_seed(0)
+    guard = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])
+    get_peft_model(guard, cfg).save_pretrained(tmp_path / "guard")
+    backbone = SharedBackbone.from_pretrained(tiny_model_dir, tmp_path / "guard")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    check_vocab(tmp_path, tok, backbone.model, str(tiny_model_dir))  # no error: every id has a row

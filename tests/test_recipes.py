@@ -64,9 +64,11 @@ def test_overrides_dotted_and_yaml_parsed():
     r = load_recipe(RECIPES_DIR / "tiny" / "s.yaml",
                     ["guard.learning_rate=1e-4", "guard.lora.r=4", "guard.seeds=[1, 2]", "eval.mahalanobis.pooling=mean"])
     assert r.guard.learning_rate == 1e-4 and isinstance(r.guard.learning_rate, float)
-    assert r.guard.lora.r == 4 and r.guard.lora.alpha == 16  # sibling kept
+    plain = load_recipe(RECIPES_DIR / "tiny" / "s.yaml").guard.lora
+    assert plain.r != 4 and r.guard.lora.r == 4  # the override took
+    assert (r.guard.lora.alpha, r.guard.lora.target_modules) == (plain.alpha, plain.target_modules)  # siblings kept
     assert r.guard.seeds == [1, 2] and r.eval.mahalanobis.pooling == "mean"
-    assert load_recipe(RECIPES_DIR / "tiny" / "s.yaml").guard.lora.r == 8  # files untouched
+    assert load_recipe(RECIPES_DIR / "tiny" / "s.yaml").guard.lora == plain  # files untouched
 
 
 def test_resolved_yaml_round_trips(tmp_path):

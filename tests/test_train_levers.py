@@ -268,7 +268,8 @@ def test_head_learning_rate_is_a_group_of_its_own(tmp_path, tiny_model_dir, tiny
     for label, extra in (("shared", {}), ("head", {"guard__head_learning_rate": 2e-2})):
         spy = spy_on_trainer(monkeypatch)
         rec = write_tiny_recipe(tmp_path / f"{label}.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / label,
-                                guard__max_steps=3, guard__save_steps=10, guard__warmup_ratio=0.0, **extra)
+                                guard__max_steps=3, guard__save_steps=10, guard__warmup_ratio=0.0,
+                                guard__learning_rate=1e-3, **extra)  # pinned: the recipes' lr may change
         train(rec)
         moved[label] = float((head_of(tmp_path / label / "guard") - spy.head_begin).norm())
         if label == "shared":
@@ -417,3 +418,29 @@ def test_checkpoints_from_before_the_levers_still_resume(tmp_path):
     probe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", [f"output_dir={tmp_path}", "guard.init_head=probe"])
     with pytest.raises(RecipeError, match="key 'guard.init_head': 'random' in the checkpoints, 'probe' now"):
         resume_point(probe, "guard", ckpt, resume=True)
+
+
+def test_an_embedding_lora_adapter_holds_the_factors_not_the_table(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """The tiny recipes put a LoRA on embed_tokens: the saved adapter (final and checkpoints)
+    holds its lora_embedding factors and the head, never a copy of the frozen embedding table,
+    and loads back onto the base to the trained model's logits."""
+    from train.modeling import load_guard_model, load_tokenizer
+
+    rec = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run",
+                            guard__max_steps=2, guard__save_steps=1,
+                            guard__lora__target_modules=["embed_tokens", "q_proj", "v_proj"])
+    train(rec)
+    saved = [tmp_path / "run" / "guard", *sorted((tmp_path / "run").rglob("checkpoint-*"))]
+    assert len(saved) >= 2
+    for folder in saved:
+        keys = set(load_file(str(folder / "adapter_model.safetensors")))
+        assert any("lora_embedding_A" in k for k in keys) and any(k.endswith("score.weight") for k in keys), folder
+        assert not [k for k in keys if "embed_tokens" in k and "lora_" not in k], folder
+    tok = load_tokenizer(tiny_model_dir)
+    batch = tok(["user: hello\nassistant: hi there"], return_tensors="pt")
+    model = load_guard_model(tiny_model_dir, tmp_path / "run" / "guard").eval()
+    bare = load_guard_model(tiny_model_dir).eval()
+    with torch.no_grad():
+        moved = model.get_base_model().model.embed_tokens(batch["input_ids"])
+        plain = bare.model.embed_tokens(batch["input_ids"])
+    assert not torch.allclose(moved, plain)  # the embedding LoRA was loaded and acts

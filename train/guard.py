@@ -55,13 +55,15 @@ def adapted_model(model, recipe: Recipe, kind: str, task_type):
     from peft import PeftModel, get_peft_model
 
     from .distributed import peft_model_kwargs
+    from .modeling import without_embedding_tables
 
     config = lora_config(recipe, kind, task_type)
     init = recipe.section(kind).init_adapter
-    if init is None:
-        return get_peft_model(model, config, **peft_model_kwargs())  # under ZeRO-3: autocast off (DeepSpeed 8072)
+    if init is None:  # under ZeRO-3: autocast off (DeepSpeed 8072)
+        return without_embedding_tables(get_peft_model(model, config, **peft_model_kwargs()))
     try:
-        return PeftModel.from_pretrained(model, init, config=config, is_trainable=True, **peft_model_kwargs())
+        return without_embedding_tables(PeftModel.from_pretrained(model, init, config=config, is_trainable=True,
+                                                                  **peft_model_kwargs()))
     except (RuntimeError, ValueError, OSError) as exc:  # a weight of another shape, an unreadable file
         raise RecipeError(f"{recipe.source_file}: key '{kind}.init_adapter': {init}: cannot be loaded "
                           f"({' '.join(str(exc).split())[:200]})") from None

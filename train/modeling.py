@@ -87,6 +87,18 @@ def adapter_num_labels(adapter_dir: str | os.PathLike) -> int:
         return int(fh.get_slice(keys[0]).get_shape()[0])
 
 
+def without_embedding_tables(model):
+    """Make ``model.save_pretrained`` (Trainer's saves, checkpoints included) write the adapter
+    only. peft otherwise copies the whole embedding table into the adapter whenever a LoRA
+    targets ``embed_tokens`` (``save_embedding_layers='auto'``); the table is the base model's,
+    frozen and not resized, so the LoRA factors and the head are all the adapter needs. Without
+    this a ZeRO-3 save (gathered parameters) and a one-process save differ in their keys."""
+    import functools
+
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+    return model
+
+
 def load_guard_model(base: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, dtype="float32",
                      trust_remote_code: bool = False, num_labels: int = 2, **kwargs):
     """Sequence-classification backbone (+ the guard adapter when ``adapter_dir`` is given)."""

@@ -27,6 +27,7 @@ MAX_GLOBAL_BATCH = 1 << 24
 MAX_LORA_R = 1 << 16
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_PROCESSES = 1 << 16
+MAX_GRID = 4096  # band cuts per edge of a cascade grid search (the search evaluates up to grid^2 bands)
 SIZE_LIMITS: dict[str, int] = {  # dotted key ("*" = guard, lm and judge) -> largest value
     "*.global_batch_size": MAX_GLOBAL_BATCH, "*.per_device_batch_size": MAX_BATCH, "*.max_length": MAX_TOKENS,
     "*.lora.r": MAX_LORA_R, "*.parallel_members": MAX_PROCESSES, "eval.batch_size": MAX_BATCH,
@@ -172,6 +173,28 @@ def check_recipe(recipe: Recipe, origin: Mapping[str, str], fallback: str) -> No
             fail(f"eval.{key}", "must be >= 1")
     if ev.knn.k < 1 or ev.knn.max_ref < ev.knn.k:
         fail("eval.knn.k", "need 1 <= k <= max_ref")
+    _check_cascade(recipe.cascade, fail)
+
+
+def _check_cascade(cas, fail) -> None:
+    """The cascade section's values (its monitors are parsed by the evaluation: eval.run.cascade)."""
+    if not cas.stages:
+        return
+    if len(cas.stages) < 2:
+        fail("cascade.stages", f"a cascade needs at least two stages, got {len(cas.stages)}")
+    if cas.max_escalation_rate is None and cas.max_cost_per_conversation is None:
+        fail("cascade.stages", "a cascade needs a budget: set cascade.max_escalation_rate or "
+                               "cascade.max_cost_per_conversation")
+    if cas.max_escalation_rate is not None and not 0.0 <= cas.max_escalation_rate <= 1.0:
+        fail("cascade.max_escalation_rate", f"must be in [0, 1], got {cas.max_escalation_rate}")
+    if cas.max_cost_per_conversation is not None and cas.max_cost_per_conversation <= 0:
+        fail("cascade.max_cost_per_conversation", f"must be > 0 seconds, got {cas.max_cost_per_conversation}")
+    if not 0.0 < cas.fpr < 1.0:
+        fail("cascade.fpr", f"must be in (0, 1), got {cas.fpr}")
+    if not 2 <= cas.grid_size <= MAX_GRID:
+        fail("cascade.grid_size", f"must be in [2, {MAX_GRID}], got {cas.grid_size}")
+    if not cas.name or cas.name.strip() != cas.name or "/" in cas.name or cas.name.startswith("."):
+        fail("cascade.name", f"{short_repr(cas.name)} is not a folder name (no '/', no leading '.' or blanks)")
 
 
 def _check_selection_and_head(kind: str, sec: TrainSection, fail) -> None:

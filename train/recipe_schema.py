@@ -184,6 +184,34 @@ class EvalSection:
 
 
 @dataclass
+class CascadeStage:
+    monitor: str = setting(help="the stage's monitor: detectors joined by '+' (as in eval.monitors)")
+    recipe: str | None = setting(None, "the recipe whose run scores this stage (another backbone); null = this recipe; "
+                                       "a relative path is read from the folder of the file that set it")
+    run: str | None = setting(None, "that recipe's run folder; null = its output_dir")
+
+
+@dataclass
+class CascadeSection:
+    """A cascade monitor (docs/cascade.md): ordered stages, each an existing monitor; a stage passes a
+    conversation on when its score lies in an escalation band fitted on ID validation rows for a
+    budget. Evaluated by ``moodguard evaluate`` (``<run>/eval/<name>/``), exported by ``export --cascade``."""
+
+    stages: list[CascadeStage] = factory(list, "the stages in order (at least two); empty = no cascade")
+    name: str = setting("cascade", "the cascade's name: its eval folder <run>/eval/<name>/")
+    max_escalation_rate: float | None = setting(None, "budget: at most this share of the ID validation rows leaves "
+                                                      "the first stage, in [0, 1]")
+    max_cost_per_conversation: float | None = setting(None, "budget: at most this many seconds per conversation "
+                                                            "(the stages' measured seconds on this device)")
+    fill_budget: bool = setting(False, "spend the budget: only the bands escalating the most it allows compete "
+                                       "(else a narrower band wins when it has the same ID recall)")
+    fpr: float = setting(0.01, "the FPR whose ID recall the band fit maximises, in (0, 1)")
+    search: Literal["exact", "grid"] = setting("exact", "band search: every cut between distinct ID validation "
+                                                        "scores, or grid_size quantiles of them")
+    grid_size: int = setting(64, "cuts per band edge of the grid search (>= 2)")
+
+
+@dataclass
 class Recipe:
     model: str = setting(help="base model: a hub id, a local folder, embedded:<name> or converted:<name>")
     name: str | None = setting(None, "run name; null = from the file path (recipes/qwen2.5/7b.yaml -> qwen2.5-7b)")
@@ -203,6 +231,9 @@ class Recipe:
     lm: TrainSection = factory(lambda: TrainSection(group_by_length=True), "the causal-LM adapter's training")
     judge: JudgeSection = factory(JudgeSection, "the judge scorer and its optional LoRA")
     eval: EvalSection = factory(EvalSection, "detectors, monitors, fusion and thresholds")
+    # left out of the resolved recipe while it has no stages (stage keys and recipe.yaml files unchanged)
+    cascade: CascadeSection = dataclasses.field(default_factory=CascadeSection, metadata={
+        "help": "a cascade monitor over this and other recipes' monitors (docs/cascade.md)", "omit_empty": "stages"})
     # where the recipe came from and which file set each key (not YAML keys)
     source_file: str | None = dataclasses.field(default=None, metadata={"internal": True})
     origins: dict = dataclasses.field(default_factory=dict, metadata={"internal": True}, repr=False)
@@ -210,7 +241,8 @@ class Recipe:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         for f in dataclasses.fields(self):
-            if f.metadata.get("internal"):
+            if f.metadata.get("internal") or (f.metadata.get("omit_empty")
+                                              and not out[f.name][f.metadata["omit_empty"]]):
                 out.pop(f.name, None)
         return out
 
@@ -223,6 +255,6 @@ class Recipe:
         return getattr(self, kind)
 
 
-__all__ = ["AccelerateSection", "DataSection", "EvalSection", "GUARD_ONLY", "JudgeSection", "KnnSection",
-           "LoraSection", "MahalanobisSection", "PerplexitySection", "Recipe", "TrainSection", "factory", "recipe_yaml",
-           "setting"]
+__all__ = ["AccelerateSection", "CascadeSection", "CascadeStage", "DataSection", "EvalSection", "GUARD_ONLY",
+           "JudgeSection", "KnnSection", "LoraSection", "MahalanobisSection", "PerplexitySection", "Recipe", "TrainSection",
+           "factory", "recipe_yaml", "setting"]

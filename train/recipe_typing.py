@@ -147,6 +147,10 @@ def explain_values(obj: Any, origins: Mapping[str, str], prefix: str = "") -> li
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             out += explain_values(value, origins, key + ".")
+        elif isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):  # a list of sections (cascade.stages): one row per field
+                out += [dataclasses.replace(row, origin=where(row.key, origins, "default"))
+                        for row in explain_values(item, origins, f"{key}[{i}].")]
         else:
             out.append(Explained(key, value, f.metadata.get("help", ""), origins.get(key, "default")))
     return out

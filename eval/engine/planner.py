@@ -72,6 +72,12 @@ class Plan:
     def needs_lm_adapter(self) -> bool:
         return bool(self.lm)
 
+    def riders(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Of ``names``, those a pass of this plan scores anyway (a cascade stage's pass also gives
+        a later stage's detectors of that pass, e.g. the guard pass: ``guard``, ``maha``)."""
+        mine = {pass_name(n) for n in self.names}
+        return tuple(n for n in names if pass_name(n) in mine)
+
     def timing_key(self, name: str) -> str:
         """Which measured wall time a detector costs: ``guard`` (the guard pass), its own name (an
         LM pass, timed per detector), ``ensemble`` or ``judge`` (the group's passes)."""

@@ -58,6 +58,15 @@ def analysis_warnings(analysis: dict, meta: dict | None = None) -> list[dict]:
                                f"({fusion.get('n_fit_safe')} safe, {fusion.get('n_fit_unsafe')} unsafe; wanted "
                                f">= {MIN_FUSION_ROWS} rows" + (f", >= {MIN_UNSAFE} unsafe for '{fusion.get('method')}'"
                                                                if few_unsafe else "") + "): its weights are noisy"})
+    cas = (meta.get("cascade") or {}).get("fit") or {}
+    n_cas, cas_fpr = cas.get("n_id_safe"), cas.get("fpr")
+    if isinstance(n_cas, int) and isinstance(cas_fpr, (int, float)) and 0 < cas_fpr < 1 and \
+            n_cas < min_negatives(cas_fpr):
+        out.append({"kind": "small_cascade_fit", "n_id_safe": n_cas,
+                    "short": f"cascade bands fitted on {n_cas} ID-safe rows",
+                    "message": f"cascade bands fitted on {n_cas} ID-safe rows: FPR {cas_fpr:g} needs >= "
+                               f"{min_negatives(cas_fpr)} (the upper band edges rest on a few rows; a larger ID "
+                               "validation slice makes them mean more)"})
     small = sorted(g for g, v in (analysis.get("groups") or {}).items()
                    if v.get("kind") == "ood" and isinstance(v.get("n_unsafe"), int) and 0 < v["n_unsafe"] < MIN_UNSAFE)
     if small:

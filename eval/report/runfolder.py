@@ -23,6 +23,7 @@ from ..engine.metrics import DEFAULT_FPRS, OVERALL, analyze, fpr_key, per_domain
 
 RESULTS, ANALYSIS, SUMMARY, META = "results.jsonl", "analysis.json", "summary.md", "meta.json"
 NEGATIVES = "negatives.json"  # only when thresholds come from a held-out ID slice
+VALIDATION = "validation.json"  # the monitor's scores on the ID validation slice (what a cascade fits on)
 
 
 def _col(x, n: int, name: str) -> list:
@@ -53,8 +54,16 @@ def write_run(
     truncated: Sequence[int] | None = None,
     negatives=None,
     negatives_split: str = "validation",
+    extra_columns: Mapping[str, Sequence] | None = None,
+    validation: Mapping[str, Sequence] | None = None,
+    extra_files: Mapping[str, dict] | None = None,
 ) -> dict:
     """Write the whole eval folder; returns the analysis dict.
+
+    ``extra_columns``: more ``results.jsonl`` columns, written as given (numbers, strings or
+    null); ``validation``: ``{ids, domains, malign, score}`` of the monitor on the ID validation
+    slice, kept in ``validation.json``; ``extra_files``: more JSON files of the folder (name ->
+    document), written with it.
 
     ``negatives``: held-out ID-safe scores that set the thresholds instead of the test rows
     (:func:`eval.engine.metrics.analyze`); kept in ``negatives.json`` so :func:`reanalyze` reuses them.
@@ -72,6 +81,8 @@ def write_run(
             "score": [float(v) for v in _col(score, n, "score")]}
     for name, vals in (detector_scores or {}).items():
         cols[f"score_{name}"] = [float(v) for v in _col(vals, n, f"score_{name}")]
+    for name, vals in (extra_columns or {}).items():
+        cols[name] = _col(list(vals), n, name)
     keys = list(cols)
     trunc = None
     if truncated is not None:
@@ -88,6 +99,10 @@ def write_run(
         if negatives is not None:
             neg = {"split": negatives_split, "scores": [float(v) for v in np.asarray(negatives, dtype=float).reshape(-1)]}
             atomic.write_json(tmp / NEGATIVES, neg)
+        if validation is not None:
+            atomic.write_json(tmp / VALIDATION, {"split": "validation", **{k: list(v) for k, v in validation.items()}})
+        for name, doc in (extra_files or {}).items():
+            atomic.write_json(tmp / name, doc)
         analysis = _analyse_and_report(tmp, np.asarray(cols["score"]), cols["domain"], np.asarray(cols["malign"]),
                                        monitor, registry, fprs, n_boot, seed, plots, trunc, meta_doc, neg)
     return analysis

@@ -72,7 +72,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def write_manifest(folder: Path) -> Path:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)  # a nested one is a file
     doc = {"format": FORMAT, "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}}
     return atomic.write_json(folder / MANIFEST, doc)
 
@@ -417,27 +417,10 @@ class Monitor:
                 "flags": {k: True for k in self.thresholds}, "latency_s": 0.0, "truncated": False,
                 "unscorable": reason}
 
-    def score(self, conversations: Sequence[str]) -> list[dict]:
-        """Per conversation: ``score`` (fused), ``detectors`` (raw scores), ``contributions``,
-        ``flags`` (``score > threshold`` per FPR), ``latency_s`` (wall time / row),
-        ``truncated`` (the conversation was longer than ``max_length``: its start was cut) and
-        ``unscorable`` (null, or why the row has no score: an empty conversation is not run
-        through the model at all and is flagged at every FPR)."""
-        conversations = list(conversations)
-        if not conversations:
-            return []
-        empty = {i for i, c in enumerate(conversations) if is_blank(c)}
-        if empty:
-            keep = [i for i in range(len(conversations)) if i not in empty]
-            try:
-                scored = iter(self.score([conversations[i] for i in keep]))
-            except UnscorableRow as exc:  # its index counts the kept rows: name the input's row
-                raise UnscorableRow(keep[exc.index], exc.detector, exc.value, exc.n_rows) from None
-            return [self.unscorable_row(EMPTY_CONVERSATION) if i in empty else next(scored)
-                    for i in range(len(conversations))]
-        t0 = time.perf_counter()
-        truncated: list[int] = []
-        names = self.fusion.detectors
+    def raw_scores(self, conversations: Sequence[str], names: Sequence[str],
+                   truncated: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The raw scores of the detectors ``names`` (any of the bundle's): only the passes they
+        need run (``truncated``, when given, is extended with the truncated rows' indices)."""
         the_plan = plan(names)
         raw: dict[str, np.ndarray] = {}
         if the_plan.shared:
@@ -448,7 +431,22 @@ class Monitor:
                                      self.spec["ensemble"]["members"], conversations, self.settings))
         if the_plan.judge:
             raw.update(score_judge(the_plan, self.judge, self.rubrics, conversations, self.settings.batch_size)[0])
-        raw = {n: raw[n] for n in names}
+        return {n: raw[n] for n in names}
+
+    def score(self, conversations: Sequence[str]) -> list[dict]:
+        """Per conversation: ``score`` (fused), ``detectors`` (raw scores), ``contributions``,
+        ``flags`` (``score > threshold`` per FPR), ``latency_s`` (wall time / row),
+        ``truncated`` (the conversation was longer than ``max_length``: its start was cut) and
+        ``unscorable`` (null, or why the row has no score: an empty conversation is not run
+        through the model at all and is flagged at every FPR)."""
+        conversations = list(conversations)
+        blank = score_non_blank(conversations, self.score, self.unscorable_row)
+        if blank is not None:
+            return blank
+        t0 = time.perf_counter()
+        truncated: list[int] = []
+        names = self.fusion.detectors
+        raw = self.raw_scores(conversations, names, truncated)
         cut = set(truncated)
         fused = np.asarray(self.fusion.apply(raw), dtype=np.float64)
         hit = first_non_finite({**raw, "fused": fused})
@@ -468,6 +466,23 @@ class Monitor:
                 "unscorable": None,
             })
         return out
+
+
+def score_non_blank(conversations: list[str], score, unscorable_row) -> list[dict] | None:
+    """``[]`` for no conversation; with blank ones (never run through a model), ``score`` of the
+    others with each blank row's ``unscorable_row(EMPTY_CONVERSATION)`` in its place (an
+    :class:`UnscorableRow` names the input's row); None when every row has text."""
+    if not conversations:
+        return []
+    empty = {i for i, c in enumerate(conversations) if is_blank(c)}
+    if not empty:
+        return None
+    keep = [i for i in range(len(conversations)) if i not in empty]
+    try:
+        scored = iter(score([conversations[i] for i in keep]))
+    except UnscorableRow as exc:  # its index counts the kept rows: name the input's row
+        raise UnscorableRow(keep[exc.index], exc.detector, exc.value, exc.n_rows) from None
+    return [unscorable_row(EMPTY_CONVERSATION) if i in empty else next(scored) for i in range(len(conversations))]
 
 
 class UnscorableRow(DataError):

@@ -64,6 +64,11 @@ def read_calibration(d: Path) -> tuple[dict[str, np.ndarray], np.ndarray, list[s
     return t, malign, meta["domains"]
 
 
+def calibration_ids(d: Path) -> list:
+    """The ids of the ID validation rows of a calibration cache folder, in score order."""
+    return list(read_json(d / "meta.json", BundleError)["ids"])
+
+
 def cached_scores(stats_root: Path, kind: str, parts: dict, compute) -> dict[str, np.ndarray]:
     """Extra detectors' scores on the ID validation slice (``compute() -> {name: scores}``),
     cached under ``<run>/stats/calibration-<kind>-<key>/`` like
@@ -80,5 +85,5 @@ def cached_scores(stats_root: Path, kind: str, parts: dict, compute) -> dict[str
     return scores
 
 
-__all__ = ["STATS_VERSION", "cache_digests", "cache_intact", "cache_key", "cached_scores", "fingerprint",
+__all__ = ["STATS_VERSION", "cache_digests", "calibration_ids", "cache_intact", "cache_key", "cached_scores", "fingerprint",
            "read_calibration"]

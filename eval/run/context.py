@@ -69,6 +69,33 @@ class JudgeSpec:
 
 
 @dataclass(frozen=True)
+class StageSpec:
+    """One stage of a cascade: a monitor of this run (``own``) or of another run, with the context
+    of its run resolved once for that one monitor (what exporting the stage needs)."""
+
+    monitor: str  # canonical monitor name
+    detectors: tuple[str, ...]
+    run_root: Path
+    label: str  # the monitor (this run) or "<run name>:<monitor>"
+    context: "EvalContext"
+    own: bool = True
+
+
+@dataclass(frozen=True)
+class CascadeSpec:
+    """The recipe's ``cascade:`` section, resolved (docs/cascade.md)."""
+
+    name: str
+    stages: tuple[StageSpec, ...]
+    max_escalation_rate: float | None
+    max_cost_per_conversation: float | None
+    fill_budget: bool = False
+    fpr: float = 0.01
+    search: str = "exact"
+    grid_size: int = 64
+
+
+@dataclass(frozen=True)
 class EvalContext:
     """Everything fit / evaluate / export need, resolved once."""
 
@@ -88,6 +115,7 @@ class EvalContext:
     calibration_split: str = "test"
     steps: dict[str, int | None] = field(default_factory=dict)  # guard / lm training steps (meta.json)
     recipe_doc: Mapping[str, Any] = field(default_factory=dict, repr=False)  # the resolved recipe, copied into bundles
+    cascade: CascadeSpec | None = None  # the recipe's cascade (its stages' monitors of this run are in monitors)
 
 
 def parse_recipe_monitors(recipe) -> dict[str, tuple[str, ...]]:
@@ -104,16 +132,78 @@ def parse_recipe_monitors(recipe) -> dict[str, tuple[str, ...]]:
             raise RecipeError(f"{where(f'eval.monitors[{i}]', recipe.origins, fallback)}: key 'eval.monitors[{i}]': "
                               f"unknown monitor {mon!r}; combine {list(NAMES)} with '+'") from None
         out["+".join(parts)] = parts
+    for i, stage in enumerate(recipe.cascade.stages):  # the cascade's monitors are checked with them
+        stage_monitor(recipe.origins, fallback, i, stage.monitor)
     return out
 
 
+def stage_monitor(origins: Mapping[str, str], fallback: str, i: int, name: str) -> tuple[str, ...]:
+    """The detectors of ``cascade.stages[i].monitor`` (one-line RecipeError naming the file)."""
+    key = f"cascade.stages[{i}].monitor"
+    try:
+        return parse_monitor(name)
+    except RecipeError:
+        raise RecipeError(f"{where(key, origins, fallback)}: key '{key}': unknown monitor {name!r}; combine "
+                          f"{list(NAMES)} with '+'") from None
+
+
+def resolve_cascade(recipe, device: str | None = None, predict_safe: bool = False) -> CascadeSpec | None:
+    """The recipe's cascade with every stage resolved once: a stage of another run gets its own
+    context (from ``recipe:``, or from the run folder's own resolved ``recipe.yaml`` when only
+    ``run:`` is given). Relative paths are read from the folder of the file that set the stages
+    (the working folder for a command-line override)."""
+    from train.recipe import load_recipe
+    from train.recipe_files import display_path
+
+    cas = recipe.cascade
+    if not cas.stages:
+        return None
+    fallback = display_path(recipe.source_file) if recipe.source_file else "recipe"
+    try:  # its eval folder is <run>/eval/<name>/: never a monitor's
+        parse_monitor(cas.name)
+    except RecipeError:
+        pass
+    else:
+        raise RecipeError(f"{where('cascade.name', recipe.origins, fallback)}: key 'cascade.name': {cas.name!r} is a "
+                          "monitor's name (its eval folder); name the cascade otherwise")
+    origin = where("cascade.stages", recipe.origins, fallback)
+    here = Path.cwd() if origin.endswith("(override)") or not Path(origin).is_file() else Path(origin).resolve().parent
+    stages = []
+    for i, st in enumerate(cas.stages):
+        parts = stage_monitor(recipe.origins, fallback, i, st.monitor)
+        name = "+".join(parts)
+        if st.recipe is None and st.run is None:
+            ctx = resolve(recipe, [name], predict_safe=predict_safe, device=device, cascade=False)
+            stages.append(StageSpec(name, parts, ctx.model.run_root, name, ctx))
+            continue
+        run = None if st.run is None else (here / st.run if not Path(st.run).is_absolute() else Path(st.run))
+        path = (here / st.recipe if not Path(st.recipe).is_absolute() else Path(st.recipe)) if st.recipe else \
+            run / "recipe.yaml"
+        if not path.is_file():
+            key = f"cascade.stages[{i}].{'recipe' if st.recipe else 'run'}"
+            what = f"recipe file {path} not found" if st.recipe else \
+                f"{path} not found (the run folder of a trained recipe holds its resolved recipe.yaml)"
+            raise RecipeError(f"{where(key, recipe.origins, fallback)}: key '{key}': {what}")
+        other = load_recipe(path, [f"output_dir={run}"] if run is not None else [],
+                            trust_remote_code=recipe.trust_remote_code)
+        ctx = resolve(other, [name], predict_safe=predict_safe, device=device, cascade=False)
+        stages.append(StageSpec(name, parts, ctx.model.run_root, f"{ctx.name}:{name}", ctx, own=False))
+    return CascadeSpec(cas.name, tuple(stages), cas.max_escalation_rate, cas.max_cost_per_conversation,
+                       cas.fill_budget, cas.fpr, cas.search, cas.grid_size)
+
+
 def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | None = None, *,
-            predict_safe: bool = False, device: str | None = None) -> EvalContext:
-    """The :class:`EvalContext` of ``recipe``: ``monitors`` (default: its ``eval.monitors``),
-    ``source`` (default: its ``data.source``), ``--predict-safe`` and ``--device``."""
+            predict_safe: bool = False, device: str | None = None, cascade: bool = True) -> EvalContext:
+    """The :class:`EvalContext` of ``recipe``: ``monitors`` (default: its ``eval.monitors`` and
+    the monitors of this run its cascade uses), ``source`` (default: its ``data.source``),
+    ``--predict-safe`` and ``--device``; ``cascade`` False leaves the recipe's cascade out."""
     ev, d, j = recipe.eval, recipe.data, recipe.judge
+    cas = resolve_cascade(recipe, device, predict_safe) if cascade else None
     if monitors is None:
         parsed = parse_recipe_monitors(recipe)
+        for st in cas.stages if cas is not None else ():
+            if st.own:
+                parsed.setdefault(st.monitor, st.detectors)
     else:
         parsed = {name: parse_monitor(name) for name in parse_monitors(monitors)}
     model = ModelSpec(base=recipe.model, run_root=Path(recipe.output_dir), tokenizer=recipe.tokenizer,
@@ -141,7 +231,8 @@ def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | N
         layers=tuple(int(x) for x in ev.mahalanobis.layers),
         detector_settings={n: known[DETECTORS[n].Settings] for n in fitted(used)},
         fusion=ev.fusion, fprs=tuple(ev.fprs), calibration_split=ev.calibration_split, steps=steps,
-        recipe_doc=recipe.to_dict())
+        recipe_doc=recipe.to_dict(), cascade=cas)
 
 
-__all__ = ["DataSpec", "EvalContext", "JudgeSpec", "ModelSpec", "parse_recipe_monitors", "resolve"]
+__all__ = ["CascadeSpec", "DataSpec", "EvalContext", "JudgeSpec", "ModelSpec", "StageSpec", "parse_recipe_monitors",
+           "resolve", "resolve_cascade"]

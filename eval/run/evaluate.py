@@ -26,7 +26,7 @@ from mood_data.readers import read_json
 from ..engine.parallel import is_main, world
 from ..engine.planner import require_finite, score_shared
 from .backbone import Loaded
-from .cache import read_calibration
+from .cache import calibration_ids, read_calibration
 from .context import EvalContext
 from .fitting import extra_detector_scores, fit_statistics, load_stats
 from .splits import eval_splits
@@ -96,6 +96,7 @@ def evaluate(ctx: EvalContext, loaded: Loaded, splits: dict, cut, *, n_boot: int
     scores, n_trunc = score_shared(the_plan, loaded.backbone, loaded.tokenizer, test["conversation"], dets, ctx.score,
                                    desc=" (test)", truncated=truncated, seconds=detector_seconds)
     calib, cal_malign, cal_domains = read_calibration(fitted["calibration"])
+    cal_ids = calibration_ids(fitted["calibration"])
     for extra in extra_detector_scores(ctx, loaded, test["conversation"], cut):
         scores.update(extra["test"])
         calib.update(extra["calibration"])
@@ -110,9 +111,10 @@ def evaluate(ctx: EvalContext, loaded: Loaded, splits: dict, cut, *, n_boot: int
     for name, parts in ctx.monitors.items():
         fz = fit_fusion(ctx.fusion, calib, cal_malign, cal_domains, parts, registry)
         fused = np.asarray(fz.apply({k: scores[k] for k in parts}), dtype=np.float64)
+        cal_fused = np.asarray(fz.apply({k: calib[k] for k in parts}), dtype=np.float64)
         negatives = None
         if ctx.calibration_split == "validation":  # thresholds from the held-out ID slice
-            negatives = np.asarray(fz.apply({k: calib[k] for k in parts}), dtype=np.float64)[cal_is_id_safe]
+            negatives = cal_fused[cal_is_id_safe]
         # what this monitor alone costs: the passes its detectors need (guard pass = logits +
         # pooled features + every feature detector; ppl = the LM adapter's forward)
         seconds = sum(detector_seconds.get(p, 0.0) for p in {the_plan.timing_key(d) for d in parts})
@@ -129,7 +131,9 @@ def evaluate(ctx: EvalContext, loaded: Loaded, splits: dict, cut, *, n_boot: int
                   domains=test["domain"], malign=np.asarray(test["malign"]), score=fused,
                   detector_scores=scores, registry=registry,
                   fprs=ctx.fprs, meta=meta, n_boot=n_boot, plots=plots, truncated=truncated,
-                  negatives=negatives)
+                  negatives=negatives, validation={"ids": cal_ids, "domains": list(cal_domains),
+                                                   "malign": [int(v) for v in cal_malign],
+                                                   "score": [float(v) for v in cal_fused]})
         if is_main():  # the rank that wrote the folder tells the caveats, once
             print_warnings(read_json(folder / "analysis.json").get("warnings") or [], name)
         out[name] = folder
@@ -144,12 +148,21 @@ def run_evaluate(ctx: EvalContext, *, n_boot: int = 1000, plots: bool = True) ->
     from .backbone import load_run
 
     check_source(ctx.data.source)  # a missing data file first, not a missing adapter
+    if ctx.cascade is not None:  # and a cascade stage of another run that was never evaluated
+        from .cascade import check_other_runs
+
+        check_other_runs(ctx.cascade)
     loaded = load_run(ctx.model)
     if ctx.plan.lm and loaded.lm_dir is None:  # an LM-pass detector needs the run's causal-LM adapter
         raise BundleError(f"{ctx.model.run_root / 'lm'}: causal-LM adapter not found (needed for {ctx.plan.lm[0]!r} "
                           "monitors)")
     splits, cut = eval_splits(ctx.data)
-    return evaluate(ctx, loaded, splits, cut, n_boot=n_boot, plots=plots)
+    out = evaluate(ctx, loaded, splits, cut, n_boot=n_boot, plots=plots)
+    if ctx.cascade is not None:  # from the stages' run folders (this run's were just written)
+        from .cascade import evaluate_cascade
+
+        out[ctx.cascade.name] = evaluate_cascade(ctx, n_boot=n_boot, plots=plots)
+    return out
 
 
 def evaluate_recipe(recipe, monitors: Sequence[str] | None = None, source=None, *, predict_safe: bool = False,
