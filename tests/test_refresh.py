@@ -293,3 +293,32 @@ def test_killed_refresh_resumes_at_every_stage_and_ends_as_uninterrupted(world, 
         np.testing.assert_allclose(wa[k], wb[k], atol=1e-6, err_msg=k)
     assert (ref / "bundle").is_dir() == (out / "bundle").is_dir() == (p.returncode == 0)
     assert tree(world / "v1") == before
+
+
+def test_a_promoted_bundle_refreshes_again_from_its_own_cut(world, continued, tmp_path, capsys):
+    """The chain goes on: a bundle promoted by a refresh is refreshed again (here --mode stats,
+    new safe rows of the new domain). Its old rows are the first refresh's cut, read as given
+    (the lineage check would refuse a re-cut), and ``moodguard lineage`` shows three bundles."""
+    from eval.run.lineage import read_lineage
+    from eval.run.refresh import promote_bundle, refresh
+    from mood_data.readers import sha256_file
+
+    out = continued.out
+    gate = {**json.loads((out / "gate.json").read_text()), "decision": "promoted", "reason": "promoted: test"}
+    v2 = promote_bundle(out / "candidate", tmp_path / "v2", gate, out / "run" / "eval" / MONITOR, out / "run" / "guard")
+    rows = [{**r, "id": "third-a" + r["id"]} for r in new_rows(24, seed=11) if r["malign"] == 0]
+    rows += [{**r, "id": "third-b" + r["id"]} for r in new_rows(8, seed=12)]
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = refresh(request(world, tmp_path / "r2", source=str(v2), data=str(tmp_path / "more.jsonl"), mode="stats"))
+    lin = read_lineage(res.out / "candidate")
+    first = read_lineage(v2)
+    assert lin["data"]["old_train"] == first["data"]["train"]  # the first refresh's train slice, exactly
+    assert [a["mode"] for a in lin["ancestors"]] == ["export", "continue"]
+    assert lin["ancestors"][-1]["sha256"] == lin["parent"]["sha256"] == sha256_file(v2 / "manifest.json")
+    ledger = json.loads((res.out / "refresh.json").read_text())["stages"]
+    assert ledger["data"]["new_domains"] == []  # new-dom is the parent's own domain now
+    assert ledger["stats"]["updated"] == {"maha": 1} and ledger["stats"]["new_rows"] > 0
+    if res.promoted:
+        capsys.readouterr()
+        assert moodguard(["lineage", str(res.bundle)]) == 0
+        assert "3 bundles" in capsys.readouterr().out

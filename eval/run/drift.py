@@ -24,8 +24,9 @@ import numpy as np
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def _q(x: np.ndarray, q: float) -> float:
-    return float(np.quantile(x, q)) if x.size else float("nan")
+def _q(x: np.ndarray, q: float) -> float | None:
+    """A quantile; None when there is no row (drift.json never holds NaN)."""
+    return float(np.quantile(x, q)) if x.size else None
 
 
 def _scores(rows: Sequence[Mapping], key: str | None) -> np.ndarray:
@@ -44,6 +45,10 @@ def detector_drift(calib: np.ndarray, new: np.ndarray) -> dict:
             "drift": bool(new.size and calib.size and med > p99)}
 
 
+def _g(x) -> str:
+    return "-" if x is None else format(x, ".4g")
+
+
 def drift_report(calib: Sequence[Mapping], new: Sequence[Mapping], domains: Sequence[str], malign: Sequence[int],
                  detectors: Sequence[str], thresholds: Mapping[str, float], new_domains: Sequence[str],
                  monitor: str) -> dict:
@@ -56,7 +61,7 @@ def drift_report(calib: Sequence[Mapping], new: Sequence[Mapping], domains: Sequ
         idx = [i for i, d in enumerate(domains) if d == dom]
         rows = [new[i] for i in idx]
         figures = {d: detector_drift(cal[d], _scores(rows, None if d == "fused" else d)) for d in names}
-        flagged = {k: float(np.mean([bool(r["flags"][k]) for r in rows])) for k in thresholds}
+        flagged = {k: float(np.mean([bool(r["flags"][k]) for r in rows])) if rows else None for k in thresholds}
         out_domains[dom] = {"rows": len(rows), "unsafe": int(sum(int(malign[i]) for i in idx)),
                             "new_domain": dom in new_domains,
                             "unscorable": sum(1 for r in rows if r.get("unscorable") is not None),
@@ -77,14 +82,15 @@ def format_drift(report: Mapping, fpr_key: str | None = None) -> str:
     for dom, v in report["domains"].items():
         for det, f in v["detectors"].items():
             above = f["above_p99"]
-            lines.append(f"| {dom}{' (new)' if v['new_domain'] else ''} | {v['rows']} | {det} | {f['new']['p50']:.4g} | "
-                         f"{f['calibration']['p99']:.4g} | {'-' if above is None else format(above, '.3f')} | "
+            lines.append(f"| {dom}{' (new)' if v['new_domain'] else ''} | {v['rows']} | {det} | {_g(f['new']['p50'])} | "
+                         f"{_g(f['calibration']['p99'])} | {'-' if above is None else format(above, '.3f')} | "
                          f"{'DRIFT' if f['drift'] else ''} |")
     flag_lines = []
     for dom, v in report["domains"].items():
         keys = [fpr_key] if fpr_key in v["flagged"] else list(v["flagged"])
         flag_lines.append(f"{dom}: flagged by the deployed monitor " +
-                          ", ".join(f"{v['flagged'][k]:.3f} at FPR {k}" for k in keys))
+                          ", ".join(f"{'-' if v['flagged'][k] is None else format(v['flagged'][k], '.3f')} at FPR {k}"
+                                    for k in keys))
     drifted = report["drifted"]
     head = (f"drift: {', '.join(drifted)} (new median above the calibration p99 of {report['n_calibration']} ID-safe rows)"
             if drifted else f"drift: none (no new-row median above the calibration p99 of {report['n_calibration']} "

@@ -259,8 +259,11 @@ def parent_lineage(parent: Path, monitor: str) -> dict:
 
 
 def _rows(path: Path, registry, split: str = "train"):
+    """The rows of a file the data stage wrote (None when it holds none, e.g. no new validation row)."""
     from mood_data.load import load_split_file
 
+    if path.stat().st_size == 0:
+        return None
     return load_split_file(path, split, registry=registry)
 
 
@@ -341,6 +344,14 @@ class Refresh:
             forced.append("guard.init_head=random")  # the warm-started head is kept
         return [*self.req.overrides, *forced]
 
+    def plain_recipe(self, path: Path):
+        """A recipe read for its values only: the warm-start folders it may name (a refreshed
+        bundle's recipe names its own refresh's parent/) are not needed, nor checked."""
+        from train.recipe import load_recipe
+
+        return load_recipe(path, ["guard.init_adapter=null", "lm.init_adapter=null"],
+                           trust_remote_code=self.req.trust_remote_code)
+
     def load_recipe(self, source: Path, registry: str | None, spec: dict):
         """The refresh's recipe (``--recipe`` or the parent's) with its overrides and the forced
         keys; its base model must be the parent's (a refresh keeps the base)."""
@@ -358,12 +369,11 @@ class Refresh:
         from mood_data.domains import load_registry
         from mood_data.load import cap_groups
         from mood_data.sources import check_source
-        from train.recipe import load_recipe
 
         from . import refresh_data as rd
         from .lineage import data_record
 
-        parent_recipe = load_recipe(self.parent / "recipe.yaml", trust_remote_code=self.req.trust_remote_code)
+        parent_recipe = self.plain_recipe(self.parent / "recipe.yaml")
         d = parent_recipe.data
         try:
             check_source(d.source)
@@ -382,7 +392,7 @@ class Refresh:
                 raise DataError(f"{d.source}: the parent's {key} rows changed since it was fitted on them (its lineage "
                                 f"records {known['rows']} rows, sha256 {known['sha256'][:16]}; the source now gives "
                                 f"{records[mine]['rows']}, {records[mine]['sha256'][:16]})")
-        fraction = load_recipe(self.base_recipe(), trust_remote_code=self.req.trust_remote_code).data.validation_fraction
+        fraction = self.plain_recipe(self.base_recipe()).data.validation_fraction
         raw = rd.read_new(self.req.data, registry, d.template)
         new = rd.split_new(raw, old, registry, test_fraction=self.req.test_fraction, validation_fraction=fraction,
                            label=self.req.data, source=Path(self.req.data))
@@ -426,6 +436,9 @@ class Refresh:
 
         registry = load_registry(data["registry"])
         calib = _rows(self.data / "calibration.jsonl", load_registry(data["parent_registry"]))
+        if calib is None:
+            raise DataError(f"{data['old_source']}: the parent's validation slice holds no ID-safe row: drift is "
+                            "measured against them (nothing to compare with)")
         new = rd_concat([_rows(self.data / f"new-{s}.jsonl", registry, "test") for s in ("train", "validation", "test")])
         mon = Monitor.load(self.parent, device=self.req.device, trust_remote_code=self.req.trust_remote_code)
         say(f"drift: the deployed monitor on {len(calib)} ID-safe calibration rows and {len(new)} new rows")
