@@ -34,19 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("MPLBACKEND", "Agg")
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO  # noqa: E402  (the offline environment, the repo on the path)
 
 PACKAGES = ("mood_data", "train", "eval", "moodguard")
 CONFIG_SUFFIXES = ("Recipe", "Section", "Settings", "Context", "Spec", "Plan")
