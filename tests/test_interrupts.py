@@ -157,7 +157,7 @@ def test_evaluate_killed_then_rerun_equals_uninterrupted(tmp_path, tiny_model_di
     # folder): 13 is inside guard+maha
     killed(["evaluate", "--recipe", str(recipe), *EVAL], "13", tmp_path)
     assert visible(run / "eval") == ["guard/analysis.json", "guard/meta.json", "guard/results.jsonl",
-                                     "guard/summary.md"]  # complete monitor folders only
+                                     "guard/summary.md", "guard/validation.json"]  # complete monitor folders only
     assert moodguard(["evaluate", "--recipe", str(recipe), *EVAL]) == 0
     assert_same_outputs(ref, run)
     assert_each_id_once(run, ids_of(tiny_dataset_dir))
