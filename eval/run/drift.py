@@ -45,8 +45,9 @@ def detector_drift(calib: np.ndarray, new: np.ndarray) -> dict:
             "drift": bool(new.size and calib.size and med > p99)}
 
 
-def _g(x) -> str:
-    return "-" if x is None else format(x, ".4g")
+def _g(x: float | None, spec: str = ".4g") -> str:
+    """A figure of the table, '-' where there is none (no row)."""
+    return "-" if x is None else format(x, spec)
 
 
 def drift_report(calib: Sequence[Mapping], new: Sequence[Mapping], domains: Sequence[str], malign: Sequence[int],
@@ -81,16 +82,14 @@ def format_drift(report: Mapping, fpr_key: str | None = None) -> str:
              "|---|---:|---|---:|---:|---:|---|"]
     for dom, v in report["domains"].items():
         for det, f in v["detectors"].items():
-            above = f["above_p99"]
             lines.append(f"| {dom}{' (new)' if v['new_domain'] else ''} | {v['rows']} | {det} | {_g(f['new']['p50'])} | "
-                         f"{_g(f['calibration']['p99'])} | {'-' if above is None else format(above, '.3f')} | "
+                         f"{_g(f['calibration']['p99'])} | {_g(f['above_p99'], '.3f')} | "
                          f"{'DRIFT' if f['drift'] else ''} |")
     flag_lines = []
     for dom, v in report["domains"].items():
         keys = [fpr_key] if fpr_key in v["flagged"] else list(v["flagged"])
         flag_lines.append(f"{dom}: flagged by the deployed monitor " +
-                          ", ".join(f"{'-' if v['flagged'][k] is None else format(v['flagged'][k], '.3f')} at FPR {k}"
-                                    for k in keys))
+                          ", ".join(f"{_g(v['flagged'][k], '.3f')} at FPR {k}" for k in keys))
     drifted = report["drifted"]
     head = (f"drift: {', '.join(drifted)} (new median above the calibration p99 of {report['n_calibration']} ID-safe rows)"
             if drifted else f"drift: none (no new-row median above the calibration p99 of {report['n_calibration']} "

@@ -32,13 +32,12 @@ stopped when run again with the same arguments, and a finished one only reports 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mood_data import atomic
 from mood_data.errors import BundleError, DataError, MoodguardError, OutputError
@@ -431,6 +430,7 @@ class Refresh:
     def drift(self, spec: dict, data: dict) -> dict:
         from mood_data.domains import load_registry
 
+        from . import refresh_data as rd
         from .bundle import Monitor
         from .drift import drift_report, format_drift
 
@@ -439,7 +439,8 @@ class Refresh:
         if calib is None:
             raise DataError(f"{data['old_source']}: the parent's validation slice holds no ID-safe row: drift is "
                             "measured against them (nothing to compare with)")
-        new = rd_concat([_rows(self.data / f"new-{s}.jsonl", registry, "test") for s in ("train", "validation", "test")])
+        new = rd.concat(*(_rows(self.data / f"new-{s}.jsonl", registry, "test")
+                          for s in ("train", "validation", "test")))
         mon = Monitor.load(self.parent, device=self.req.device, trust_remote_code=self.req.trust_remote_code)
         say(f"drift: the deployed monitor on {len(calib)} ID-safe calibration rows and {len(new)} new rows")
         c_rows = mon.score(list(calib["conversation"]))
@@ -578,12 +579,6 @@ class Refresh:
         promote_bundle(self.out / "candidate", self.out / "bundle", read_json(self.out / "gate.json"),
                        self.run_root / "eval" / spec["monitor"], self.run_root / "guard")
         return {"bundle": str(self.out / "bundle"), "sha256": sha256_file(self.out / "bundle" / "manifest.json")}
-
-
-def rd_concat(parts):
-    from .refresh_data import concat
-
-    return concat(*parts)
 
 
 def promote_bundle(candidate: Path, out: Path, gate: dict, eval_dir: Path, guard_dir: Path) -> Path:
