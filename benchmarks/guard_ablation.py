@@ -152,10 +152,14 @@ def run_setting(recipe_path: Path, name: str, work: Path, test: list[dict], extr
     folder = train_guard(recipe)
     seconds = time.perf_counter() - t0
     metrics = json.loads((folder / "metrics.json").read_text())
+    scores = guard_test_scores(recipe, folder, test)
+    # per-row test scores beside the run, so a later analysis (by source, by truncation) needs no rescoring
+    (work / name / "test_scores.json").write_text(json.dumps({"id": [r["id"] for r in test],
+                                                            "score": [float(s) for s in scores]}))
     res = {"overrides": SETTINGS[name] + extra, "train_seconds": round(seconds, 1),
            "validation_auroc": round(metrics["validation"].get("eval_auroc", float("nan")), 4),
            "steps": metrics["train"].get("global_step", metrics.get("global_step")),
-           **summary(test, guard_test_scores(recipe, folder, test))}
+           **summary(test, scores)}
     for k in ("best_step", "best_validation_auroc", "probe_train_auroc"):
         if k in metrics:
             res[k] = metrics[k]
