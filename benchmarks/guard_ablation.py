@@ -4,6 +4,7 @@ TF-IDF and a probe on its own frozen features, and which training lever closes t
     python benchmarks/guard_ablation.py --recipe recipes/tiny/m.yaml --settings today,head_lr,lpft,lpft_epochs
     python benchmarks/guard_ablation.py --recipe recipes/smollm2/135m.yaml --settings ... --json out.json
     python benchmarks/guard_ablation.py --recipe R --baselines-only      # TF-IDF + frozen probe only
+    python benchmarks/guard_ablation.py --recipe R --baselines-only --cheap-baselines   # TF-IDF only, seconds
 
 Every setting trains the guard LoRA from the recipe with its overrides (``SETTINGS``), then scores
 EVERY ID row of the test split through the evaluation path (``eval.forward.SharedBackbone``,
@@ -11,7 +12,8 @@ last-token pooling, left padding) and reports, on those rows: pooled ID AUROC, I
 (threshold = 99th percentile of the ID-safe test scores, numpy linear, strictly above), AUROC per
 ID domain with both classes and per labelled harm source, validation AUROC, train seconds. The
 baselines are fitted on the guard's own train part (the train split minus its validation slice)
-and scored on the same rows: TF-IDF (``mood_data.build.baseline.tfidf_scores``) and a logistic
+and scored on the same rows: TF-IDF (``mood_data.build.baseline.tfidf_scores``) on the whole
+conversation and on the window the guard reads (the last ``eval.max_length`` tokens), and a logistic
 probe (standardised, C 0.1) on the frozen base model's final hidden state at the last token.
 """
 from __future__ import annotations
@@ -126,14 +128,31 @@ def frozen_features(recipe, rows: list[dict]) -> np.ndarray:
     return out
 
 
+def window_rows(recipe, rows: list[dict]) -> list[dict]:
+    """``rows`` with each conversation cut to the window the guard reads: the last
+    ``eval.max_length`` tokens of the recipe's tokenizer, decoded back to text."""
+    from eval.engine.forward import encode
+    from train.modeling import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(recipe.tokenizer or resolve_model(recipe.model), trust_remote_code=recipe.trust_remote_code)
+    enc = encode(tok, [r["conversation"] for r in rows], recipe.eval.max_length)
+    return [{**r, "conversation": tok.decode(list(ids), skip_special_tokens=True)} for r, ids in zip(rows, enc.input_ids)]
+
+
+def cheap_baselines(recipe, train: list[dict], test: list[dict]) -> dict:
+    """TF-IDF on the whole conversation and on the guard's window (seconds, no model forward)."""
+    from mood_data.build.baseline import tfidf_scores
+
+    return {"tfidf": summary(test, tfidf_scores(train, test)),
+            "tfidf_window": summary(test, tfidf_scores(window_rows(recipe, train), window_rows(recipe, test)))}
+
+
 def baselines(recipe, train: list[dict], test: list[dict]) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from mood_data.build.baseline import tfidf_scores
-
-    out = {"tfidf": summary(test, tfidf_scores(train, test))}
+    out = cheap_baselines(recipe, train, test)
     t0 = time.perf_counter()
     xtr, xte = frozen_features(recipe, train), frozen_features(recipe, test)
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
@@ -175,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--override", action="append", default=[], help="extra recipe override for every setting")
     ap.add_argument("--baselines-only", action="store_true")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--cheap-baselines", action="store_true",
+                    help="TF-IDF (whole conversation and the guard's window) only, no frozen-feature probe")
     ap.add_argument("--work", type=Path, default=Path("/tmp/moodguard-ablation"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default; 1 on a busy CPU)")
@@ -187,7 +208,7 @@ def main(argv=None) -> int:
     train, _, test = id_rows(recipe)
     res: dict = {"recipe": str(args.recipe), "n_test_id": len(test), "n_train": len(train), "settings": {}}
     if not args.no_baselines:
-        res["baselines"] = baselines(recipe, train, test)
+        res["baselines"] = (cheap_baselines if args.cheap_baselines else baselines)(recipe, train, test)
         print(json.dumps(res["baselines"]), flush=True)
     if not args.baselines_only:
         for name in args.settings.split(","):
