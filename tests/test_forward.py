@@ -183,3 +183,33 @@ def test_score_rows_assistant_only_tokenises_once_and_matches_separate_passes(ti
     calls.clear()
     score_shared(plan(["guard"]), backbone, tiny_tokenizer, CONVS, {}, settings)  # no perplexity: no mask computed
     assert calls == [{"assistant_only": False}]
+
+
+def test_adapter_hash_follows_the_bytes_and_the_file_names(tmp_path):
+    """The content part of every feature/statistics cache key: equal for a byte-identical copy,
+    different when one weight byte changes, and config and weights cannot trade places."""
+    import hashlib
+    import shutil
+
+    from eval.engine.forward import adapter_hash
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "adapter_config.json").write_bytes(b'{"r": 8}')
+    (a / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 5000)  # > one 1 MiB read block
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert adapter_hash(a) == adapter_hash(b)
+    expected = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        expected.update(f"{name}:{hashlib.sha256((a / name).read_bytes()).hexdigest()};".encode())
+    assert adapter_hash(a) == expected.hexdigest()
+    data = bytearray((b / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (b / "adapter_model.safetensors").write_bytes(bytes(data))
+    assert adapter_hash(a) != adapter_hash(b)
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "adapter_config.json").write_bytes((a / "adapter_model.safetensors").read_bytes())
+    (c / "adapter_model.safetensors").write_bytes((a / "adapter_config.json").read_bytes())
+    assert adapter_hash(c) != adapter_hash(a)

@@ -376,15 +376,14 @@ def adapter_hash(adapter_dir: str | Path) -> str:
     """sha256 over the adapter's config + weights: the content part of cache keys."""
     import hashlib
 
+    from mood_data.readers import sha256_file
+
     h = hashlib.sha256()
     d = Path(adapter_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         p = d / name
         if p.is_file():
-            h.update(name.encode())
-            with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            h.update(f"{name}:{sha256_file(p)};".encode())
     return h.hexdigest()
 
 
