@@ -303,3 +303,77 @@ def test_recipes_show_explain(capsys):
     from train.recipe import explain
 
     assert len(values) == len(explain(load_recipe(path))) and "guard.lora.r" in values
+
+
+def test_prompt_grouped_validation_keeps_every_request_on_one_side():
+    """``data.validation_groups: prompt``: a request with several replies (a harmful and a refusing
+    one, a call and its corrupted twin) is held out whole, every (domain, labels) cell of groups
+    is represented, the cut is seeded, and the row cut (the default) is unchanged by the option."""
+    import datasets
+
+    from mood_data.errors import DataError
+    from train.data import prompt_group
+
+    def conv(prompt, reply):
+        return f"<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n{reply}<end_of_turn>\n"
+
+    rows = []
+    for i in range(10):  # harmless: each prompt has a harmful (1) and a refusing (0) reply
+        rows += [{"id": f"h{i}-{m}", "conversation": conv(f"How do I do bad thing {i}?", f"reply {m}"),
+                  "domain": "hh-rlhf-harmless", "malign": m} for m in (0, 1)]
+    for i in range(10):  # helpful: one safe reply per prompt
+        rows.append({"id": f"s{i}", "conversation": conv(f"Tell me about topic {i}", "ok"),
+                     "domain": "hh-rlhf-helpful", "malign": 0})
+    ds = datasets.Dataset.from_list(rows)
+    rowcut = train_validation_split(ds, 0.2, seed=0)
+    shared = {prompt_group(c) for c in rowcut["train"]["conversation"]} & \
+             {prompt_group(c) for c in rowcut["validation"]["conversation"]}
+    assert shared  # the row cut splits some request's replies across the two sides (what the option fixes)
+    split = train_validation_split(ds, 0.2, seed=0, groups="prompt")
+    train_groups = {prompt_group(c) for c in split["train"]["conversation"]}
+    val_groups = {prompt_group(c) for c in split["validation"]["conversation"]}
+    assert not train_groups & val_groups
+    assert len(val_groups) == 4  # 2 of the 10 harmless groups, 2 of the 10 helpful ones
+    assert {(r["domain"], r["malign"]) for r in split["validation"]} == {
+        ("hh-rlhf-harmless", 0), ("hh-rlhf-harmless", 1), ("hh-rlhf-helpful", 0)}
+    assert len(split["train"]) + len(split["validation"]) == len(rows)
+    assert train_validation_split(ds, 0.2, seed=0, groups="prompt")["validation"]["id"] == split["validation"]["id"]
+    assert train_validation_split(ds, 0.2, seed=0, groups="row")["validation"]["id"] == rowcut["validation"]["id"]
+    # whitespace and case do not make a new request; text without the MOOD turn markers is its own group
+    assert prompt_group(conv("How  do I\ndo BAD thing 1?", "x")) == prompt_group(conv("how do i do bad thing 1?", "y"))
+    assert prompt_group("plain text") == "plain text"
+    with pytest.raises(DataError, match="data.validation_groups"):
+        train_validation_split(ds, 0.2, groups="domain")
+
+
+def test_validation_groups_is_a_recipe_key():
+    r = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", ["data.validation_groups=prompt"])
+    assert r.data.validation_groups == "prompt"
+    assert load_recipe(RECIPES_DIR / "tiny" / "s.yaml").data.validation_groups == "row"
+    with pytest.raises(RecipeError, match="validation_groups"):
+        load_recipe(RECIPES_DIR / "tiny" / "s.yaml", ["data.validation_groups=domain"])
+
+
+def test_prompt_groups_reach_training_and_evaluation_alike_and_end_the_leak(tmp_path):
+    """Training's cut (train.data.train_validation_cut) and evaluation's (eval.run.splits.data_cut
+    of the resolved context) are the same rows with ``data.validation_groups: prompt``, and on the
+    embedded benchmark no validation request is then also a train request (the row cut shares many)."""
+    from eval.run.context import resolve
+    from eval.run.splits import data_cut
+    from train.data import prompt_group, train_validation_cut
+
+    overrides = [f"output_dir={tmp_path / 'run'}"]
+    row = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", overrides)
+    grouped = load_recipe(RECIPES_DIR / "tiny" / "s.yaml", overrides + ["data.validation_groups=prompt"])
+    tr, va = train_validation_cut(grouped)
+    etr, eva = data_cut(resolve(grouped, ["guard"]).data)
+    assert tr["id"] == etr["id"] and va["id"] == eva["id"]
+
+    def shared(train, validation):
+        seen = {prompt_group(c) for c in train["conversation"]}
+        return sum(prompt_group(c) in seen for c in validation["conversation"])
+
+    assert shared(tr, va) == 0
+    rtr, rva = train_validation_cut(row)
+    assert shared(rtr, rva) > 0.3 * len(rva)
+    assert abs(len(va) - len(rva)) < 0.25 * len(rva)

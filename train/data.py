@@ -8,6 +8,7 @@ run replays the same order.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 import torch
@@ -33,51 +34,98 @@ def load_train_split(source: str | None, template: str = "mood", registry: str |
     return load_splits(source, **kwargs)["train"]
 
 
-def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | None = None):
-    """Deterministic held-out validation slice of the train split, stratified by
-    (domain, malign) so both classes of every ID domain are represented."""
-    import datasets
+USER_TURN = re.compile(r"<start_of_turn>user\n(.*?)<end_of_turn>", re.S)
+VALIDATION_GROUPS = ("row", "prompt")
 
-    if max_rows is not None and len(ds) > max_rows:
-        ds = ds.shuffle(seed=seed).select(range(max_rows))
-    g = torch.Generator().manual_seed(seed)
+
+def prompt_group(conversation: str) -> str:
+    """What a prompt-grouped cut keeps together: the first user turn of a MOOD-rendered
+    conversation (``<start_of_turn>user``), lower-cased and whitespace-collapsed, so every reply
+    to one request (a harmful and a refusing reply, a function call and its corrupted twin)
+    lands on the same side. A conversation without that marker (another chat template) is
+    its own group."""
+    m = USER_TURN.search(conversation)
+    return " ".join((m.group(1) if m else conversation).lower().split())
+
+
+def _held_out_rows(ds, fraction: float, g: torch.Generator) -> list[int]:
+    """Row-level cut: ``fraction`` of every (domain, malign) cell, at least one row of a cell
+    with two or more."""
     cells: dict[tuple, list[int]] = {}
     for i, (dom, mal) in enumerate(zip(ds["domain"], ds["malign"])):
         cells.setdefault((dom, int(mal)), []).append(i)
-    train_idx, val_idx = [], []
+    val_idx: list[int] = []
     for key in sorted(cells):
         idx = cells[key]
         perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
         n_val = int(round(len(idx) * fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        else:
-            n_val = 0
+        n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) >= 2 else 0
         val_idx += perm[:n_val]
-        train_idx += perm[n_val:]
+    return val_idx
+
+
+def _held_out_groups(ds, fraction: float, g: torch.Generator) -> list[int]:
+    """Prompt-grouped cut: groups (:func:`prompt_group`) are stratified by (domain of their first
+    row, labels they hold: 0, 1 or both) and ``fraction`` of the groups of every cell (at least
+    one of a cell with two or more) is held out whole."""
+    groups: dict[str, list[int]] = {}
+    for i, conv in enumerate(ds["conversation"]):
+        groups.setdefault(prompt_group(conv), []).append(i)
+    domains, malign = ds["domain"], ds["malign"]
+    cells: dict[tuple, list[str]] = {}
+    for key, rows in groups.items():  # dict order = first appearance: deterministic
+        labels = sorted({int(malign[i]) for i in rows})
+        cells.setdefault((domains[rows[0]], tuple(labels)), []).append(key)
+    val_idx: list[int] = []
+    for cell in sorted(cells):
+        keys = cells[cell]
+        perm = [keys[j] for j in torch.randperm(len(keys), generator=g).tolist()]
+        n_val = int(round(len(keys) * fraction))
+        n_val = min(max(n_val, 1), len(keys) - 1) if len(keys) >= 2 else 0
+        for key in perm[:n_val]:
+            val_idx += groups[key]
+    return val_idx
+
+
+def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | None = None, groups: str = "row"):
+    """Deterministic held-out validation slice of the train split, stratified by
+    (domain, malign) so both classes of every ID domain are represented. ``groups="prompt"``
+    holds out whole prompt groups (:func:`prompt_group`): no request is on both sides, as in
+    the benchmark's own train / test split."""
+    import datasets
+
+    if groups not in VALIDATION_GROUPS:
+        raise DataError(f"data.validation_groups: {groups!r} is not one of {', '.join(VALIDATION_GROUPS)}")
+    if max_rows is not None and len(ds) > max_rows:
+        ds = ds.shuffle(seed=seed).select(range(max_rows))
+    g = torch.Generator().manual_seed(seed)
+    val_idx = (_held_out_groups if groups == "prompt" else _held_out_rows)(ds, fraction, g)
+    held = set(val_idx)
+    train_idx = [i for i in range(len(ds)) if i not in held]
     if not train_idx or not val_idx:
         raise DataError(f"train split: {len(ds)} rows are too few for a validation fraction of {fraction}")
     return datasets.DatasetDict(train=ds.select(sorted(train_idx)), validation=ds.select(sorted(val_idx)))
 
 
 def validation_cut(source: str | None, *, template: str = "mood", registry: str | None = None,
-                   fraction: float = 0.1, max_rows: int | None = None, train_split=None):
+                   fraction: float = 0.1, max_rows: int | None = None, train_split=None, groups: str = "row"):
     """THE seeded train / validation cut of a source's ID train split: ``(train, validation)``
     (``datasets.Dataset`` each; seed 0). Guard, LM and judge training, fitting, evaluate and
     export all use this one function; a process computes it once and passes it along.
     ``train_split``: the already loaded train split of that source (a caller that loads the test
     split anyway loads both in one ``load_splits`` call instead of reading test twice)."""
     raw = train_split if train_split is not None else load_train_split(source, template, registry)
-    parts = train_validation_split(raw, fraction, seed=0, max_rows=max_rows)
+    parts = train_validation_split(raw, fraction, seed=0, max_rows=max_rows, groups=groups)
     return parts["train"], parts["validation"]
 
 
 def train_validation_cut(recipe, source: str | None = None, train_split=None):
     """:func:`validation_cut` of a recipe's data section (``data.validation_fraction``,
-    ``data.max_train_rows``); ``source`` overrides ``data.source``."""
+    ``data.max_train_rows``, ``data.validation_groups``); ``source`` overrides ``data.source``."""
     d = recipe.data
     return validation_cut(source or d.source, template=d.template, registry=d.registry,
-                          fraction=d.validation_fraction, max_rows=d.max_train_rows, train_split=train_split)
+                          fraction=d.validation_fraction, max_rows=d.max_train_rows, train_split=train_split,
+                          groups=d.validation_groups)
 
 
 def tokenize_guard(ds, tokenizer, max_length: int):

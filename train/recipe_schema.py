@@ -124,6 +124,10 @@ class DataSection:
                                          "MOOD domains")
     validation_fraction: float = setting(0.1, "share of the ID train split held out (seeded, stratified) for "
                                               "model selection and fusion, in (0, 1)")
+    validation_groups: Literal["row", "prompt"] = setting(
+        "row", "how the validation slice is drawn: 'row' (rows, stratified by domain and label) or 'prompt' "
+               "(whole prompt groups, the first user turn: no request on both sides, as in the benchmark's "
+               "train / test split)")
     max_train_rows: int | None = setting(None, "use at most this many train rows (seeded); null = all")
     max_test_unsafe_per_domain: int | None = setting(None, "quick runs only: at most this many unsafe test rows "
                                                            "per domain (seeded); null = all")

@@ -51,6 +51,7 @@ class DataSpec:
     template: str = "mood"
     registry: str | None = None
     validation_fraction: float = 0.1
+    validation_groups: str = "row"
     max_train_rows: int | None = None
     max_test_unsafe_per_domain: int | None = None
     max_test_safe_per_domain: int | None = None
@@ -210,7 +211,8 @@ def resolve(recipe, monitors: Sequence[str] | str | None = None, source: str | N
                       dtype=recipe.dtype, device_map=ev.device_map, trust_remote_code=recipe.trust_remote_code,
                       device=device, guard_seeds=tuple(recipe.guard.seeds))
     data = DataSpec(source=source or d.source, recipe_source=d.source, template=d.template, registry=d.registry,
-                    validation_fraction=d.validation_fraction, max_train_rows=d.max_train_rows,
+                    validation_fraction=d.validation_fraction, validation_groups=d.validation_groups,
+                    max_train_rows=d.max_train_rows,
                     max_test_unsafe_per_domain=d.max_test_unsafe_per_domain,
                     max_test_safe_per_domain=d.max_test_safe_per_domain)
     judge = JudgeSpec(model=j.model, adapter=j.adapter, alignment_rubric=j.alignment_rubric,

@@ -383,7 +383,7 @@ class Refresh:
         registry = load_registry(reg_path)
         parent_reg = load_registry(d.registry)
         old = rd.load_old(d.source, template=d.template, registry=d.registry, fraction=d.validation_fraction,
-                          max_rows=d.max_train_rows)
+                          max_rows=d.max_train_rows, groups=d.validation_groups)
         records = {"old_train": data_record(old.train), "old_validation": data_record(old.validation)}
         for key, mine in (("train", "old_train"), ("validation", "old_validation")):
             known = (plineage.get("data") or {}).get(key)
@@ -391,10 +391,11 @@ class Refresh:
                 raise DataError(f"{d.source}: the parent's {key} rows changed since it was fitted on them (its lineage "
                                 f"records {known['rows']} rows, sha256 {known['sha256'][:16]}; the source now gives "
                                 f"{records[mine]['rows']}, {records[mine]['sha256'][:16]})")
-        fraction = self.plain_recipe(self.base_recipe()).data.validation_fraction
+        plain = self.plain_recipe(self.base_recipe()).data
         raw = rd.read_new(self.req.data, registry, d.template)
-        new = rd.split_new(raw, old, registry, test_fraction=self.req.test_fraction, validation_fraction=fraction,
-                           label=self.req.data, source=Path(self.req.data))
+        new = rd.split_new(raw, old, registry, test_fraction=self.req.test_fraction,
+                           validation_fraction=plain.validation_fraction, label=self.req.data,
+                           source=Path(self.req.data), groups=plain.validation_groups)
         new_domains = sorted(x for x in set(new.rows["domain"]) if x not in parent_reg.known)
         full = self.data / "full"
         # the old test rows the parent was evaluated on (its seeded caps, if any) + every new test row

@@ -99,11 +99,12 @@ def explicit_validation(source: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def load_old(source: str, *, template: str, registry: str | None, fraction: float, max_rows: int | None) -> OldData:
+def load_old(source: str, *, template: str, registry: str | None, fraction: float, max_rows: int | None,
+             groups: str = "row") -> OldData:
     """The parent's train split and test split, each read once, and the cut it was fitted on: a
     folder with a ``validation.*`` file beside ``train.*`` (what a refresh writes) holds its cut
     as given; anything else is cut by :func:`train.data.validation_cut` with the parent's
-    settings (``data.validation_fraction``, ``data.max_train_rows``)."""
+    settings (``data.validation_fraction``, ``data.max_train_rows``, ``data.validation_groups``)."""
     from mood_data.load import load_split_file, load_splits
     from mood_data.sources import has_local_test_split
     from train.data import validation_cut
@@ -118,7 +119,7 @@ def load_old(source: str, *, template: str, registry: str | None, fraction: floa
         validation = load_split_file(val_file, "train", registry=registry, template=template)
         return OldData(train, validation, splits["test"], concat(train, validation))
     train, validation = validation_cut(source, template=template, registry=registry, fraction=fraction,
-                                       max_rows=max_rows, train_split=splits["train"])
+                                       max_rows=max_rows, train_split=splits["train"], groups=groups)
     return OldData(train, validation, splits["test"], splits["train"])
 
 
@@ -174,12 +175,13 @@ def deduplicate(new, old: OldData, label: str, source: Path) -> tuple[list[int],
     return keep, report
 
 
-def _cut(ds, fraction: float, what: str, label: str):
-    """``(rest, held out)``: the seeded, stratified split of training (train.data)."""
+def _cut(ds, fraction: float, what: str, label: str, groups: str = "row"):
+    """``(rest, held out)``: the seeded, stratified split of training (train.data), by rows or by
+    prompt groups (``data.validation_groups``)."""
     from train.data import train_validation_split
 
     try:
-        parts = train_validation_split(ds, fraction, seed=0)
+        parts = train_validation_split(ds, fraction, seed=0, groups=groups)
     except DataError:
         raise DataError(f"{label}: {len(ds)} new ID rows are too few to hold out a {what} part of {fraction:g} "
                         f"(need at least two rows of one (domain, label) cell)") from None
@@ -187,7 +189,7 @@ def _cut(ds, fraction: float, what: str, label: str):
 
 
 def split_new(raw: dict[str, Any], old: OldData, registry: DomainRegistry, *, test_fraction: float,
-              validation_fraction: float, label: str, source: Path) -> NewData:
+              validation_fraction: float, label: str, source: Path, groups: str = "row") -> NewData:
     """De-duplicate and split the new rows (module docstring)."""
     import datasets
 
@@ -205,7 +207,7 @@ def split_new(raw: dict[str, Any], old: OldData, registry: DomainRegistry, *, te
     ood_rows = rows.select([i for i, x in enumerate(is_id) if not x])
     if "rows" in raw:  # one file: hold out a test part of the ID rows
         if len(id_rows):
-            train_all, test_id = _cut(id_rows, test_fraction, "test", label)
+            train_all, test_id = _cut(id_rows, test_fraction, "test", label, groups)
         else:
             train_all, test_id = id_rows, id_rows
     else:  # a folder: its own train / test files
@@ -216,7 +218,7 @@ def split_new(raw: dict[str, Any], old: OldData, registry: DomainRegistry, *, te
         raise DataError(f"{label}: no new row of an ID domain to train on ({len(rows)} rows, all of OOD domains "
                         "or held out): declare the new domain under 'id' in --domains")
     if len(train_all) >= 2:
-        train, validation = _cut(train_all, validation_fraction, "validation", label)
+        train, validation = _cut(train_all, validation_fraction, "validation", label, groups)
     else:
         train, validation = train_all, train_all.select([])
     test = datasets.concatenate_datasets([test_id, ood_rows]) if len(ood_rows) else test_id

@@ -9,7 +9,8 @@ def data_cut(data: DataSpec, train_split=None) -> tuple:
     from train.data import validation_cut
 
     return validation_cut(data.source, template=data.template, registry=data.registry,
-                          fraction=data.validation_fraction, max_rows=data.max_train_rows, train_split=train_split)
+                          fraction=data.validation_fraction, max_rows=data.max_train_rows, train_split=train_split,
+                          groups=data.validation_groups)
 
 
 def eval_splits(data: DataSpec) -> tuple[dict, tuple]:
