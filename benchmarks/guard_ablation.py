@@ -58,6 +58,8 @@ SETTINGS: dict[str, list[str]] = {
     "linear_lr5e-4": ["guard.lora.r=16", "guard.lora.alpha=32",
                       "guard.lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
                       "guard.learning_rate=5.0e-4", "guard.eval_every=50"],
+    "select50": ["guard.eval_every=50"],
+    "select50_prompt": ["guard.eval_every=50", "data.validation_groups=prompt"],
     "full": ["guard.init_head=probe", "guard.head_learning_rate=1.0e-3", "guard.class_weights=balanced",
              "guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
 }
