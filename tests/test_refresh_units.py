@@ -158,6 +158,27 @@ def test_new_rows_are_deduplicated_by_content_and_split_seeded(registry, tmp_pat
     assert list(b.test["id"]) == list(a.test["id"]) and list(b.train["id"]) == list(a.train["id"])  # seeded
 
 
+def test_prompt_groups_keep_a_requests_replies_on_one_side_of_both_new_cuts(registry, tmp_path):
+    """With the parent's ``data.validation_groups: prompt`` the gate's test part and the validation
+    slice of the new rows hold out whole requests (two replies per request here)."""
+    from eval.run.refresh_data import split_new
+    from train.data import prompt_group
+
+    def conv(i, reply):
+        return f"<start_of_turn>user\nincident {i}: call the tool<end_of_turn>\n<start_of_turn>model\n{reply}<end_of_turn>\n"
+
+    rows = [_row(f"n{i}-{m}", conv(i, f"reply {m}"), malign=m) for i in range(24) for m in (0, 1)]
+    raw = {"rows": _ds(rows)}
+    got = split_new(raw, _old(), registry, test_fraction=0.25, validation_fraction=0.25, label="new.jsonl",
+                    source=tmp_path / "none", groups="prompt")
+    sides = [{prompt_group(c) for c in part["conversation"]} for part in (got.train, got.validation, got.test)]
+    assert all(sides) and not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert sum(len(x) for x in sides) == 24
+    rowwise = split_new(raw, _old(), registry, test_fraction=0.25, validation_fraction=0.25, label="new.jsonl",
+                        source=tmp_path / "none")
+    assert {prompt_group(c) for c in rowwise.train["conversation"]} & {prompt_group(c) for c in rowwise.test["conversation"]}
+
+
 def test_an_old_id_in_the_new_rows_is_one_line_naming_the_row(registry, tmp_path):
     from eval.run.refresh_data import split_new
 
