@@ -48,26 +48,30 @@ def prompt_group(conversation: str) -> str:
     return " ".join((m.group(1) if m else conversation).lower().split())
 
 
+def _held_out(cells: dict[tuple, list], fraction: float, g: torch.Generator) -> list:
+    """``fraction`` of the members of every cell (cells in sorted order, members seeded-permuted),
+    at least one of a cell with two or more and never all of it."""
+    out: list = []
+    for key in sorted(cells):
+        members = cells[key]
+        perm = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+        n_val = int(round(len(members) * fraction))
+        n_val = min(max(n_val, 1), len(members) - 1) if len(members) >= 2 else 0
+        out += perm[:n_val]
+    return out
+
+
 def _held_out_rows(ds, fraction: float, g: torch.Generator) -> list[int]:
-    """Row-level cut: ``fraction`` of every (domain, malign) cell, at least one row of a cell
-    with two or more."""
+    """Row-level cut: :func:`_held_out` over the (domain, malign) cells of rows."""
     cells: dict[tuple, list[int]] = {}
     for i, (dom, mal) in enumerate(zip(ds["domain"], ds["malign"])):
         cells.setdefault((dom, int(mal)), []).append(i)
-    val_idx: list[int] = []
-    for key in sorted(cells):
-        idx = cells[key]
-        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        n_val = int(round(len(idx) * fraction))
-        n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) >= 2 else 0
-        val_idx += perm[:n_val]
-    return val_idx
+    return _held_out(cells, fraction, g)
 
 
 def _held_out_groups(ds, fraction: float, g: torch.Generator) -> list[int]:
     """Prompt-grouped cut: groups (:func:`prompt_group`) are stratified by (domain of their first
-    row, labels they hold: 0, 1 or both) and ``fraction`` of the groups of every cell (at least
-    one of a cell with two or more) is held out whole."""
+    row, labels they hold: 0, 1 or both); :func:`_held_out` picks whole groups."""
     groups: dict[str, list[int]] = {}
     for i, conv in enumerate(ds["conversation"]):
         groups.setdefault(prompt_group(conv), []).append(i)
@@ -76,15 +80,7 @@ def _held_out_groups(ds, fraction: float, g: torch.Generator) -> list[int]:
     for key, rows in groups.items():  # dict order = first appearance: deterministic
         labels = sorted({int(malign[i]) for i in rows})
         cells.setdefault((domains[rows[0]], tuple(labels)), []).append(key)
-    val_idx: list[int] = []
-    for cell in sorted(cells):
-        keys = cells[cell]
-        perm = [keys[j] for j in torch.randperm(len(keys), generator=g).tolist()]
-        n_val = int(round(len(keys) * fraction))
-        n_val = min(max(n_val, 1), len(keys) - 1) if len(keys) >= 2 else 0
-        for key in perm[:n_val]:
-            val_idx += groups[key]
-    return val_idx
+    return [i for key in _held_out(cells, fraction, g) for i in groups[key]]
 
 
 def train_validation_split(ds, fraction: float, seed: int = 0, max_rows: int | None = None, groups: str = "row"):
