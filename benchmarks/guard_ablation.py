@@ -60,6 +60,8 @@ SETTINGS: dict[str, list[str]] = {
                       "guard.learning_rate=5.0e-4", "guard.eval_every=50"],
     "select50": ["guard.eval_every=50"],
     "select50_prompt": ["guard.eval_every=50", "data.validation_groups=prompt"],
+    "seed1": ["guard.seeds=[1]"],
+    "seed2": ["guard.seeds=[2]"],
     "full": ["guard.init_head=probe", "guard.head_learning_rate=1.0e-3", "guard.class_weights=balanced",
              "guard.max_steps=-1", "guard.num_epochs=3", "guard.eval_every=epoch"],
 }
