@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402,F401  (offline environment)
+from benchmarks import common  # noqa: E402  (offline environment, write_json)
 
 HARM_TAGS = ("pyrit", "xstest", "rbr", "bfcl", "bfclmt")
 # name: recipe overrides on top of --recipe (cumulative reading: each adds one lever)
@@ -109,16 +109,22 @@ def guard_test_scores(recipe, guard_dir: Path, test: list[dict]) -> np.ndarray:
     return guard_scores(logits)
 
 
+def recipe_tokenizer(recipe):
+    """The tokenizer the recipe's guard reads with (its ``tokenizer``, else the base model's)."""
+    from train.modeling import load_tokenizer, resolve_model
+
+    return load_tokenizer(recipe.tokenizer or resolve_model(recipe.model), trust_remote_code=recipe.trust_remote_code)
+
+
 def frozen_features(recipe, rows: list[dict]) -> np.ndarray:
     import torch
 
     from eval.engine.forward import SharedBackbone, collate, encode, length_batches
     from train.device import placement
-    from train.modeling import load_tokenizer, resolve_model
+    from train.modeling import resolve_model
 
-    base = resolve_model(recipe.model)
-    tok = load_tokenizer(recipe.tokenizer or base, trust_remote_code=recipe.trust_remote_code)
-    bb = SharedBackbone.from_pretrained(base, placement=placement(recipe.dtype, None))
+    tok = recipe_tokenizer(recipe)
+    bb = SharedBackbone.from_pretrained(resolve_model(recipe.model), placement=placement(recipe.dtype, None))
     enc = encode(tok, [r["conversation"] for r in rows], recipe.eval.max_length)
     out = np.zeros((len(rows), bb.causal_lm.config.hidden_size))
     pad = tok.pad_token_id
@@ -132,14 +138,12 @@ def frozen_features(recipe, rows: list[dict]) -> np.ndarray:
     return out
 
 
-def window_rows(recipe, rows: list[dict]) -> list[dict]:
-    """``rows`` with each conversation cut to the window the guard reads: the last
-    ``eval.max_length`` tokens of the recipe's tokenizer, decoded back to text."""
+def window_rows(tok, rows: list[dict], max_length: int) -> list[dict]:
+    """``rows`` with each conversation cut to the window the guard reads: the last ``max_length``
+    tokens of ``tok``, decoded back to text."""
     from eval.engine.forward import encode
-    from train.modeling import load_tokenizer, resolve_model
 
-    tok = load_tokenizer(recipe.tokenizer or resolve_model(recipe.model), trust_remote_code=recipe.trust_remote_code)
-    enc = encode(tok, [r["conversation"] for r in rows], recipe.eval.max_length)
+    enc = encode(tok, [r["conversation"] for r in rows], max_length)
     return [{**r, "conversation": tok.decode(list(ids), skip_special_tokens=True)} for r, ids in zip(rows, enc.input_ids)]
 
 
@@ -147,8 +151,9 @@ def cheap_baselines(recipe, train: list[dict], test: list[dict]) -> dict:
     """TF-IDF on the whole conversation and on the guard's window (seconds, no model forward)."""
     from mood_data.build.baseline import tfidf_scores
 
+    tok, n = recipe_tokenizer(recipe), recipe.eval.max_length
     return {"tfidf": summary(test, tfidf_scores(train, test)),
-            "tfidf_window": summary(test, tfidf_scores(window_rows(recipe, train), window_rows(recipe, test)))}
+            "tfidf_window": summary(test, tfidf_scores(window_rows(tok, train, n), window_rows(tok, test, n)))}
 
 
 def baselines(recipe, train: list[dict], test: list[dict]) -> dict:
@@ -177,8 +182,8 @@ def run_setting(recipe_path: Path, name: str, work: Path, test: list[dict], extr
     metrics = json.loads((folder / "metrics.json").read_text())
     scores = guard_test_scores(recipe, folder, test)
     # per-row test scores beside the run, so a later analysis (by source, by truncation) needs no rescoring
-    (work / name / "test_scores.json").write_text(json.dumps({"id": [r["id"] for r in test],
-                                                            "score": [float(s) for s in scores]}))
+    common.write_json(work / name / "test_scores.json", {"id": [r["id"] for r in test],
+                                                          "score": [float(s) for s in scores]})
     res = {"overrides": SETTINGS[name] + extra, "train_seconds": round(seconds, 1),
            "validation_auroc": round(metrics["validation"].get("eval_auroc", float("nan")), 4),
            "steps": metrics["train"].get("global_step", metrics.get("global_step")),

@@ -9,12 +9,16 @@ run replays the same order.
 from __future__ import annotations
 
 import re
+import typing
 from typing import Iterable, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
 from mood_data.errors import DataError
+from mood_data.leakage import normalize_conversation
+
+from .recipe_schema import DataSection
 
 
 def load_train_split(source: str | None, template: str = "mood", registry: str | None = None):
@@ -35,7 +39,7 @@ def load_train_split(source: str | None, template: str = "mood", registry: str |
 
 
 USER_TURN = re.compile(r"<start_of_turn>user\n(.*?)<end_of_turn>", re.S)
-VALIDATION_GROUPS = ("row", "prompt")
+VALIDATION_GROUPS = typing.get_args(typing.get_type_hints(DataSection)["validation_groups"])  # the schema's table
 
 
 def prompt_group(conversation: str) -> str:
@@ -45,7 +49,7 @@ def prompt_group(conversation: str) -> str:
     lands on the same side. A conversation without that marker (another chat template) is
     its own group."""
     m = USER_TURN.search(conversation)
-    return " ".join((m.group(1) if m else conversation).lower().split())
+    return normalize_conversation(m.group(1) if m else conversation)
 
 
 def _held_out(cells: dict[tuple, list], fraction: float, g: torch.Generator) -> list:
