@@ -182,6 +182,8 @@ def test_value_checks(override, key):
     ("guard.eval_every=0", "guard.eval_every", "must be 'epoch', a number of steps >= 1, or null"),
     ("guard.eval_every=epochs", "guard.eval_every", "expected 'epoch' or int or null, got 'epochs'"),
     ("guard.eval_every=true", "guard.eval_every", "got True"),
+    ("guard.eval_on_start=true", "guard.eval_on_start", "model-selection candidate: needs eval_every"),
+    ("lm.eval_on_start=yes please", "lm.eval_on_start", "expected bool"),
     ("lm.init_head=probe", "lm.init_head", "guard only (the lm has no classification head); leave it at 'random'"),
     ("lm.head_learning_rate=1e-2", "lm.head_learning_rate", "guard only (the lm has no classification head)"),
     ("lm.class_weights=balanced", "lm.class_weights", "guard only (the lm has no classification head); leave it at null"),

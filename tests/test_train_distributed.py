@@ -81,9 +81,9 @@ def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, tiny_dataset_
 
 
 # every guard lever at once (train/probe.py, train/loop.py): LP-FT head, its own lr, class weights,
-# evaluation + best checkpoint every 2 steps
-LEVERS = dict(guard__max_steps=4, guard__eval_every=2, guard__save_total_limit=None, guard__init_head="probe",
-              guard__head_learning_rate=1e-2, guard__class_weights=[1, 2])
+# evaluation + best checkpoint every 2 steps, the starting weights a candidate too (checkpoint-0)
+LEVERS = dict(guard__max_steps=4, guard__eval_every=2, guard__eval_on_start=True, guard__save_total_limit=None,
+              guard__init_head="probe", guard__head_learning_rate=1e-2, guard__class_weights=[1, 2])
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,8 @@ def check_levers_match(run: Path, one: Path, processes: int = 2) -> None:
     assert m2["class_weights"] == m1["class_weights"] and m2["steps_per_epoch"] == m1["steps_per_epoch"]
     s1, s2 = m1["selection"], m2["selection"]
     assert (s2["best_step"], s2["best_checkpoint"]) == (s1["best_step"], s1["best_checkpoint"])
-    assert [e["step"] for e in s2["evaluations"]] == [e["step"] for e in s1["evaluations"]] == [2, 4]
+    assert [e["step"] for e in s2["evaluations"]] == [e["step"] for e in s1["evaluations"]] == [0, 2, 4]
+    assert_same_adapter(run / "checkpoints" / "guard" / "checkpoint-0", one / "checkpoints" / "guard" / "checkpoint-0")
     for a, b in zip(s1["evaluations"], s2["evaluations"]):
         assert b["eval_auroc"] == pytest.approx(a["eval_auroc"], abs=1e-6)
     assert_same_adapter(run / "guard", one / "guard")

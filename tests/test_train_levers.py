@@ -237,6 +237,78 @@ def test_selection_survives_a_resume(tmp_path, tiny_model_dir, tiny_dataset_dir,
     assert_same_adapter(run / "checkpoints" / "guard" / "checkpoint-2", run / "guard", atol=0)
 
 
+def lora_b_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items() if "lora_B" in k}
+
+
+def test_starting_weights_are_a_candidate_and_kept_when_no_step_beats_them(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                          monkeypatch):
+    """eval_on_start: the LP-FT starting point (LoRA B at zero, the probe head) is evaluated before
+    step 1 and saved as checkpoint-0; when no later evaluation beats it, it is the final adapter,
+    and the checkpoint rotation keeps it (save_total_limit 2) while newer ones rotate out."""
+    spy = spy_on_trainer(monkeypatch, auroc_by_step={0: 0.95, 2: 0.6, 4: 0.7, 6: 0.9})
+    rec = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run",
+                            guard__max_steps=6, guard__eval_every=2, guard__eval_on_start=True,
+                            guard__save_total_limit=2, guard__init_head="probe")
+    train(rec)
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints" / "guard"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-6"]
+    sel = metrics_of(run)["selection"]
+    assert (sel["best_step"], sel["best_value"], sel["best_checkpoint"], sel["last_step"]) == (0, 0.95, "checkpoint-0", 6)
+    assert [(e["step"], e["eval_auroc"]) for e in sel["evaluations"]] == [(0, 0.95), (2, 0.6), (4, 0.7), (6, 0.9)]
+    final = run / "guard"
+    # the final adapter is the untrained start: the probe head, every LoRA B still zero
+    torch.testing.assert_close(head_of(final), spy.head_begin, atol=0, rtol=0)
+    torch.testing.assert_close(spy.head_end, spy.head_begin, atol=0, rtol=0)  # loaded back at the end of training
+    assert not torch.equal(head_of(ckpts / "checkpoint-6"), spy.head_begin)  # training did move the head
+    b = lora_b_tensors(final)
+    assert b and all(float(v.abs().max()) == 0.0 for v in b.values())
+    assert any(float(v.abs().max()) > 0 for v in lora_b_tensors(ckpts / "checkpoint-6").values())
+    card = (final / "README.md").read_text()
+    assert "- Selected checkpoint: step 0 (the starting weights, before any update) of 6 (auroc 0.950, the best of 4" in card
+
+
+def test_starting_weights_compete_and_lose_like_any_step(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    """A later step that beats the start wins; step 0 is in the record and checkpoint-0 rotates out."""
+    spy_on_trainer(monkeypatch, auroc_by_step={0: 0.5, 2: 0.8, 4: 0.7})
+    rec = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run",
+                            guard__max_steps=4, guard__eval_every=2, guard__eval_on_start=True, guard__save_total_limit=2)
+    train(rec)
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints" / "guard"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    sel = metrics_of(run)["selection"]
+    assert (sel["best_step"], sel["best_value"]) == (2, 0.8)
+    assert [e["step"] for e in sel["evaluations"]] == [0, 2, 4]
+    final = load_file(str(run / "guard" / "adapter_model.safetensors"))
+    best = load_file(str(ckpts / "checkpoint-2" / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], best[k]) for k in final)
+
+
+def test_a_resumed_run_keeps_the_starting_weights_as_the_uninterrupted_one_does(tmp_path, tiny_model_dir,
+                                                                                tiny_dataset_dir, monkeypatch):
+    """Killed after checkpoint-4 with step 0 the best so far: the resumed run does not evaluate its
+    resume point again, records the same evaluations, and ends with checkpoint-0's adapter."""
+    from test_train_distributed import assert_same_adapter
+
+    spy_on_trainer(monkeypatch, auroc_by_step={0: 0.95, 2: 0.6, 4: 0.7, 6: 0.9})
+    rec = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, tiny_dataset_dir, tmp_path / "run",
+                            guard__max_steps=6, guard__eval_every=2, guard__eval_on_start=True,
+                            guard__save_total_limit=None, guard__init_head="probe")
+    train(rec)
+    run = tmp_path / "run"
+    first = metrics_of(run)["selection"]
+    (run / "guard").rename(run / "guard.uninterrupted")
+    shutil.rmtree(run / "checkpoints" / "guard" / "checkpoint-6")
+    train(rec, "--resume")
+    m = metrics_of(run)
+    assert m["resumed_from"].endswith("checkpoint-4")
+    assert m["selection"] == first and first["best_step"] == 0
+    assert_same_adapter(run / "guard.uninterrupted", run / "guard", atol=0)
+    assert_same_adapter(run / "checkpoints" / "guard" / "checkpoint-0", run / "guard", atol=0)
+
+
 # ----------------------------------------------------------------------------- (5) epochs
 def test_epochs_size_the_steps_and_select_per_epoch(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys):
     """max_steps -1 + num_epochs 2: 66 train rows at global batch 8 = 9 steps an epoch, 18 steps;

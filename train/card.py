@@ -180,7 +180,8 @@ def _training_choices(metrics: dict) -> list[str]:
     out = []
     sel = metrics.get("selection")
     if sel and sel.get("best_step") is not None:
-        out.append(f"- Selected checkpoint: step {sel['best_step']} of {sel.get('last_step', '?')} "
+        start = " (the starting weights, before any update)" if sel["best_step"] == 0 else ""
+        out.append(f"- Selected checkpoint: step {sel['best_step']}{start} of {sel.get('last_step', '?')} "
                    f"({sel.get('metric', '?').removeprefix('eval_')} {_f(sel.get('best_value'))}, the best of "
                    f"{len(sel.get('evaluations') or [])} validation evaluations)")
     probe = metrics.get("init_head")

@@ -145,6 +145,21 @@ def make_trainer_class():
             self._mood_sampler = SeededLengthGroupedSampler(lengths, group_size, self.args.seed, group_by_length,
                                                             mega_batch_mult)
 
+        def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler=False):
+            """Trainer's evaluation; the one before step 1 (``eval_on_start`` under model selection)
+            also makes the starting weights a candidate: compared like any later evaluation and
+            saved as ``checkpoint-0``. Trainer's own bookkeeping reads best step 0 as "none", so the
+            best checkpoint's path is set here, before the save (the checkpoint's trainer_state
+            carries it, and the rotation keeps the folder while it is the best)."""
+            import os
+
+            metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler=skip_scheduler)
+            if self.state.global_step == 0 and self.args.load_best_model_at_end:
+                self._determine_best_metric(metrics=metrics, trial=trial)  # the first: always the best so far
+                self.state.best_model_checkpoint = os.path.join(self._get_output_dir(trial=trial), "checkpoint-0")
+                self._save_checkpoint(self.model, trial)
+            return metrics
+
         def _get_train_sampler(self, train_dataset=None):
             return self._mood_sampler
 
@@ -202,13 +217,15 @@ def evaluation_arguments(sec: TrainSection, best_metric: str = "loss", greater_i
     """TrainingArguments for evaluation, checkpoints and model selection. ``eval_every``: evaluate
     and checkpoint at the same cadence (every epoch or every N steps; Trainer also evaluates and
     saves the final step) and load the best checkpoint at the end (``metric_for_best_model``);
-    otherwise checkpoints every ``save_steps`` and plain evaluation every ``eval_steps``."""
+    otherwise checkpoints every ``save_steps`` and plain evaluation every ``eval_steps``.
+    ``eval_on_start`` adds the starting weights as a candidate (``MoodTrainer._evaluate``)."""
     if sec.eval_every is None:
         return {"save_strategy": "steps", "save_steps": sec.save_steps,
                 "eval_strategy": "steps" if sec.eval_steps else "no", "eval_steps": sec.eval_steps}
     strategy = "epoch" if sec.eval_every == "epoch" else "steps"
     out = {"save_strategy": strategy, "eval_strategy": strategy, "load_best_model_at_end": True,
-           "metric_for_best_model": best_metric, "greater_is_better": greater_is_better}
+           "metric_for_best_model": best_metric, "greater_is_better": greater_is_better,
+           "eval_on_start": sec.eval_on_start}
     if strategy == "steps":
         out.update(save_steps=sec.eval_every, eval_steps=sec.eval_every)
     return out
@@ -410,6 +427,9 @@ def train_adapter(recipe: Recipe, job: AdapterJob, resume: bool = False,
         trainer.accelerator.wait_for_everyone()
         # e.g. the guard's LP-FT head; also on a resume (deterministic; the checkpoint's head then wins)
         init_record = job.init_model(recipe, trainer, datasets_) if job.init_model is not None else None
+        # a resumed run evaluated its starting weights before the interruption (its checkpoint's
+        # trainer_state holds that evaluation); evaluating the resume point again would log it twice
+        trainer.args.eval_on_start = bool(args.eval_on_start) and last is None
         train_out = trainer.train(resume_from_checkpoint=last)
         if stopper is not None and stopper.stopped:
             trainer.accelerator.wait_for_everyone()

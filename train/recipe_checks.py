@@ -204,6 +204,8 @@ def _check_selection_and_head(kind: str, sec: TrainSection, fail) -> None:
     if sec.eval_every is not None and sec.eval_steps is not None:
         fail(f"{kind}.eval_every", f"set either eval_every (evaluate and keep the best checkpoint) or eval_steps "
                                    f"(evaluate only), not both (eval_steps is {sec.eval_steps})")
+    if sec.eval_on_start and sec.eval_every is None:
+        fail(f"{kind}.eval_on_start", "makes the starting weights a model-selection candidate: needs eval_every")
     if kind != "guard":
         defaults = {f.name: f.default for f in dataclasses.fields(TrainSection)}
         for key in GUARD_ONLY:

@@ -72,6 +72,9 @@ class TrainSection:
     eval_every: Literal["epoch"] | int | None = setting(
         None, "model selection: evaluate on the validation slice every epoch or every N steps, checkpoint at each "
               "evaluation and keep the best as the final adapter (guard: AUROC, lm / judge: loss); null = off")
+    eval_on_start: bool = setting(False, "model selection: also evaluate the starting weights (LoRA at zero, the head "
+                                         "as initialised: the LP-FT probe, a warm start's adapter) and keep them as a "
+                                         "candidate (checkpoint-0); needs eval_every")
     # --- guard only (the causal LM and the judge have no classification head): see GUARD_ONLY
     head_learning_rate: float | None = setting(None, "guard only: learning rate of the classification head; "
                                                      "null = learning_rate")
