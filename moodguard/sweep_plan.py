@@ -91,7 +91,7 @@ def plan_sweep(sweep: Sweep, out_dir: str | os.PathLike, load: Callable = load_r
         run_dir = out_dir / run
         overrides += [f"output_dir={run_dir}", f"eval.monitors={json.dumps(list(sweep.monitors))}"]
         recipe = load(entry.recipe, overrides)
-        rd = recipe.to_dict()
+        rd = recipe.identity()
         acc = rd.get("accelerate") or {}
         keys: dict[str, str] = {}
         wanted = [s for s in ALL_STAGES if not (s == "train-guard" and not rd.get("guard", {}).get("enabled", True))

@@ -97,6 +97,56 @@ def test_changed_recipe_changes_keys_downstream(tmp_path, fake_stages):
     assert a == {s.id: s.key for s in sweep_plan.plan_sweep(sweep, tmp_path / "elsewhere")}
 
 
+def added_fields(obj, prefix: str = "") -> dict[str, object]:
+    """Every recipe key declared with ``setting(added=...)``, dotted, with its default."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(added_fields(value, f"{prefix}{f.name}."))
+        elif f.metadata.get("added"):
+            out[prefix + f.name] = f.default
+    return out
+
+
+def test_keys_added_later_leave_stage_keys_alone_at_their_default(tmp_path):
+    """A key added with a behaviour-keeping default (``setting(added=...)``) is not in the stage
+    keys while it holds that default, so a sweep folder written before it existed resumes; set to
+    anything else it changes the keys of the run it is set on, like any key."""
+    from train.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES_DIR / "tiny" / "s.yaml")
+    added = added_fields(recipe)
+    assert {"data.validation_groups", "guard.eval_on_start", "lm.eval_on_start", "judge.eval_on_start"} <= set(added)
+    full, ident = recipe.to_dict(), recipe.identity()
+    for dotted in added:
+        *parents, leaf = dotted.split(".")
+        f, i = full, ident
+        for part in parents:
+            f, i = f[part], i[part]
+        assert leaf in f and leaf not in i, dotted
+    base = {s.id: s.key for s in sweep_plan.plan_sweep(_sweep(tmp_path), tmp_path / "out")}
+    moved = _sweep(tmp_path, SWEEP_YAML.replace("max_steps: 3}", "max_steps: 3, data.validation_groups: prompt}"))
+    keys = {s.id: s.key for s in sweep_plan.plan_sweep(moved, tmp_path / "out")}
+    assert all(keys[k] == base[k] for k in base if k.startswith("tiny-s/"))
+    assert all(keys[k] != base[k] for k in base if k.startswith("tiny-m/"))
+
+
+def test_the_published_real_model_sweep_still_resumes():
+    """The stage keys of the real-model sweep as recorded when it ran (benchmarks/data/embedded_real_sweep/
+    state.json, code of commit 85b66ff, before data.validation_groups and <kind>.eval_on_start existed)
+    equal today's plan of the same sweep file: resuming that folder reruns nothing. A change to a
+    shipped recipe of that sweep fails here: rerun the sweep (its figures are published) and
+    commit its new state.json."""
+    record = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "embedded_real_sweep" / "state.json"
+    recorded = {k: v["key"] for k, v in json.loads(record.read_text())["stages"].items()}
+    sweep = sweep_file.load_sweep(RECIPES_DIR / "sweeps" / "embedded-real.yaml")
+    planned = {s.id: s.key for s in sweep_plan.plan_sweep(sweep, "/nonexistent/sweep")}
+    assert len(planned) == 24 and planned == recorded
+
+
 def test_only_and_mark_done(tmp_path, fake_stages):
     sweep, out = _sweep(tmp_path), tmp_path / "out"
     stages = sweep_plan.select(sweep_plan.plan_sweep(sweep, out), only="train-guard", runs=["tiny-s"])

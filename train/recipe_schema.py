@@ -24,9 +24,27 @@ def recipe_yaml(doc: dict) -> str:
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:  # noqa: A002 - TRL's name
-    """A recipe field with its help text (a mutable default goes in ``default_factory``)."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def setting(default: Any = dataclasses.MISSING, help: str = "", added: str | None = None,  # noqa: A002 - TRL's name
+            **kwargs) -> Any:
+    """A recipe field with its help text (a mutable default goes in ``default_factory``). ``added``:
+    the date of a key that arrived after recipes were in use, with a default that keeps the
+    behaviour from before it existed; at that default it is left out of ``Recipe.identity`` (a
+    sweep's stage keys), so a sweep folder written before the key existed still resumes."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"added": added} if added else {})}, **kwargs)
+
+
+def _without_added_defaults(obj: Any, doc: dict) -> dict:
+    """``doc`` (``obj`` as a dict) without the ``added`` fields that hold their default, recursively."""
+    for f in dataclasses.fields(obj):
+        if f.name not in doc:
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            doc[f.name] = _without_added_defaults(value, doc[f.name])
+        elif f.metadata.get("added") and value == (f.default if f.default is not dataclasses.MISSING
+                                                   else f.default_factory()):
+            del doc[f.name]
+    return doc
 
 
 def factory(make, help: str = "") -> Any:  # noqa: A002
@@ -74,7 +92,7 @@ class TrainSection:
               "evaluation and keep the best as the final adapter (guard: AUROC, lm / judge: loss); null = off")
     eval_on_start: bool = setting(False, "model selection: also evaluate the starting weights (LoRA at zero, the head "
                                          "as initialised: the LP-FT probe, a warm start's adapter) and keep them as a "
-                                         "candidate (checkpoint-0); needs eval_every")
+                                         "candidate (checkpoint-0); needs eval_every", added="2026-12-03")
     # --- guard only (the causal LM and the judge have no classification head): see GUARD_ONLY
     head_learning_rate: float | None = setting(None, "guard only: learning rate of the classification head; "
                                                      "null = learning_rate")
@@ -130,7 +148,7 @@ class DataSection:
     validation_groups: Literal["row", "prompt"] = setting(
         "row", "how the validation slice is drawn: 'row' (rows, stratified by domain and label) or 'prompt' "
                "(whole prompt groups, the first user turn: no request on both sides, as in the benchmark's "
-               "train / test split)")
+               "train / test split)", added="2026-12-03")
     max_train_rows: int | None = setting(None, "use at most this many train rows (seeded); null = all")
     max_test_unsafe_per_domain: int | None = setting(None, "quick runs only: at most this many unsafe test rows "
                                                            "per domain (seeded); null = all")
@@ -252,6 +270,11 @@ class Recipe:
                                               and not out[f.name][f.metadata["omit_empty"]]):
                 out.pop(f.name, None)
         return out
+
+    def identity(self) -> dict:
+        """``to_dict`` without the keys added later that still hold their behaviour-keeping default
+        (``setting(added=...)``): what a sweep's stage keys hash, stable when such a key arrives."""
+        return _without_added_defaults(self, self.to_dict())
 
     def to_yaml(self) -> str:
         return recipe_yaml(self.to_dict())
