@@ -19,8 +19,21 @@ Two ways:
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from typing import Any, Iterable, Mapping
+
+# the MOOD rendering's turn markers (Gemma's); every reader of a rendered conversation uses these
+TURN_START, TURN_END = "<start_of_turn>", "<end_of_turn>"
+
+
+def turn_regex(role: str = "user|model", closed: bool = True) -> re.Pattern[str]:
+    """The turns of a MOOD-rendered conversation whose role matches ``role`` (a regex
+    alternative), with the groups ``role`` and ``text``; ``closed=False`` also matches a last turn
+    cut before its end marker (a truncated or generated conversation)."""
+    end = re.escape(TURN_END) if closed else f"(?:{re.escape(TURN_END)}|$)"
+    return re.compile(f"{re.escape(TURN_START)}(?P<role>{role})\n(?P<text>.*?){end}", re.S)
+
 
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_TEMPLATES = ("mood",)
@@ -73,7 +86,7 @@ def render_mood(messages: Iterable[Mapping[str, Any]]) -> str:
         turns.append((role, text))
     if pending_system:  # a system message with no user turn after it
         turns.insert(0, ("user", "\n\n".join(pending_system)))
-    return "".join(f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in turns)
+    return "".join(f"{TURN_START}{role}\n{text}{TURN_END}\n" for role, text in turns)
 
 
 def is_blank(text: str) -> bool:

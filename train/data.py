@@ -8,7 +8,6 @@ run replays the same order.
 """
 from __future__ import annotations
 
-import re
 import typing
 from typing import Iterable, Sequence
 
@@ -17,6 +16,7 @@ from torch.utils.data import Sampler
 
 from mood_data.errors import DataError
 from mood_data.leakage import normalize_conversation
+from mood_data.render import turn_regex
 
 from .recipe_schema import DataSection
 
@@ -38,7 +38,7 @@ def load_train_split(source: str | None, template: str = "mood", registry: str |
     return load_splits(source, **kwargs)["train"]
 
 
-USER_TURN = re.compile(r"<start_of_turn>user\n(.*?)<end_of_turn>", re.S)
+USER_TURN = turn_regex("user")
 VALIDATION_GROUPS = typing.get_args(typing.get_type_hints(DataSection)["validation_groups"])  # the schema's table
 
 
@@ -49,7 +49,7 @@ def prompt_group(conversation: str) -> str:
     lands on the same side. A conversation without that marker (another chat template) is
     its own group."""
     m = USER_TURN.search(conversation)
-    return normalize_conversation(m.group(1) if m else conversation)
+    return normalize_conversation(m.group("text") if m else conversation)
 
 
 def _held_out(cells: dict[tuple, list], fraction: float, g: torch.Generator) -> list:

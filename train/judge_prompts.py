@@ -17,6 +17,7 @@ import numpy as np
 
 from mood_data.errors import RecipeError
 from mood_data.readers import read_yaml
+from mood_data.render import TURN_END, TURN_START
 
 RUBRICS_DIR = Path(__file__).resolve().parent / "rubrics"
 SENTINEL = "\u0000MOODGUARD_CONVERSATION\u0000"
@@ -97,14 +98,14 @@ def load_rubrics(alignment: str | Path | None, uncertainty: str | Path | None,
 
 
 # ----------------------------------------------------------------------------- conversations, shots
-_TURN = re.compile(r"<start_of_turn>(user|model)\n")
+_TURN = re.compile(f"{re.escape(TURN_START)}(user|model)\n")
 
 
 def judge_view(conversation: str) -> str:
     """The MOOD rendering as plain text: ``User: ...`` / ``Assistant: ...`` blocks (the turn
     markers are special tokens of the guard's tokenizer, not of an instruct judge's)."""
     text = _TURN.sub(lambda m: "User: " if m.group(1) == "user" else "Assistant: ", conversation)
-    return re.sub(r"\n*<end_of_turn>\n?", "\n", text).strip()
+    return re.sub(f"\n*{re.escape(TURN_END)}\n?", "\n", text).strip()
 
 
 def _column(rows, name: str) -> list:

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 from mood_data.atomic import atomic_dir, write_json, write_text
 from mood_data.readers import sha256_file
+from mood_data.render import TURN_END, TURN_START
 
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -24,7 +25,7 @@ SPECIAL_TOKENS = {
     "eos_token": "<eos>",
     "unk_token": "<unk>",
 }
-TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
+TURN_TOKENS = [TURN_START, TURN_END]
 
 # Jinja chat template that reproduces mood_data.render.render_mood for plain messages.
 CHAT_TEMPLATE = (

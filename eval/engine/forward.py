@@ -24,7 +24,6 @@ decides which passes run.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from mood_data.errors import BundleError
+from mood_data.render import turn_regex
 
 POOLINGS = ("last", "mean")
 
@@ -55,12 +55,12 @@ class Encoded:
         return len(self.truncated)
 
 
-ASSISTANT_SPAN = re.compile(r"<start_of_turn>model\n(.*?)(?:<end_of_turn>|$)", re.S)
+ASSISTANT_SPAN = turn_regex("model", closed=False)
 
 
 def assistant_char_spans(text: str) -> list[tuple[int, int]]:
     """Character spans ``[start, end)`` of the assistant turns (closing marker included)."""
-    return [(m.start(1), m.end()) for m in ASSISTANT_SPAN.finditer(text)]
+    return [(m.start("text"), m.end()) for m in ASSISTANT_SPAN.finditer(text)]
 
 
 ENCODE_CHUNK = 1024  # texts tokenised at a time: the tokenizer's Python lists never hold a whole split

@@ -17,18 +17,19 @@ Two feature sets, reported separately:
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from ..render import TURN_START, turn_regex
 
 FORMAT_FEATURES = ("turns", "user_turns", "log_chars", "log_user_chars", "log_model_chars",
                    "tool_calls", "tool_responses", "system_prompt")
 CONTENT_SHAPE_FEATURES = ("code_fraction", "newline_fraction", "code_fences", "non_ascii_fraction")
 FEATURE_SETS = {"format": FORMAT_FEATURES, "content_shape": CONTENT_SHAPE_FEATURES}
-_TURN = re.compile(r"<start_of_turn>(user|model)\n(.*?)<end_of_turn>", re.S)
+_TURN = turn_regex()
 _CODE_CHARS = set("{}()[];=<>_*&|/\\#$")
-SYSTEM_PREFIX = "<start_of_turn>user\nYou can call these tools:"
+SYSTEM_PREFIX = f"{TURN_START}user\nYou can call these tools:"
 
 
 def format_features(conversation: str) -> list[float]:

@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from ..leakage import normalize_conversation
 from . import derive as d
 from .sources import SourcePack
 
@@ -54,8 +55,9 @@ class HarmRecord:
 
 
 def prompt_key(text: str) -> str:
-    """Lower-cased, whitespace-collapsed text (the grouping / JailbreakBench matching key)."""
-    return " ".join(text.lower().split())
+    """Lower-cased, whitespace-collapsed text (the grouping / JailbreakBench matching key): the
+    leakage check's normalisation, so the split's groups and the leakage audit agree."""
+    return normalize_conversation(text)
 
 
 def _csv_rows(pack: SourcePack, folder: str, name: str) -> list[dict[str, str]]:
