@@ -151,8 +151,6 @@ def make_trainer_class():
             saved as ``checkpoint-0``. Trainer's own bookkeeping reads best step 0 as "none", so the
             best checkpoint's path is set here, before the save (the checkpoint's trainer_state
             carries it, and the rotation keeps the folder while it is the best)."""
-            import os
-
             metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler=skip_scheduler)
             if self.state.global_step == 0 and self.args.load_best_model_at_end:
                 self._determine_best_metric(metrics=metrics, trial=trial)  # the first: always the best so far
